@@ -1,0 +1,1 @@
+"""Exporters (ONNX, TensorRT) and their runtimes."""

@@ -1,0 +1,1 @@
+"""kimi-compile: compiler-native Kimi architectures."""

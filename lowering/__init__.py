@@ -1,0 +1,1 @@
+"""How kimi ops map to Inductor, ONNX and TensorRT."""
