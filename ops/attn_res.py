@@ -1,0 +1,501 @@
+"""Attention Residuals as custom ops: softmax attention over depth (arXiv 2603.15031).
+
+Ops (torch.library namespace ``kimi``)
+-------------------------------------
+``kimi::attn_res(Tensor sources, Tensor query, float eps=1e-6) -> Tensor``
+    ``sources`` ``[N, B, T, D]`` (embedding, completed blocks, partial sum), ``query`` ``[D]`` (the
+    pseudo-query with the key RMSNorm weight folded in)::
+
+        score[n, b, t] = query . rmsnorm(sources[n, b, t])      rmsnorm(x) = x / sqrt(mean(x^2) + eps)
+        out[b, t]      = sum_n softmax_n(score[:, b, t]) * sources[n, b, t]
+
+    Scores, softmax and the weighted sum are computed in float32 (float64 for float64 inputs);
+    ``out`` has the sources' dtype.  Differentiable in ``sources`` and ``query``; the backward is
+    the single op ``kimi::attn_res_backward`` so it stays one node under compile.
+
+``kimi::attn_res_backward(Tensor grad_out, Tensor sources, Tensor query, float eps) -> (Tensor, Tensor)``
+    ``(grad_sources, grad_query)``.
+
+Two-phase inference (Block AttnRes; the queries are static, so all ``S`` sublayers of a block
+score the completed sources at once, and each sublayer then adds only its partial sum):
+
+``kimi::attn_res_phase1(Tensor sources, Tensor queries, float eps=1e-6) -> (Tensor out, Tensor lse_max, Tensor lse_sum)``
+    ``queries`` ``[S, D]``.  For every query ``s`` and row: ``out[s]`` ``[S, B, T, D]`` (sources'
+    dtype) is ``attn_res(sources, queries[s])``, i.e. already normalised, ``lse_max[s]`` ``[S, B, T]``
+    the max score ``m`` and ``lse_sum[s]`` ``[S, B, T]`` ``l = sum_n exp(score_n - m)`` (so the
+    log-sum-exp is ``m + log l``); the statistics are float32 (float64 for float64 sources).  With no
+    partial sum (first sublayer of a block) ``out[s]`` is the answer.
+
+``kimi::attn_res_merge(Tensor out, Tensor lse_max, Tensor lse_sum, Tensor partial, Tensor query, float eps=1e-6) -> Tensor``
+    Adds the partial-sum source ``partial`` ``[B, T, D]`` to one query's phase-1 result by online
+    softmax. With ``s2 = query . rmsnorm(partial)``, ``m = max(m1, s2)``::
+
+        h = (e^{m1-m} l1 out + e^{s2-m} partial) / (e^{m1-m} l1 + e^{s2-m})
+
+    which is the REFERENCE formula with the unnormalised phase-1 output ``o1 = l1 * out``.
+    ``attn_res_merge(*phase1(x[:-1], Q)[s] , x[-1], Q[s]) == attn_res(x, Q[s])``.
+
+Phase 1 and merge are differentiable too (backward formulas in PyTorch, a few nodes), so one code
+path serves training and inference; the two-phase split pays off at inference.
+
+Kernels: the default implementation (any device) is plain PyTorch; on CUDA the float16 / bfloat16 /
+float32 cases run the Triton kernels of ``ops/attn_res_triton.py`` (float64 stays on the PyTorch path).
+"""
+
+from __future__ import annotations
+
+from typing import Tuple
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "attn_res",
+    "attn_res_phase1",
+    "attn_res_merge",
+    "attn_res_reference",
+]
+
+_TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+# --------------------------------------------------------------------------------------------
+# validation
+# --------------------------------------------------------------------------------------------
+
+
+def _check_tensor(t, name: str) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"attn_res: {name} must be a torch.Tensor, got {type(t).__name__}")
+    if not t.dtype.is_floating_point:
+        raise TypeError(f"attn_res: {name} must have a floating-point dtype, got {t.dtype}")
+
+
+def _check_eps(eps) -> None:
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)):
+        raise TypeError(f"attn_res: eps must be a float, got {type(eps).__name__}")
+    if not (0.0 <= eps < float("inf")):  # also rejects NaN
+        raise ValueError(f"attn_res: eps must be finite and >= 0, got {eps}")
+
+
+def _check_same(t: Tensor, name: str, ref: Tensor, ref_name: str) -> None:
+    if t.dtype != ref.dtype:
+        raise TypeError(f"attn_res: {name} dtype {t.dtype} does not match {ref_name} dtype {ref.dtype}")
+    if t.device != ref.device:
+        raise ValueError(f"attn_res: {name} is on {t.device} but {ref_name} is on {ref.device}; they must be on one device")
+
+
+def _check_sources(sources) -> None:
+    _check_tensor(sources, "sources")
+    if sources.dim() != 4:
+        raise ValueError(f"attn_res: sources must be 4-D [N, B, T, D], got shape {tuple(sources.shape)}")
+    if sources.shape[0] == 0:
+        raise ValueError("attn_res: sources must hold at least one source (N == 0)")
+
+
+def _check_attn_res(sources, query, eps) -> None:
+    _check_sources(sources)
+    _check_tensor(query, "query")
+    D = sources.shape[-1]
+    if query.dim() != 1 or query.shape[0] != D:
+        raise ValueError(f"attn_res: query must have shape [D] = [{D}] (D = sources.shape[-1]), got {tuple(query.shape)}")
+    _check_same(query, "query", sources, "sources")
+    _check_eps(eps)
+
+
+def _check_phase1(sources, queries, eps) -> None:
+    _check_sources(sources)
+    _check_tensor(queries, "queries")
+    D = sources.shape[-1]
+    if queries.dim() != 2 or queries.shape[1] != D:
+        raise ValueError(f"attn_res_phase1: queries must have shape [S, D] with D = {D}, got {tuple(queries.shape)}")
+    if queries.shape[0] == 0:
+        raise ValueError("attn_res_phase1: queries must hold at least one query (S == 0)")
+    _check_same(queries, "queries", sources, "sources")
+    _check_eps(eps)
+
+
+def _check_merge(out, lse_max, lse_sum, partial, query, eps) -> None:
+    _check_tensor(partial, "partial")
+    if partial.dim() != 3:
+        raise ValueError(f"attn_res_merge: partial must be 3-D [B, T, D], got shape {tuple(partial.shape)}")
+    _check_tensor(out, "out")
+    if out.shape != partial.shape:
+        raise ValueError(f"attn_res_merge: out must have partial's shape {tuple(partial.shape)}, got {tuple(out.shape)}")
+    _check_same(out, "out", partial, "partial")
+    B, T, D = partial.shape
+    for name, t in (("lse_max", lse_max), ("lse_sum", lse_sum)):
+        _check_tensor(t, name)
+        if t.shape != (B, T):
+            raise ValueError(f"attn_res_merge: {name} must have shape [B, T] = [{B}, {T}], got {tuple(t.shape)}")
+        want = _acc_dtype(partial.dtype)
+        if t.dtype != want:
+            raise TypeError(f"attn_res_merge: {name} must be {want} (the phase-1 statistics for {partial.dtype}), got {t.dtype}")
+        if t.device != partial.device:
+            raise ValueError(f"attn_res_merge: {name} is on {t.device} but partial is on {partial.device}")
+    _check_tensor(query, "query")
+    if query.dim() != 1 or query.shape[0] != D:
+        raise ValueError(f"attn_res_merge: query must have shape [D] = [{D}], got {tuple(query.shape)}")
+    _check_same(query, "query", partial, "partial")
+    _check_eps(eps)
+
+
+# --------------------------------------------------------------------------------------------
+# PyTorch implementations (any device; the CPU kernels and the reference)
+# --------------------------------------------------------------------------------------------
+
+
+def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _scores(xf: Tensor, qf: Tensor, eps: float) -> Tuple[Tensor, Tensor]:
+    """``xf`` ``[..., D]``, ``qf`` ``[D]`` or ``[S, D]`` -> (score, rstd).  score ``[..., ]`` or ``[S, ...]``."""
+    rstd = torch.rsqrt(xf.pow(2).mean(-1) + eps)
+    if qf.dim() == 1:
+        dot = torch.matmul(xf, qf)
+    else:
+        dot = torch.einsum("nbtd,sd->snbt", xf, qf)
+    return dot * rstd, rstd
+
+
+def attn_res_reference(sources: Tensor, query: Tensor, eps: float = 1e-6) -> Tensor:
+    """Plain-PyTorch AttnRes (the CPU kernel of ``kimi::attn_res``); not an op, no validation."""
+    acc = _acc_dtype(sources.dtype)
+    xf = sources.to(acc)
+    score, _ = _scores(xf, query.to(acc), eps)  # [N, B, T]
+    alpha = torch.softmax(score, dim=0)
+    out = (alpha.unsqueeze(-1) * xf).sum(0)
+    return out.to(sources.dtype).contiguous()
+
+
+def _attn_res_backward_torch(grad_out: Tensor, sources: Tensor, query: Tensor, eps: float):
+    acc = _acc_dtype(sources.dtype)
+    xf = sources.to(acc)
+    qf = query.to(acc)
+    g = grad_out.to(acc)
+    D = sources.shape[-1]
+    score, rstd = _scores(xf, qf, eps)  # [N, B, T]
+    alpha = torch.softmax(score, dim=0)
+    a = (xf * g).sum(-1)  # g . x_n            [N, B, T]
+    delta = (alpha * a).sum(0)  # g . out      [B, T]
+    ds = alpha * (a - delta)  # dL/dscore      [N, B, T]
+    coef = ds * rstd
+    dx = alpha.unsqueeze(-1) * g + coef.unsqueeze(-1) * qf - (coef * score * rstd / D).unsqueeze(-1) * xf
+    dq = torch.einsum("nbt,nbtd->d", coef, xf)
+    return dx.to(sources.dtype).contiguous(), dq.to(query.dtype).contiguous()
+
+
+def _phase1_torch(sources: Tensor, queries: Tensor, eps: float):
+    acc = _acc_dtype(sources.dtype)
+    xf = sources.to(acc)
+    score, _ = _scores(xf, queries.to(acc), eps)  # [S, N, B, T]
+    m = score.amax(dim=1)  # [S, B, T]
+    p = torch.exp(score - m.unsqueeze(1))
+    l = p.sum(dim=1)
+    out = torch.einsum("snbt,nbtd->sbtd", p, xf) / l.unsqueeze(-1)
+    return out.to(sources.dtype).contiguous(), m.contiguous(), l.contiguous()
+
+
+def _merge_torch(out: Tensor, lse_max: Tensor, lse_sum: Tensor, partial: Tensor, query: Tensor, eps: float):
+    acc = _acc_dtype(partial.dtype)
+    xf = partial.to(acc)
+    s2, _ = _scores(xf, query.to(acc), eps)  # [B, T]
+    m1 = lse_max.to(acc)
+    m = torch.maximum(m1, s2)
+    w1 = lse_sum.to(acc) * torch.exp(m1 - m)
+    w2 = torch.exp(s2 - m)
+    h = (w1.unsqueeze(-1) * out.to(acc) + w2.unsqueeze(-1) * xf) / (w1 + w2).unsqueeze(-1)
+    return h.to(partial.dtype).contiguous()
+
+
+def _phase1_backward_torch(g_out, g_max, g_sum, sources: Tensor, queries: Tensor, eps: float):
+    """Gradients of phase 1 for (sources, queries).
+
+    With p = exp(score - m), l = sum_n p, alpha = p / l and one-hot(argmax) (ties share, as for
+    amax): dscore = alpha (g_out . x - g_out . out) + g_sum (p - l onehot) + g_max onehot.
+    """
+    acc = _acc_dtype(sources.dtype)
+    xf = sources.to(acc)
+    qf = queries.to(acc)
+    D = sources.shape[-1]
+    score, rstd = _scores(xf, qf, eps)  # [S, N, B, T], [N, B, T]
+    m = score.amax(dim=1, keepdim=True)
+    p = torch.exp(score - m)
+    l = p.sum(dim=1, keepdim=True)
+    alpha = p / l
+    onehot = (score == m).to(acc)
+    onehot = onehot / onehot.sum(dim=1, keepdim=True)
+    dscore = torch.zeros_like(score)
+    dx = torch.zeros_like(xf)
+    if g_out is not None:
+        go = g_out.to(acc)
+        out = torch.einsum("snbt,nbtd->sbtd", alpha, xf)
+        a = torch.einsum("sbtd,nbtd->snbt", go, xf)
+        delta = (go * out).sum(-1).unsqueeze(1)
+        dscore = dscore + alpha * (a - delta)
+        dx = dx + torch.einsum("snbt,sbtd->nbtd", alpha, go)
+    if g_sum is not None:
+        gl = g_sum.to(acc).unsqueeze(1)
+        dscore = dscore + gl * (p - l * onehot)
+    if g_max is not None:
+        dscore = dscore + g_max.to(acc).unsqueeze(1) * onehot
+    coef = dscore * rstd  # [S, N, B, T]
+    dx = dx + torch.einsum("snbt,sd->nbtd", coef, qf)
+    dx = dx - ((coef * score).sum(0) * rstd / D).unsqueeze(-1) * xf
+    dq = torch.einsum("snbt,nbtd->sd", coef, xf)
+    return dx.to(sources.dtype), dq.to(queries.dtype)
+
+
+def _merge_backward_torch(g, out: Tensor, lse_max: Tensor, lse_sum: Tensor, partial: Tensor, query: Tensor, eps: float):
+    """Gradients of the merge.  h = a out + b partial with a = sigmoid(lam - s2), b = 1 - a,
+    lam = lse_max + log(lse_sum) (the phase-1 log-sum-exp), s2 = query . rmsnorm(partial)."""
+    acc = _acc_dtype(partial.dtype)
+    D = partial.shape[-1]
+    pf = partial.to(acc)
+    qf = query.to(acc)
+    of = out.to(acc)
+    gf = g.to(acc)
+    s2, r2 = _scores(pf, qf, eps)  # [B, T]
+    lam = lse_max.to(acc) + torch.log(lse_sum.to(acc))
+    a = torch.sigmoid(lam - s2)
+    b = torch.sigmoid(s2 - lam)
+    dlam = (gf * (of - pf)).sum(-1) * a * b
+    coef = -dlam * r2  # d s2 = -d lam
+    d_out = a.unsqueeze(-1) * gf
+    d_partial = b.unsqueeze(-1) * gf + coef.unsqueeze(-1) * qf - (coef * s2 * r2 / D).unsqueeze(-1) * pf
+    d_query = torch.einsum("bt,btd->d", coef, pf)
+    return (
+        d_out.to(out.dtype),
+        dlam.to(lse_max.dtype),
+        (dlam / lse_sum.to(acc)).to(lse_sum.dtype),
+        d_partial.to(partial.dtype),
+        d_query.to(query.dtype),
+    )
+
+
+def _triton_kernels(t: Tensor):
+    """The Triton launchers module for ``t`` (CUDA, half/bfloat16/float32), else None (-> PyTorch)."""
+    if t.dtype not in _TRITON_DTYPES:
+        return None
+    try:
+        from . import attn_res_triton
+    except ImportError:  # no Triton installed: the PyTorch implementation serves CUDA too
+        return None
+    return attn_res_triton
+
+
+# --------------------------------------------------------------------------------------------
+# kimi::attn_res
+# --------------------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("kimi::attn_res", mutates_args=())
+def _attn_res_op(sources: Tensor, query: Tensor, eps: float = 1e-6) -> Tensor:
+    _check_attn_res(sources, query, eps)
+    return attn_res_reference(sources, query, eps)
+
+
+@_attn_res_op.register_kernel("cuda")
+def _attn_res_cuda(sources: Tensor, query: Tensor, eps: float = 1e-6) -> Tensor:
+    _check_attn_res(sources, query, eps)
+    kernels = _triton_kernels(sources)
+    if kernels is None:
+        return attn_res_reference(sources, query, eps)
+    return kernels.attn_res_fwd(sources, query, eps)
+
+
+@_attn_res_op.register_fake
+def _attn_res_fake(sources: Tensor, query: Tensor, eps: float = 1e-6) -> Tensor:
+    _check_attn_res(sources, query, eps)
+    return sources.new_empty(sources.shape[1:])
+
+
+@torch.library.custom_op("kimi::attn_res_backward", mutates_args=())
+def _attn_res_backward_op(grad_out: Tensor, sources: Tensor, query: Tensor, eps: float) -> Tuple[Tensor, Tensor]:
+    return _attn_res_backward_torch(grad_out, sources, query, eps)
+
+
+@_attn_res_backward_op.register_kernel("cuda")
+def _attn_res_backward_cuda(grad_out: Tensor, sources: Tensor, query: Tensor, eps: float) -> Tuple[Tensor, Tensor]:
+    kernels = _triton_kernels(sources)
+    if kernels is None:
+        return _attn_res_backward_torch(grad_out, sources, query, eps)
+    return kernels.attn_res_bwd(grad_out, sources, query, eps)
+
+
+@_attn_res_backward_op.register_fake
+def _attn_res_backward_fake(grad_out: Tensor, sources: Tensor, query: Tensor, eps: float) -> Tuple[Tensor, Tensor]:
+    return sources.new_empty(sources.shape), query.new_empty(query.shape)
+
+
+def _attn_res_setup_context(ctx, inputs, output) -> None:
+    sources, query, eps = inputs
+    ctx.save_for_backward(sources, query)
+    ctx.eps = eps
+
+
+def _attn_res_autograd(ctx, grad_out: Tensor):
+    sources, query = ctx.saved_tensors
+    grad_sources, grad_query = torch.ops.kimi.attn_res_backward(grad_out, sources, query, ctx.eps)
+    return (
+        grad_sources if ctx.needs_input_grad[0] else None,
+        grad_query if ctx.needs_input_grad[1] else None,
+        None,
+    )
+
+
+_attn_res_op.register_autograd(_attn_res_autograd, setup_context=_attn_res_setup_context)
+
+
+def attn_res(sources: Tensor, query: Tensor, eps: float = 1e-6) -> Tensor:
+    """Attention Residuals: softmax attention over depth.
+
+    Args:
+        sources: ``[N, B, T, D]`` — the embedding, the completed block representations and (when
+            present) the partial sum of the current block, stacked on the first axis.
+        query: ``[D]`` — the sublayer's pseudo-query with the key RMSNorm weight folded in; same
+            dtype and device as ``sources``.
+        eps: RMSNorm epsilon (inside the square root).
+
+    Returns:
+        ``out`` ``[B, T, D]`` in the sources' dtype::
+
+            out[b, t] = sum_n softmax_n(query . rmsnorm(sources[n, b, t])) * sources[n, b, t]
+
+        with rmsnorm without weight and scores / softmax / sum in float32 (float64 for float64
+        sources).  A zero query gives the
+        uniform average of the sources.  Differentiable in ``sources`` and ``query``.
+
+    Raises:
+        TypeError / ValueError naming the bad argument (``sources`` not 4-D or empty, ``query`` not
+        ``[D]``, dtype or device mismatch, bad ``eps``).
+    """
+    _check_attn_res(sources, query, eps)
+    return torch.ops.kimi.attn_res(sources, query, float(eps))
+
+
+# --------------------------------------------------------------------------------------------
+# two-phase inference: kimi::attn_res_phase1 and kimi::attn_res_merge
+# --------------------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("kimi::attn_res_phase1", mutates_args=())
+def _attn_res_phase1_op(sources: Tensor, queries: Tensor, eps: float = 1e-6) -> Tuple[Tensor, Tensor, Tensor]:
+    _check_phase1(sources, queries, eps)
+    return _phase1_torch(sources, queries, eps)
+
+
+@_attn_res_phase1_op.register_kernel("cuda")
+def _attn_res_phase1_cuda(sources: Tensor, queries: Tensor, eps: float = 1e-6) -> Tuple[Tensor, Tensor, Tensor]:
+    _check_phase1(sources, queries, eps)
+    kernels = _triton_kernels(sources)
+    if kernels is None:
+        return _phase1_torch(sources, queries, eps)
+    return kernels.attn_res_phase1_fwd(sources, queries, eps)
+
+
+@_attn_res_phase1_op.register_fake
+def _attn_res_phase1_fake(sources: Tensor, queries: Tensor, eps: float = 1e-6) -> Tuple[Tensor, Tensor, Tensor]:
+    _check_phase1(sources, queries, eps)
+    _, B, T, D = sources.shape
+    S = queries.shape[0]
+    out = sources.new_empty((S, B, T, D))
+    m = sources.new_empty((S, B, T), dtype=_acc_dtype(sources.dtype))
+    l = sources.new_empty((S, B, T), dtype=_acc_dtype(sources.dtype))
+    return out, m, l
+
+
+@torch.library.custom_op("kimi::attn_res_merge", mutates_args=())
+def _attn_res_merge_op(
+    out: Tensor, lse_max: Tensor, lse_sum: Tensor, partial: Tensor, query: Tensor, eps: float = 1e-6
+) -> Tensor:
+    _check_merge(out, lse_max, lse_sum, partial, query, eps)
+    return _merge_torch(out, lse_max, lse_sum, partial, query, eps)
+
+
+@_attn_res_merge_op.register_kernel("cuda")
+def _attn_res_merge_cuda(
+    out: Tensor, lse_max: Tensor, lse_sum: Tensor, partial: Tensor, query: Tensor, eps: float = 1e-6
+) -> Tensor:
+    _check_merge(out, lse_max, lse_sum, partial, query, eps)
+    kernels = _triton_kernels(partial)
+    if kernels is None:
+        return _merge_torch(out, lse_max, lse_sum, partial, query, eps)
+    return kernels.attn_res_merge_fwd(out, lse_max, lse_sum, partial, query, eps)
+
+
+@_attn_res_merge_op.register_fake
+def _attn_res_merge_fake(
+    out: Tensor, lse_max: Tensor, lse_sum: Tensor, partial: Tensor, query: Tensor, eps: float = 1e-6
+) -> Tensor:
+    _check_merge(out, lse_max, lse_sum, partial, query, eps)
+    return partial.new_empty(partial.shape)
+
+
+def _phase1_setup_context(ctx, inputs, output) -> None:
+    sources, queries, eps = inputs
+    ctx.save_for_backward(sources, queries)
+    ctx.eps = eps
+
+
+def _phase1_autograd(ctx, g_out, g_max, g_sum):
+    sources, queries = ctx.saved_tensors
+    dx, dq = _phase1_backward_torch(g_out, g_max, g_sum, sources, queries, ctx.eps)
+    return dx, dq, None
+
+
+_attn_res_phase1_op.register_autograd(_phase1_autograd, setup_context=_phase1_setup_context)
+
+
+def _merge_setup_context(ctx, inputs, output) -> None:
+    out, lse_max, lse_sum, partial, query, eps = inputs
+    ctx.save_for_backward(out, lse_max, lse_sum, partial, query)
+    ctx.eps = eps
+
+
+def _merge_autograd(ctx, g):
+    out, lse_max, lse_sum, partial, query = ctx.saved_tensors
+    return (*_merge_backward_torch(g, out, lse_max, lse_sum, partial, query, ctx.eps), None)
+
+
+_attn_res_merge_op.register_autograd(_merge_autograd, setup_context=_merge_setup_context)
+
+
+def attn_res_phase1(sources: Tensor, queries: Tensor, eps: float = 1e-6) -> Tuple[Tensor, Tensor, Tensor]:
+    """Phase 1 of two-phase AttnRes: score ``S`` static queries against the completed sources at once.
+
+    Args:
+        sources: ``[N, B, T, D]`` completed sources (embedding and completed blocks).
+        queries: ``[S, D]`` the pseudo-queries of the block's sublayers (same dtype / device).
+        eps: RMSNorm epsilon.
+
+    Returns:
+        ``(out, lse_max, lse_sum)``: ``out`` ``[S, B, T, D]`` (sources' dtype), ``out[s] ==
+        attn_res(sources, queries[s])``; ``lse_max`` / ``lse_sum`` ``[S, B, T]`` float32 (float64
+        for float64 sources), the max score ``m`` and ``l = sum_n exp(score_n - m)`` of each query
+        and row.  Feed ``out[s]``, ``lse_max[s]``, ``lse_sum[s]`` to :func:`attn_res_merge`.
+        Differentiable in ``sources`` and ``queries``.
+    """
+    _check_phase1(sources, queries, eps)
+    return torch.ops.kimi.attn_res_phase1(sources, queries, float(eps))
+
+
+def attn_res_merge(
+    out: Tensor, lse_max: Tensor, lse_sum: Tensor, partial: Tensor, query: Tensor, eps: float = 1e-6
+) -> Tensor:
+    """Phase 2 of two-phase AttnRes: merge the partial-sum source into one query's phase-1 result.
+
+    Args:
+        out, lse_max, lse_sum: one query's slice of :func:`attn_res_phase1` (``[B, T, D]``,
+            ``[B, T]``, ``[B, T]``).
+        partial: ``[B, T, D]`` the block's partial sum (same dtype as ``out``).
+        query: ``[D]`` the same query as used in phase 1.
+        eps: RMSNorm epsilon (the one used in phase 1).
+
+    Returns:
+        ``h`` ``[B, T, D]`` equal to ``attn_res(cat([sources, partial[None]]), query)``, by online
+        softmax: ``h = (e^{m1-m} l1 out + e^{s2-m} partial) / (e^{m1-m} l1 + e^{s2-m})``.
+    """
+    _check_merge(out, lse_max, lse_sum, partial, query, eps)
+    return torch.ops.kimi.attn_res_merge(out, lse_max, lse_sum, partial, query, float(eps))
