@@ -102,7 +102,7 @@ def _short_conv_op(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, ini
 @_short_conv_op.register_kernel("cuda")
 def _short_conv_cuda(x, weight, bias=None, initial_state=None, activation="silu"):
     check_short_conv_args(x, weight, bias, initial_state, activation)
-    if importlib.util.find_spec("kimi_compile.ops.short_conv_triton") is None or not _triton_ready(x):
+    if not _triton_ready(x):
         return short_conv_reference(x, weight, bias, initial_state, activation)
     from . import short_conv_triton
 
