@@ -1,0 +1,473 @@
+"""Benchmark and GPU check of the Triton kimi::kda kernels against flash-linear-attention (FLA).
+
+    python bench/bench_kda.py            # the target workloads: timings, FLA ratios, correctness
+    python bench/bench_kda.py --sweep    # also time a few kernel configurations (for docs/kda_kernels.md)
+    python bench/bench_kda.py --json out.json
+
+``run()`` returns the rows that bench/run_all.py prints. FLA (fla-core) is optional: without it the
+FLA column is empty. Correctness: relative error ||ours - ref|| / ||ref|| against an independent
+float64 chunked reference written here (and against FLA where importable).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+import torch
+
+try:  # run as a script from the repository root
+    from kimi_compile.ops import kda_triton as kt
+    from kimi_compile.ops import kda_triton_bwd as ktb
+except Exception:  # pragma: no cover
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+    from kimi_compile.ops import kda_triton as kt
+    from kimi_compile.ops import kda_triton_bwd as ktb
+
+H, K, V = 32, 128, 128
+
+
+# ----------------------------------------------------------------------------------------------
+# inputs and float64 references
+# ----------------------------------------------------------------------------------------------
+def make_inputs(B, T, h=H, hv=None, k=K, v=V, dtype=torch.bfloat16, device="cuda", gmin=-1.0, seed=0,
+                n_state=None, requires_grad=False):
+    hv = h if hv is None else hv
+    gen = torch.Generator(device=device).manual_seed(seed)
+
+    def rn(*s):
+        return torch.randn(*s, generator=gen, device=device, dtype=torch.float32)
+
+    q = torch.nn.functional.normalize(rn(B, T, h, k), dim=-1)
+    kk = torch.nn.functional.normalize(rn(B, T, h, k), dim=-1)
+    vv = rn(B, T, hv, v)
+    g = torch.rand(B, T, hv, k, generator=gen, device=device) * gmin
+    beta = torch.rand(B, T, hv, generator=gen, device=device)
+    h0 = rn(B if n_state is None else n_state, hv, k, v) * 0.5
+    xs = [x.to(dtype) for x in (q, kk, vv, g, beta)]
+    if requires_grad:
+        xs = [x.requires_grad_(True) for x in xs]
+    return xs + [h0]
+
+
+def _ref_dense(q, k, v, g, beta, S, scale, C=64):
+    """float64 chunked KDA for equal-length sequences; q, k already expanded to HV heads."""
+    B, T, HV, Kd = q.shape
+    Vd = v.shape[-1]
+    q, k, v, g = (x.transpose(1, 2) for x in (q, k, v, g))
+    beta = beta.transpose(1, 2)
+    out = torch.empty(B, HV, T, Vd, dtype=torch.float64, device=q.device)
+    for s in range(0, T, C):
+        e = min(s + C, T)
+        qc, kc, vc, gc, bc = q[:, :, s:e], k[:, :, s:e], v[:, :, s:e], g[:, :, s:e], beta[:, :, s:e]
+        n = e - s
+        G = gc.cumsum(2)
+        low = torch.ones(n, n, dtype=torch.bool, device=q.device).tril()
+        D = torch.where(low[:, :, None], G[:, :, :, None, :] - G[:, :, None, :, :], float("-inf")).exp()
+        P = torch.einsum("bhtk,bhsk,bhtsk->bhts", qc, kc, D)
+        A = torch.einsum("bhtk,bhsk,bhtsk->bhts", kc, kc, D).tril(-1) * bc[..., None]
+        eye = torch.eye(n, dtype=torch.float64, device=q.device)
+        rhs = bc[..., None] * (vc - (kc * G.exp()) @ S)
+        E = torch.linalg.solve_triangular(eye + A, rhs, upper=False, unitriangular=True)
+        out[:, :, s:e] = scale * ((qc * G.exp()) @ S + P @ E)
+        Gl = G[:, :, -1:]
+        S = Gl.exp().transpose(-1, -2) * S + (kc * (Gl - G).exp()).transpose(-1, -2) @ E
+    return out.transpose(1, 2), S
+
+
+def ref_fp64(q, k, v, g, beta, h0, scale=None, cu=None):
+    """Independent float64 reference (chunk 64, exact exponent differences). Returns (o, ht) in fp64."""
+    B, T, h, kd = q.shape
+    hv = v.shape[2]
+    scale = kd ** -0.5 if scale is None else scale
+    q, k = (x.double().repeat_interleave(hv // h, 2) for x in (q, k))
+    v, g, beta = v.double(), g.double(), beta.double()
+    if cu is None:
+        S0 = h0.double() if h0 is not None else torch.zeros(B, hv, kd, v.shape[-1], dtype=torch.float64,
+                                                               device=q.device)
+        return _ref_dense(q, k, v, g, beta, S0, scale)
+    offs = cu.tolist()
+    os_, hs = [], []
+    for n in range(len(offs) - 1):
+        a, b = offs[n], offs[n + 1]
+        S0 = (h0[n:n + 1].double() if h0 is not None
+              else torch.zeros(1, hv, kd, v.shape[-1], dtype=torch.float64, device=q.device))
+        o_n, s_n = _ref_dense(q[:, a:b], k[:, a:b], v[:, a:b], g[:, a:b], beta[:, a:b], S0, scale)
+        os_.append(o_n)
+        hs.append(s_n)
+    return torch.cat(os_, 1), torch.cat(hs, 0)
+
+
+def rel(a, b):
+    a, b = a.double(), b.double()
+    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+
+
+def try_fla():
+    try:
+        from fla.ops.kda import chunk_kda, fused_recurrent_kda  # noqa: F401
+        import fla
+        return fla
+    except Exception as e:  # pragma: no cover
+        print(f"# FLA not importable: {type(e).__name__}: {e}")
+        return None
+
+
+def fla_chunk(q, k, v, g, beta, h0, scale):
+    from fla.ops.kda import chunk_kda
+    return chunk_kda(q, k, v, g, beta, scale=scale, initial_state=h0, output_final_state=True)
+
+
+def fla_recurrent(q, k, v, g, beta, h0, scale):
+    from fla.ops.kda import fused_recurrent_kda
+    return fused_recurrent_kda(q, k, v, g, beta, scale=scale, initial_state=h0, output_final_state=True)
+
+
+def bench_ms(fn, warmup=25, rep=100):
+    import triton
+    return triton.testing.do_bench(fn, warmup=warmup, rep=rep, return_mode="median")
+
+
+def graph_ms(fn, iters=200):
+    """Capture fn once in a CUDA graph; mean time of back-to-back replays."""
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(s)
+    gph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(gph):
+        fn()
+    for _ in range(10):
+        gph.replay()
+    torch.cuda.synchronize()
+    a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    a.record()
+    for _ in range(iters):
+        gph.replay()
+    b.record()
+    torch.cuda.synchronize()
+    return a.elapsed_time(b) / iters
+
+
+# ----------------------------------------------------------------------------------------------
+# workloads
+# ----------------------------------------------------------------------------------------------
+def _row(workload, fla_ms, ours_ms, metric, check):
+    ratio = (fla_ms / ours_ms) if (fla_ms and ours_ms) else None
+    return dict(workload=workload, fla_ms=fla_ms, ours_ms=ours_ms, ratio=ratio, metric=metric, check=check)
+
+
+def prefill_row(T, fla, check=True, B=1):
+    q, k, v, g, beta, h0 = make_inputs(B, T)
+    scale = K ** -0.5
+    ours = lambda: kt.kda_forward(q, k, v, g, beta, h0, scale, None)
+    o, ht = ours()
+    chk = []
+    if check:
+        ro, rh = ref_fp64(q, k, v, g, beta, h0, scale)
+        chk.append(f"o {rel(o, ro):.1e} state {rel(ht, rh):.1e} vs fp64")
+        del ro, rh
+    f_ms = None
+    if fla is not None:
+        fo, fh = fla_chunk(q, k, v, g, beta, h0.clone(), scale)
+        chk.append(f"vs FLA {rel(o, fo):.1e}")
+        f_ms = bench_ms(lambda: fla_chunk(q, k, v, g, beta, h0, scale))
+    o_ms = bench_ms(ours)
+    flops = 2 * B * T * H * (64 * K * 4 + 64 * 64 * 2 + K * V * 4) + 2 * B * T * H * 64 * (K + V)
+    nbytes = 5 * B * T * H * K * 2
+    metric = f"{nbytes / o_ms / 1e6:.0f} GB/s io"
+    del q, k, v, g, beta
+    return _row(f"prefill fwd B={B} T={T}", f_ms, o_ms, metric, "; ".join(chk))
+
+
+def fwdbwd_row(T, fla, B=1):
+    q, k, v, g, beta, h0 = make_inputs(B, T)
+    scale = K ** -0.5
+    do = torch.randn_like(v)
+    dht = torch.randn_like(h0)
+
+    def ours():
+        o, ht = kt.kda_forward(q, k, v, g, beta, h0, scale, None)
+        return ktb.kda_backward(q, k, v, g, beta, h0, scale, None, do, dht)
+
+    grads = ours()
+    chk = ""
+    f_ms = None
+    if fla is not None:
+        qf, kf, vf, gf, bf = (x.detach().clone().requires_grad_(True) for x in (q, k, v, g, beta))
+        hf = h0.clone().requires_grad_(True)
+
+        def fla_fb():
+            o, ht = fla_chunk(qf, kf, vf, gf, bf, hf, scale)
+            torch.autograd.backward((o, ht), (do, dht))
+
+        fla_fb()
+        ref = [qf.grad, kf.grad, vf.grad, gf.grad, bf.grad, hf.grad]
+        chk = "vs FLA " + " ".join(f"{n}={rel(a, b):.1e}" for n, a, b in
+                                   zip(["dq", "dk", "dv", "dg", "db", "dh0"], grads, ref))
+        for x in (qf, kf, vf, gf, bf, hf):
+            x.grad = None
+        f_ms = bench_ms(fla_fb)
+    o_ms = bench_ms(ours)
+    return _row(f"fwd+bwd B={B} T={T}", f_ms, o_ms, "", chk)
+
+
+def decode_row(B, fla):
+    q, k, v, g, beta, h0 = make_inputs(B, 1)
+    scale = K ** -0.5
+    ours = lambda: kt.kda_forward(q, k, v, g, beta, h0, scale, None)
+    o, ht = ours()
+    ro, rh = ref_fp64(q, k, v, g, beta, h0, scale)
+    chk = f"o {rel(o, ro):.1e} state {rel(ht, rh):.1e} vs fp64"
+    f_ms = None
+    if fla is not None:
+        f_ms = bench_ms(lambda: fla_recurrent(q, k, v, g, beta, h0.clone(), scale))
+        f_ms -= bench_ms(lambda: h0.clone())  # FLA updates the state in place: take out the clone
+    o_ms = bench_ms(ours)
+    nbytes = 2 * B * H * K * V * 4
+    return _row(f"decode T=1 B={B}", f_ms, o_ms, f"{nbytes / o_ms / 1e9:.2f} TB/s state", chk)
+
+
+def decode_graph_row(fla):
+    q, k, v, g, beta, h0 = make_inputs(1, 1)
+    scale = K ** -0.5
+    o_ms = graph_ms(lambda: kt.kda_forward(q, k, v, g, beta, h0, scale, None))
+    f_ms = None
+    if fla is not None:
+        try:
+            f_ms = graph_ms(lambda: fla_recurrent(q, k, v, g, beta, h0, scale))
+        except Exception as e:  # pragma: no cover
+            print(f"# FLA decode graph capture failed: {e}")
+    op = ""
+    try:
+        import kimi_compile.ops  # noqa: F401
+        op_ms = graph_ms(lambda: torch.ops.kimi.kda(q, k, v, g, beta, h0, scale, None))
+        op = f"op {op_ms * 1e3:.1f} us"
+    except Exception as e:  # pragma: no cover
+        op = f"op n/a ({type(e).__name__})"
+    return _row("decode B=1 CUDA graph", f_ms, o_ms, f"{o_ms * 1e3:.1f} us/step", op)
+
+
+CORE_CHECKS = ("B=4 T=1000 bf16", "B=4 T=1000 fp32", "strong decay g>=-20 T=300 fp32",
+               "mixed decay g>=-6 T=300 bf16", "varlen 5 seqs bf16", "decode varlen T<=3 fp32",
+               "grad B=2 T=200 bf16", "grad strong decay fp32", "grad varlen fp32")
+
+
+def correctness_rows(extended=True):
+    """Extra GPU checks: bf16 / fp32 against the float64 reference on odd shapes."""
+    rows = []
+    cases = [
+        ("B=4 T=1000 bf16", dict(B=4, T=1000), torch.bfloat16, None),
+        ("B=4 T=1000 fp32", dict(B=4, T=1000), torch.float32, None),
+        ("B=2 T=300 GVA H=4 HV=8 K=64 V=32 fp32", dict(B=2, T=300, h=4, hv=8, k=64, v=32), torch.float32, None),
+        ("K=V=256 T=200 fp32", dict(B=1, T=200, h=2, k=256, v=256), torch.float32, None),
+        ("K=V=256 T=200 bf16", dict(B=1, T=200, h=2, k=256, v=256), torch.bfloat16, None),
+        ("strong decay g>=-20 T=300 fp32", dict(B=1, T=300, h=4, gmin=-20.0), torch.float32, None),
+        ("mixed decay g>=-6 T=300 bf16", dict(B=1, T=300, h=4, gmin=-6.0), torch.bfloat16, None),
+        ("fp16 T=300", dict(B=2, T=300, h=4), torch.float16, None),
+        ("varlen 5 seqs bf16", dict(B=1, T=1000, n_state=5), torch.bfloat16, [0, 1, 65, 300, 999, 1000]),
+        ("varlen 5 seqs fp32", dict(B=1, T=1000, n_state=5), torch.float32, [0, 1, 65, 300, 999, 1000]),
+        ("decode varlen T<=3 fp32", dict(B=1, T=7, n_state=3), torch.float32, [0, 3, 4, 7]),
+    ]
+    for name, kw, dt, cu in cases:
+        if not extended and name not in CORE_CHECKS:
+            continue
+        q, k, v, g, beta, h0 = make_inputs(dtype=dt, **kw)
+        cut = torch.tensor(cu, device="cuda", dtype=torch.int64) if cu is not None else None
+        kd = q.shape[-1]
+        o, ht = kt.kda_forward(q, k, v, g, beta, h0, kd ** -0.5, cut)
+        torch.cuda.synchronize()
+        ro, rh = ref_fp64(q, k, v, g, beta, h0, kd ** -0.5, cut)
+        e1, e2 = rel(o, ro), rel(ht, rh)
+        tol = 1e-4 if dt == torch.float32 else 5e-3
+        ok = "ok" if (e1 <= tol and e2 <= tol) else "FAIL"
+        rows.append(_row(f"check {name}", None, None, "", f"{ok} o {e1:.1e} state {e2:.1e} (tol {tol:g})"))
+    # gradients against float64 autograd of the reference
+    for name, kw, dt, cu in [("grad B=2 T=200 fp32 GVA", dict(B=2, T=200, h=2, hv=4, k=64, v=64), torch.float32, None),
+                             ("grad B=2 T=200 bf16", dict(B=2, T=200, h=4), torch.bfloat16, None),
+                             ("grad strong decay fp32", dict(B=1, T=150, h=2, gmin=-20.0), torch.float32, None),
+                             ("grad varlen fp32", dict(B=1, T=300, h=2, n_state=3), torch.float32, [0, 50, 51, 300])]:
+        if not extended and name not in CORE_CHECKS:
+            continue
+        q, k, v, g, beta, h0 = make_inputs(dtype=dt, **kw)
+        cut = torch.tensor(cu, device="cuda", dtype=torch.int64) if cu is not None else None
+        kd = q.shape[-1]
+        do = torch.randn_like(v)
+        dht = torch.randn_like(h0)
+        gr = ktb.kda_backward(q, k, v, g, beta, h0, kd ** -0.5, cut, do, dht)
+        xs = [x.detach().double().requires_grad_(True) for x in (q, k, v, g, beta, h0)]
+        ro, rh = ref_fp64(*xs[:5], xs[5], kd ** -0.5, cut)
+        ref = torch.autograd.grad((ro * do.double()).sum() + (rh * dht.double()).sum(), xs)
+        errs = [rel(a, b) for a, b in zip(gr, ref)]
+        tol = 1e-4 if dt == torch.float32 else 1e-2
+        ok = "ok" if max(errs) <= tol else "FAIL"
+        rows.append(_row(f"check {name}", None, None, "", f"{ok} " + " ".join(
+            f"{n}={e:.1e}" for n, e in zip(["dq", "dk", "dv", "dg", "db", "dh0"], errs)) + f" (tol {tol:g})"))
+    return rows
+
+
+def sweep_rows(fla):
+    rows = []
+    base = dict(kt._CFG)
+    scale = K ** -0.5
+    tries = [("default", {}), ("bv32 w4 seg auto", dict(pass_bv=32, pass_warps=4, segments=-1)),
+             ("bv128 w8 seg off", dict(pass_bv=128, pass_warps=8, segments=1)),
+             ("bv128 w8 seg 4", dict(pass_bv=128, pass_warps=8, segments=4)),
+             ("bv128 w8 seg 8", dict(pass_bv=128, pass_warps=8, segments=8)),
+             ("bv64 w4 seg off", dict(pass_bv=64, pass_warps=4, segments=1)),
+             ("intra maxnreg 128", dict(intra_maxnreg=128)), ("intra maxnreg 168", dict(intra_maxnreg=168))]
+    for T in (65536, 4096):
+        q, k, v, g, beta, h0 = make_inputs(1, T)
+        for name, cfg in tries:
+            kt._CFG.update(base)
+            kt._CFG.update(cfg)
+            try:
+                ms = bench_ms(lambda: kt.kda_forward(q, k, v, g, beta, h0, scale, None))
+                rows.append(_row(f"sweep T={T} {name}", None, ms, "", ""))
+            except Exception as e:
+                rows.append(_row(f"sweep T={T} {name}", None, None, "", f"error {type(e).__name__}: {e}"[:120]))
+            print(_fmt(rows[-1]), flush=True)
+        kt._CFG.update(base)
+        inter_ms = bench_ms(lambda: kt._intermediates(q, k, v, g, beta, scale, None, store_dtype=torch.bfloat16,
+                                                      a_lowp=True, prec="tf32", store_t=False))
+        rows.append(_row(f"stage intra T={T}", None, inter_ms, "", ""))
+        del q, k, v, g, beta, h0
+    q, k, v, g, beta, h0 = make_inputs(256, 1)
+    for bv, nw in ((32, 4), (64, 4), (16, 2), (64, 8)):
+        kt._CFG.update(decode_bv=bv, decode_warps=nw)
+        ms = bench_ms(lambda: kt.kda_forward(q, k, v, g, beta, h0, scale, None))
+        rows.append(_row(f"sweep decode B=256 bv{bv} w{nw}", None, ms,
+                         f"{2 * 256 * H * K * V * 4 / ms / 1e9:.2f} TB/s", ""))
+    kt._CFG.update(base)
+    return rows
+
+
+def profile_rows(fla):
+    """Per-kernel GPU time (torch.profiler) of ours and FLA; printed, no rows."""
+    from torch.profiler import ProfilerActivity, profile
+    scale = K ** -0.5
+    for T in (65536,):
+        q, k, v, g, beta, h0 = make_inputs(1, T)
+        fns = [("ours", lambda: kt.kda_forward(q, k, v, g, beta, h0, scale, None))]
+        if fla is not None:
+            fns.append(("fla", lambda: fla_chunk(q, k, v, g, beta, h0, scale)))
+        for name, fn in fns:
+            fn()
+            torch.cuda.synchronize()
+            with profile(activities=[ProfilerActivity.CUDA]) as prof:
+                for _ in range(3):
+                    fn()
+                torch.cuda.synchronize()
+            print(f"## profile {name} fwd T={T} (3 calls)")
+            print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=10, max_name_column_width=60))
+        del q, k, v, g, beta, h0
+    q, k, v, g, beta, h0 = make_inputs(1, 8192)
+    do, dht = torch.randn_like(v), torch.randn_like(h0)
+    fn = lambda: ktb.kda_backward(q, k, v, g, beta, h0, scale, None, do, dht)
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    print("## profile ours bwd T=8192")
+    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=12, max_name_column_width=60))
+    return []
+
+
+def ncu_target():
+    """One forward at T=16384 (for ncu -k regex:... -c 1)."""
+    q, k, v, g, beta, h0 = make_inputs(1, 16384)
+    kt.kda_forward(q, k, v, g, beta, h0, K ** -0.5, None)
+    torch.cuda.synchronize()
+    return []
+
+
+def env_line(fla):
+    import triton
+    dev = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+    fv = getattr(fla, "__version__", "n/a") if fla is not None else "n/a"
+    return f"{dev}; torch {torch.__version__}; triton {triton.__version__}; fla {fv}"
+
+
+def _safe(name, fn, *a):
+    try:
+        out = fn(*a)
+        return out if isinstance(out, list) else [out]
+    except Exception as e:  # keep the other rows
+        import traceback
+        traceback.print_exc()
+        return [_row(name, None, None, "", f"ERROR {type(e).__name__}: {e}"[:300])]
+
+
+def run(sweep=False, checks=True, quick=False, extended=True, only=None):
+    """Rows for bench/run_all.py (empty without a GPU)."""
+    if not torch.cuda.is_available():
+        print("# bench_kda: no CUDA device, skipped")
+        return []
+    torch.backends.cuda.matmul.allow_tf32 = False
+    fla = try_fla()
+    rows = []
+    t0 = time.time()
+    jobs = []
+    for T in ((4096,) if quick else (4096, 16384, 65536)):
+        jobs.append((f"prefill T={T}", prefill_row, T, fla))
+    for B in ((256,) if quick else (1, 32, 256)):
+        jobs.append((f"decode B={B}", decode_row, B, fla))
+    jobs.append(("decode graph", decode_graph_row, fla))
+    if sweep:
+        jobs.append(("sweep", sweep_rows, fla))
+    jobs.append(("profile", profile_rows, fla))
+    jobs.append(("fwd+bwd T=8192", fwdbwd_row, 8192, fla))
+    if checks:
+        jobs.append(("checks", correctness_rows, extended))
+    jobs.append(("ncu", ncu_target))
+    for name, fn, *a in jobs:
+        if only and not any(o in name for o in only):
+            continue
+        if not only and name in ("profile", "ncu"):
+            continue
+        for r in _safe(name, fn, *a):
+            rows.append(r)
+            print(_fmt(r), f"[{time.time() - t0:.0f}s]", flush=True)
+    for r in rows:
+        r["env"] = env_line(fla)
+    return rows
+
+
+def _fmt(r):
+    f = lambda x, p=3: "-" if x is None else f"{x:.{p}f}"
+    return (f"| {r['workload']} | {f(r['fla_ms'])} | {f(r['ours_ms'])} | {f(r['ratio'], 2)} | "
+            f"{r['metric']} | {r['check']} |")
+
+
+def table(rows):
+    lines = ["| workload | FLA ms | ours ms | ratio | GB/s or TFLOP/s | correctness |",
+             "|---|---|---|---|---|---|"]
+    return "\n".join(lines + [_fmt(r) for r in rows])
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--sweep", action="store_true")
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--no-checks", action="store_true")
+    ap.add_argument("--core", action="store_true", help="only the core correctness checks")
+    ap.add_argument("--only", nargs="*", default=None, help="substrings of job names to run")
+    ap.add_argument("--json", default=None)
+    a = ap.parse_args(argv)
+    rows = run(sweep=a.sweep, checks=not a.no_checks, quick=a.quick, extended=not a.core, only=a.only)
+    print()
+    if rows:
+        print("#", rows[0]["env"])
+    print(table(rows))
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump(rows, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,742 @@
+"""Triton CUDA kernels for ``kimi::kda`` (forward: chunked prefill, segment-parallel prefill, decode).
+
+Entry point used by the op registration in ``ops/kda.py``::
+
+    kda_forward(q, k, v, g, beta, initial_state, scale, cu_seqlens) -> (o, final_state)
+
+Inputs are validated by the caller: q, k [B,T,H,K]; v [B,T,HV,V]; g [B,T,HV,K] (log decay <= 0, any
+float dtype); beta [B,T,HV]; initial_state [N,HV,K,V] float32 or None; cu_seqlens int64 [N+1] or None.
+Returns o [B,T,HV,V] in v.dtype and a new float32 final_state [N,HV,K,V].
+
+Algorithm (chunk C = 64, sub-blocks of 16; docs/kda_kernels.md has the derivation and the floor):
+
+* ``_kda_intra_kernel`` (parallel over chunks x value heads): in-chunk gate cumsum G (fp32), the
+  matrices Akk = beta * (k e^G)(k e^-G)^T (strictly lower) and Aqk = scale * (q e^G)(k e^-G)^T (lower)
+  with every exponent anchored so no factor exceeds 1 (off-diagonal 16-blocks: anchor at the block
+  boundary; diagonal 16-blocks: anchor at the block start when the block's gate span is <= span_max,
+  else an exact per-column loop), T = (I + Akk)^-1 (16-block forward substitution + block Neumann
+  series), w = T (beta k e^G), u = T (beta v), qg = scale q e^G, kg = k e^(G_last - G), gam = e^G_last.
+* ``_kda_pass_kernel`` (sequential over chunks; parallel over sequences x heads x value blocks
+  [x segments]): U = u - w h; o = qg h + Aqk U; h <- gam * h + kg^T U.
+* Long sequences at small batch: the sequence is cut into segments; ``_kda_seg_state_kernel`` runs
+  every segment from a zero state and also carries the segment's K x K transition matrix,
+  ``_kda_seg_combine_kernel`` chains the segments (h_s+1 = M_s h_s + b_s), then the pass kernel runs
+  all segments in parallel from their true initial states.
+* ``_kda_recurrent_kernel``: token loop for decode / very short T, the fp32 state streamed once.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+CHUNK = 64
+
+# Tunables. Benchmarks may edit these; the defaults are what docs/kda_kernels.md measured.
+_CFG = {
+    "store_lowp": True,      # bf16 inputs: keep w, u, qg, kg, Aqk in bf16 (else float32)
+    "pass_lowp": True,       # bf16 inputs: pass dots with bf16 operands (else tf32 on fp32 operands)
+    "a_lowp": True,          # bf16 inputs: Akk / Aqk dots with bf16 operands (else tf32)
+    "recurrent_max_t": 16,   # token loop when T (per sequence) <= this
+    "segments": 1,           # -1 auto, 0/1 off, n>1 forced number of segments (non-varlen only);
+                             # off by default: measured slower than one pass at BV=64 (docs/kda_kernels.md)
+    "seg_min_chunks": 16,    # a segment holds at least this many chunks
+    "target_programs": 528,  # auto segments: aim for about this many pass programs (4 per SM)
+    "span_max": 60.0,        # largest in-block gate span (nats) for the anchored diagonal path
+    "intra_warps": 4,
+    "intra_bk": 32,
+    "intra_maxnreg": 168,    # register cap for the intra kernel (3 CTAs/SM instead of 2; measured faster)
+    "pass_bv": 64,
+    "pass_warps": 4,
+    "pass_stages": 2,
+    "decode_bv": 64,
+    "decode_warps": 4,
+}
+
+_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _tracing(args) -> bool:
+    if torch.compiler.is_compiling():
+        return True
+    return any(isinstance(a, torch.Tensor) and type(a) not in (torch.Tensor, torch.nn.Parameter) for a in args)
+
+
+def _launch(kernel, grid, *args, **kwargs):
+    """Plain Triton launch when running eagerly (the wrap_triton dispatch costs ~0.1 ms per launch);
+    through torch.library.wrap_triton when traced (FakeTensor / functional tensors, torch.compile),
+    so that a triton_op body stays traceable by Inductor."""
+    if not _INTERPRET and _tracing(args):
+        return torch.library.wrap_triton(kernel)[grid](*args, **kwargs)
+    return kernel[grid](*args, **kwargs)
+
+
+def _np2(x: int) -> int:
+    return max(16, triton.next_power_of_2(int(x)))
+
+
+# ----------------------------------------------------------------------------------------------
+# shared jit helpers
+# ----------------------------------------------------------------------------------------------
+@triton.jit
+def _seq_bounds(s, cu, cseq, cidx, T, C: tl.constexpr, IS_VARLEN: tl.constexpr):
+    """Chunk slot s -> (valid, bos, eos, chunk index in its sequence)."""
+    if IS_VARLEN:
+        n = tl.load(cseq + s)
+        valid = n >= 0
+        n = tl.maximum(n, 0)
+        c = tl.load(cidx + s).to(tl.int64)
+        bos = tl.load(cu + n).to(tl.int64)
+        eos = tl.load(cu + n + 1).to(tl.int64)
+        eos = tl.where(valid, eos, bos)
+    else:
+        NT = tl.cdiv(T, C)
+        n = s // NT
+        c = (s % NT).to(tl.int64)
+        bos = n.to(tl.int64) * T
+        eos = bos + T
+    return bos, eos, c
+
+
+@triton.jit
+def _blockdiag_to_2d(D3, C: tl.constexpr):
+    """[4,16,16] diagonal blocks -> [64,64] block-diagonal matrix."""
+    i4 = tl.arange(0, 4)
+    X = tl.where(i4[:, None, None, None] == i4[None, None, :, None], D3[:, :, None, :], 0.)
+    return tl.reshape(X, (C, C))
+
+
+@triton.jit
+def _blockdiag_from_2d(A, C: tl.constexpr):
+    """[64,64] -> its [4,16,16] diagonal blocks."""
+    i4 = tl.arange(0, 4)
+    A4 = tl.reshape(A, (4, 16, 4, 16))
+    return tl.sum(tl.where(i4[:, None, None, None] == i4[None, None, :, None], A4, 0.), 2)
+
+
+@triton.jit
+def _unit_lower_inverse(Akk, C: tl.constexpr, PREC: tl.constexpr):
+    """(I + Akk)^-1 for strictly lower triangular Akk [64,64] (fp32 in, fp32 out).
+
+    Diagonal 16-blocks by forward substitution; then with D = blockdiag((I+A_ii)^-1), N the strictly
+    block-lower part and M = D N (block nilpotent, M^4 = 0): (I + A)^-1 = (I - M + M^2 - M^3) D."""
+    r16 = tl.arange(0, 16)
+    r = tl.arange(0, C)
+    A3 = _blockdiag_from_2d(Akk, C)
+    eye3 = tl.where(r16[None, :, None] == r16[None, None, :], 1., 0.) + tl.zeros([4, 16, 16], tl.float32)
+    Tb = eye3
+    for i in range(1, 16):
+        a_i = tl.sum(tl.where(r16[None, :, None] == i, A3, 0.), 1)          # [4,16] row i of each block
+        new = tl.where(r16[None, :] == i, 1., 0.) - tl.sum(a_i[:, :, None] * Tb, 1)   # [4,16]
+        Tb = tl.where(r16[None, :, None] == i, new[:, None, :], Tb)
+    D = _blockdiag_to_2d(Tb, C)
+    blk = r // 16
+    Nm = tl.where(blk[:, None] > blk[None, :], Akk, 0.)
+    eye = tl.where(r[:, None] == r[None, :], 1., 0.)
+    M = tl.dot(D, Nm, input_precision=PREC)
+    X = eye - M
+    X = eye - tl.dot(M, X, input_precision=PREC)
+    X = eye - tl.dot(M, X, input_precision=PREC)
+    return tl.dot(X, D, input_precision=PREC)
+
+
+# ----------------------------------------------------------------------------------------------
+# intra-chunk kernel
+# ----------------------------------------------------------------------------------------------
+@triton.jit
+def _gate2d(g, tok, rmask, hv, cols, cmask, HV: tl.constexpr, K: tl.constexpr, C: tl.constexpr):
+    """In-chunk gate cumsum G [C, BK] and the 16-block ends E0..E3 (G at rows 15, 31, 47, 63)."""
+    m2 = rmask[:, None] & cmask[None, :]
+    gt = tl.load(g + (tok[:, None] * HV + hv) * K + cols[None, :], mask=m2, other=0.).to(tl.float32)
+    G = tl.cumsum(gt, 0)
+    r = tl.arange(0, C)
+    E0 = tl.sum(tl.where(r[:, None] == 15, G, 0.), 0)
+    E1 = tl.sum(tl.where(r[:, None] == 31, G, 0.), 0)
+    E2 = tl.sum(tl.where(r[:, None] == 47, G, 0.), 0)
+    E3 = tl.sum(tl.where(r[:, None] == 63, G, 0.), 0)
+    return G, E0, E1, E2, E3
+
+
+@triton.jit
+def _anchor_rows(blk, E0, E1, E2):
+    """Per row, the gate at the end of the previous 16-block (0 for the first block)."""
+    return tl.where(blk[:, None] == 1, E0[None, :],
+                    tl.where(blk[:, None] == 2, E1[None, :],
+                             tl.where(blk[:, None] == 3, E2[None, :], 0.)))
+
+
+@triton.jit
+def _block_mult(i, blk, E0, E1, E2, UPPER: tl.constexpr):
+    """Rows of block j get exp(E[i-1] - E[j-1]) (<= 1) where j <= i (UPPER=False) or
+    exp(E[j-1] - E[i-1]) where j >= i (UPPER=True); 0 elsewhere. E[-1] = 0."""
+    NEG_INF: tl.constexpr = float("-inf")
+    Ea = tl.where(i == 1, E0, tl.where(i == 2, E1, tl.where(i == 3, E2, 0.)))
+    if UPPER:
+        m0 = tl.exp(tl.where(i <= 0, 0. - Ea, NEG_INF))
+        m1 = tl.exp(tl.where(i <= 1, E0 - Ea, NEG_INF))
+        m2 = tl.exp(tl.where(i <= 2, E1 - Ea, NEG_INF))
+        m3 = tl.exp(tl.where(i <= 3, E2 - Ea, NEG_INF))
+    else:
+        m0 = tl.exp(Ea)
+        m1 = tl.exp(tl.where(i >= 1, Ea - E0, NEG_INF))
+        m2 = tl.exp(tl.where(i >= 2, Ea - E1, NEG_INF))
+        m3 = tl.exp(tl.where(i >= 3, Ea - E2, NEG_INF))
+    return tl.where(blk[:, None] == 0, m0[None, :],
+                    tl.where(blk[:, None] == 1, m1[None, :],
+                             tl.where(blk[:, None] == 2, m2[None, :], m3[None, :])))
+
+
+@triton.jit
+def _fast_A(kt, qt, G, E0, E1, E2, Akk, Aqk, C: tl.constexpr, BK: tl.constexpr,
+            A_LOWP: tl.constexpr, PREC: tl.constexpr):
+    """Accumulate Akk, Aqk (unmasked, unscaled) when every 16-block's gate span is <= span_max:
+    rows of block i use the anchor E[i-1]: left = x e^(G - E[i-1]) <= |x|, right = k e^(E[i-1] - G)
+    over columns of blocks <= i (<= e^span inside block i, <= 1 before it)."""
+    r = tl.arange(0, C)
+    blk = r // 16
+    Ep = _anchor_rows(blk, E0, E1, E2)
+    eL = tl.exp(G - Ep)
+    if A_LOWP:
+        kL = (kt * eL).to(tl.bfloat16)
+        qL = (qt * eL).to(tl.bfloat16)
+    else:
+        kL = kt * eL
+        qL = qt * eL
+    kLi = kt * tl.exp(Ep - G)
+    for i in range(0, 4):
+        right = kLi * _block_mult(i, blk, E0, E1, E2, False)
+        rsel = blk[:, None] == i
+        if A_LOWP:
+            right = right.to(tl.bfloat16)
+        rt = tl.trans(right)
+        Akk = tl.dot(tl.where(rsel, kL, 0.).to(kL.dtype), rt, Akk, input_precision=PREC)
+        Aqk = tl.dot(tl.where(rsel, qL, 0.).to(qL.dtype), rt, Aqk, input_precision=PREC)
+    return Akk, Aqk
+
+
+@triton.jit
+def _slow_A(kt, qt, G, C: tl.constexpr, BK: tl.constexpr, PREC: tl.constexpr):
+    """Exact Akk, Aqk (unmasked, unscaled) for any gate: off-diagonal blocks with both factors <= 1,
+    diagonal blocks by an explicit loop over the 16 columns (every exponent <= 0)."""
+    NEG_INF: tl.constexpr = float("-inf")
+    i4 = tl.arange(0, 4)
+    r16 = tl.arange(0, 16)
+    G3 = tl.reshape(G, (4, 16, BK))
+    E = tl.sum(tl.where(r16[None, :, None] == 15, G3, 0.), 1)
+    Ep = tl.sum(tl.where(i4[:, None, None] == i4[None, :, None] + 1, E[None, :, :], 0.), 1)
+    k3 = tl.reshape(kt, (4, 16, BK))
+    q3 = tl.reshape(qt, (4, 16, BK))
+    eL3 = tl.exp(G3 - Ep[:, None, :])
+    eR3 = tl.exp(E[:, None, :] - G3)
+    kL3 = k3 * eL3
+    qL3 = q3 * eL3
+    kR3 = k3 * eR3
+    AkkO = tl.zeros([C, C], tl.float32)
+    AqkO = tl.zeros([C, C], tl.float32)
+    for i in range(1, 4):
+        Ep_i = tl.sum(tl.where(i4[:, None] == i, Ep, 0.), 0)
+        Mi = tl.exp(tl.where(i4[:, None] < i, Ep_i[None, :] - E, NEG_INF))
+        right = tl.reshape(kR3 * Mi[:, None, :], (C, BK))
+        sel = i4[:, None, None] == i
+        lk = tl.reshape(tl.where(sel, kL3, 0.), (C, BK))
+        lq = tl.reshape(tl.where(sel, qL3, 0.), (C, BK))
+        AkkO += tl.dot(lk, tl.trans(right), input_precision=PREC)
+        AqkO += tl.dot(lq, tl.trans(right), input_precision=PREC)
+    AkkD = tl.zeros([4, 16, 16], tl.float32)
+    AqkD = tl.zeros([4, 16, 16], tl.float32)
+    for cc in range(0, 16):
+        sel_c = r16[None, :, None] == cc
+        kc = tl.sum(tl.where(sel_c, k3, 0.), 1)
+        Gc = tl.sum(tl.where(sel_c, G3, 0.), 1)
+        ex = tl.exp(tl.where(r16[None, :, None] >= cc, G3 - Gc[:, None, :], NEG_INF))
+        p = kc[:, None, :] * ex
+        AkkD += tl.where(r16[None, None, :] == cc, tl.sum(k3 * p, 2)[:, :, None], 0.)
+        AqkD += tl.where(r16[None, None, :] == cc, tl.sum(q3 * p, 2)[:, :, None], 0.)
+    return AkkO + _blockdiag_to_2d(AkkD, C), AqkO + _blockdiag_to_2d(AqkD, C)
+
+
+@triton.jit
+def _kda_intra_kernel(q, k, v, g, beta, w, u, qg, kg, aqk, gam, tinv, flags,
+                      cu, cseq, cidx, T, TT, NS, scale, span_max,
+                      H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
+                      BK: tl.constexpr, BV: tl.constexpr, C: tl.constexpr,
+                      IS_VARLEN: tl.constexpr, A_LOWP: tl.constexpr, PREC: tl.constexpr,
+                      STORE_T: tl.constexpr, SLOW: tl.constexpr):
+    s = tl.program_id(0)
+    hv = tl.program_id(1)
+    hq = hv // (HV // H)
+    hv64 = hv.to(tl.int64)
+    slot = s.to(tl.int64)
+    if SLOW:
+        if tl.load(flags + hv64 * NS + slot) == 0:
+            return
+    bos, eos, c = _seq_bounds(s, cu, cseq, cidx, T, C, IS_VARLEN)
+    r = tl.arange(0, C)
+    tok = bos + c * C + r
+    rmask = tok < eos
+
+    b = tl.load(beta + tok * HV + hv, mask=rmask, other=0.).to(tl.float32)
+
+    Akk = tl.zeros([C, C], tl.float32)
+    Aqk = tl.zeros([C, C], tl.float32)
+    span = tl.zeros([1], tl.float32)
+    for kb in range(0, (K + BK - 1) // BK):
+        cols = kb * BK + tl.arange(0, BK)
+        cmask = cols < K
+        m2 = rmask[:, None] & cmask[None, :]
+        kt = tl.load(k + (tok[:, None] * H + hq) * K + cols[None, :], mask=m2, other=0.).to(tl.float32)
+        qt = tl.load(q + (tok[:, None] * H + hq) * K + cols[None, :], mask=m2, other=0.).to(tl.float32)
+        G, E0, E1, E2, E3 = _gate2d(g, tok, rmask, hv, cols, cmask, HV, K, C)
+        if SLOW:
+            a1, a2 = _slow_A(kt, qt, G, C, BK, PREC)
+            Akk += a1
+            Aqk += a2
+        else:
+            Akk, Aqk = _fast_A(kt, qt, G, E0, E1, E2, Akk, Aqk, C, BK, A_LOWP, PREC)
+            sp = tl.maximum(tl.maximum(-E0, E0 - E1), tl.maximum(E1 - E2, E2 - E3))
+            span = tl.maximum(span, tl.max(sp, 0))
+    if not SLOW:
+        if tl.max(span, 0) > span_max:
+            tl.store(flags + hv64 * NS + slot, 1)
+            return
+
+    Akk = tl.where(r[:, None] > r[None, :], Akk, 0.) * b[:, None]
+    Aqk = tl.where(r[:, None] >= r[None, :], Aqk, 0.) * scale
+    Tm = _unit_lower_inverse(Akk, C, PREC)
+
+    rowC = (hv64 * TT + tok) * C
+    cmC = rmask[:, None] & (r[None, :] < C)
+    tl.store(aqk + rowC[:, None] + r[None, :], Aqk.to(aqk.dtype.element_ty), mask=cmC)
+    if STORE_T:
+        tl.store(tinv + rowC[:, None] + r[None, :], Tm, mask=cmC)
+
+    for kb in range(0, (K + BK - 1) // BK):
+        cols = kb * BK + tl.arange(0, BK)
+        cmask = cols < K
+        m2 = rmask[:, None] & cmask[None, :]
+        kt = tl.load(k + (tok[:, None] * H + hq) * K + cols[None, :], mask=m2, other=0.).to(tl.float32)
+        qt = tl.load(q + (tok[:, None] * H + hq) * K + cols[None, :], mask=m2, other=0.).to(tl.float32)
+        G, E0, E1, E2, Gl = _gate2d(g, tok, rmask, hv, cols, cmask, HV, K, C)
+        eG = tl.exp(G)
+        Bk = kt * eG * b[:, None]
+        wt = tl.dot(Tm, Bk, input_precision=PREC)
+        rowK = (hv64 * TT + tok) * K
+        tl.store(w + rowK[:, None] + cols[None, :], wt.to(w.dtype.element_ty), mask=m2)
+        tl.store(qg + rowK[:, None] + cols[None, :], (qt * eG * scale).to(qg.dtype.element_ty), mask=m2)
+        tl.store(kg + rowK[:, None] + cols[None, :],
+                 (kt * tl.exp(Gl[None, :] - G)).to(kg.dtype.element_ty), mask=m2)
+        tl.store(gam + (hv64 * NS + slot) * K + cols, tl.exp(Gl), mask=cmask & (eos > bos))
+
+    for vb in range(0, (V + BV - 1) // BV):
+        cv = vb * BV + tl.arange(0, BV)
+        vm = rmask[:, None] & (cv < V)[None, :]
+        vt = tl.load(v + (tok[:, None] * HV + hv) * V + cv[None, :], mask=vm, other=0.).to(tl.float32)
+        ut = tl.dot(Tm, vt * b[:, None], input_precision=PREC)
+        tl.store(u + ((hv64 * TT + tok) * V)[:, None] + cv[None, :], ut.to(u.dtype.element_ty), mask=vm)
+
+
+# ----------------------------------------------------------------------------------------------
+# sequential pass over chunks (forward); also used by the backward (STORE_H / STORE_U)
+# ----------------------------------------------------------------------------------------------
+@triton.jit
+def _kda_pass_kernel(w, u, qg, kg, aqk, gam, o, h0, ht, hseg, hs, ubuf,
+                     cu, cchunk, T, TT, NS, L,
+                     H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
+                     BK: tl.constexpr, BV: tl.constexpr, C: tl.constexpr, NSEG: tl.constexpr,
+                     IS_VARLEN: tl.constexpr, USE_H0: tl.constexpr, STORE_O: tl.constexpr,
+                     STORE_HT: tl.constexpr, STORE_H: tl.constexpr, STORE_U: tl.constexpr,
+                     LOWP: tl.constexpr, PREC: tl.constexpr):
+    pv = tl.program_id(0)
+    pid = tl.program_id(1)
+    nh = pid // NSEG
+    sg = pid % NSEG
+    n = nh // HV
+    hv = nh % HV
+    hv64 = hv.to(tl.int64)
+    if IS_VARLEN:
+        bos = tl.load(cu + n).to(tl.int64)
+        eos = tl.load(cu + n + 1).to(tl.int64)
+        slot0 = tl.load(cchunk + n).to(tl.int64)
+    else:
+        bos = n.to(tl.int64) * T
+        eos = bos + T
+        slot0 = n.to(tl.int64) * tl.cdiv(T, C)
+    nt = tl.cdiv(eos - bos, C)
+    c_lo = sg * L
+    c_hi = tl.minimum(c_lo + L, nt)
+
+    rk = tl.arange(0, BK)
+    km = rk < K
+    cv = pv * BV + tl.arange(0, BV)
+    vm = cv < V
+    hm = km[:, None] & vm[None, :]
+    hoff = rk[:, None] * V + cv[None, :]
+    if NSEG > 1:
+        h = tl.load(hseg + (nh * NSEG + sg).to(tl.int64) * K * V + hoff, mask=hm, other=0.)
+    elif USE_H0:
+        h = tl.load(h0 + nh.to(tl.int64) * K * V + hoff, mask=hm, other=0.)
+    else:
+        h = tl.zeros([BK, BV], tl.float32)
+    r = tl.arange(0, C)
+    for c in range(c_lo, c_hi):
+        tok = bos + c * C + r
+        rm = tok < eos
+        rowK = (hv64 * TT + tok) * K
+        mk = rm[:, None] & km[None, :]
+        mv = rm[:, None] & vm[None, :]
+        wt = tl.load(w + rowK[:, None] + rk[None, :], mask=mk, other=0.)
+        kgt = tl.load(kg + rowK[:, None] + rk[None, :], mask=mk, other=0.)
+        ut = tl.load(u + ((hv64 * TT + tok) * V)[:, None] + cv[None, :], mask=mv, other=0.).to(tl.float32)
+        gm = tl.load(gam + (hv64 * NS + slot0 + c) * K + rk, mask=km, other=0.)
+        if STORE_H:
+            tl.store(hs + ((hv64 * NS + slot0 + c) * K * V) + hoff, h, mask=hm)
+        if LOWP:
+            hd = h.to(tl.bfloat16)
+            wt = wt.to(tl.bfloat16)
+            kgt = kgt.to(tl.bfloat16)
+        else:
+            hd = h
+            wt = wt.to(tl.float32)
+            kgt = kgt.to(tl.float32)
+        U = ut - tl.dot(wt, hd, input_precision=PREC)
+        if LOWP:
+            Ud = U.to(tl.bfloat16)
+        else:
+            Ud = U
+        if STORE_O:
+            qgt = tl.load(qg + rowK[:, None] + rk[None, :], mask=mk, other=0.)
+            At = tl.load(aqk + ((hv64 * TT + tok) * C)[:, None] + r[None, :],
+                         mask=rm[:, None] & (r[None, :] < C), other=0.)
+            if LOWP:
+                qgt = qgt.to(tl.bfloat16)
+                At = At.to(tl.bfloat16)
+            else:
+                qgt = qgt.to(tl.float32)
+                At = At.to(tl.float32)
+            ot = tl.dot(qgt, hd, input_precision=PREC) + tl.dot(At, Ud, input_precision=PREC)
+            tl.store(o + ((tok * HV + hv) * V)[:, None] + cv[None, :], ot.to(o.dtype.element_ty), mask=mv)
+        if STORE_U:
+            tl.store(ubuf + ((hv64 * TT + tok) * V)[:, None] + cv[None, :], U, mask=mv)
+        h = gm[:, None] * h + tl.dot(tl.trans(kgt), Ud, input_precision=PREC)
+    if STORE_HT:
+        tl.store(ht + nh.to(tl.int64) * K * V + hoff, h, mask=hm)
+
+
+# ----------------------------------------------------------------------------------------------
+# segment parallelism (long sequences, small batch)
+# ----------------------------------------------------------------------------------------------
+@triton.jit
+def _kda_seg_state_kernel(w, u, kg, gam, mseg, bseg, T, TT, NS, L,
+                          HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
+                          BK: tl.constexpr, BV: tl.constexpr, C: tl.constexpr, NSEG: tl.constexpr,
+                          LOWP: tl.constexpr, PREC: tl.constexpr):
+    """Per segment, from a zero state: columns [0, K) carry the transition matrix M (start: I,
+    no u), columns [K, K+V) the local end state b. End state of the segment = M h_start + b."""
+    pb = tl.program_id(0)
+    pid = tl.program_id(1)
+    nh = pid // NSEG
+    sg = pid % NSEG
+    n = nh // HV
+    hv = nh % HV
+    hv64 = hv.to(tl.int64)
+    NKB: tl.constexpr = (K + BV - 1) // BV
+    bos = n.to(tl.int64) * T
+    eos = bos + T
+    slot0 = n.to(tl.int64) * tl.cdiv(T, C)
+    nt = tl.cdiv(T, C)
+    c_lo = sg * L
+    c_hi = tl.minimum(c_lo + L, nt)
+    is_m = pb < NKB
+    rk = tl.arange(0, BK)
+    km = rk < K
+    col = tl.where(is_m, pb, pb - NKB) * BV + tl.arange(0, BV)
+    colm = col < tl.where(is_m, K, V)
+    X = tl.where((rk[:, None] == col[None, :]) & is_m, 1., 0.) + tl.zeros([BK, BV], tl.float32)
+    r = tl.arange(0, C)
+    for c in range(c_lo, c_hi):
+        tok = bos + c * C + r
+        rm = tok < eos
+        rowK = (hv64 * TT + tok) * K
+        mk = rm[:, None] & km[None, :]
+        wt = tl.load(w + rowK[:, None] + rk[None, :], mask=mk, other=0.)
+        kgt = tl.load(kg + rowK[:, None] + rk[None, :], mask=mk, other=0.)
+        ut = tl.load(u + ((hv64 * TT + tok) * V)[:, None] + col[None, :],
+                     mask=rm[:, None] & colm[None, :] & (pb >= NKB), other=0.).to(tl.float32)
+        gm = tl.load(gam + (hv64 * NS + slot0 + c) * K + rk, mask=km, other=0.)
+        if LOWP:
+            U = ut - tl.dot(wt.to(tl.bfloat16), X.to(tl.bfloat16), input_precision=PREC)
+            X = gm[:, None] * X + tl.dot(tl.trans(kgt.to(tl.bfloat16)), U.to(tl.bfloat16), input_precision=PREC)
+        else:
+            U = ut - tl.dot(wt.to(tl.float32), X, input_precision=PREC)
+            X = gm[:, None] * X + tl.dot(tl.trans(kgt.to(tl.float32)), U, input_precision=PREC)
+    base = (nh * NSEG + sg).to(tl.int64)
+    sm = km[:, None] & colm[None, :]
+    tl.store(mseg + base * K * K + rk[:, None] * K + col[None, :], X, mask=sm & is_m)
+    tl.store(bseg + base * K * V + rk[:, None] * V + col[None, :], X, mask=sm & (pb >= NKB))
+
+
+@triton.jit
+def _kda_seg_combine_kernel(mseg, bseg, h0, ht, hseg,
+                            K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+                            NSEG: tl.constexpr, USE_H0: tl.constexpr, PREC: tl.constexpr):
+    pv = tl.program_id(0)
+    nh = tl.program_id(1)
+    rk = tl.arange(0, BK)
+    km = rk < K
+    cv = pv * BV + tl.arange(0, BV)
+    vm = cv < V
+    hm = km[:, None] & vm[None, :]
+    hoff = rk[:, None] * V + cv[None, :]
+    if USE_H0:
+        h = tl.load(h0 + nh.to(tl.int64) * K * V + hoff, mask=hm, other=0.)
+    else:
+        h = tl.zeros([BK, BV], tl.float32)
+    for sg in range(0, NSEG):
+        base = (nh * NSEG + sg).to(tl.int64)
+        tl.store(hseg + base * K * V + hoff, h, mask=hm)
+        M = tl.load(mseg + base * K * K + rk[:, None] * K + rk[None, :],
+                    mask=km[:, None] & km[None, :], other=0.)
+        bb = tl.load(bseg + base * K * V + hoff, mask=hm, other=0.)
+        h = tl.dot(M, h, input_precision=PREC) + bb
+    tl.store(ht + nh.to(tl.int64) * K * V + hoff, h, mask=hm)
+
+
+# ----------------------------------------------------------------------------------------------
+# token-loop kernel (decode, very short T)
+# ----------------------------------------------------------------------------------------------
+@triton.jit
+def _kda_recurrent_kernel(q, k, v, g, beta, o, h0, ht, cu, T, scale,
+                          H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
+                          BK: tl.constexpr, BV: tl.constexpr,
+                          IS_VARLEN: tl.constexpr, USE_H0: tl.constexpr):
+    pv = tl.program_id(0)
+    nh = tl.program_id(1)
+    n = nh // HV
+    hv = nh % HV
+    hq = hv // (HV // H)
+    if IS_VARLEN:
+        bos = tl.load(cu + n).to(tl.int64)
+        eos = tl.load(cu + n + 1).to(tl.int64)
+    else:
+        bos = n.to(tl.int64) * T
+        eos = bos + T
+    rk = tl.arange(0, BK)
+    km = rk < K
+    cv = pv * BV + tl.arange(0, BV)
+    vm = cv < V
+    hm = km[:, None] & vm[None, :]
+    hoff = nh.to(tl.int64) * K * V + rk[:, None] * V + cv[None, :]
+    if USE_H0:
+        h = tl.load(h0 + hoff, mask=hm, other=0.)
+    else:
+        h = tl.zeros([BK, BV], tl.float32)
+    for t in range(bos, eos):
+        qt = tl.load(q + (t * H + hq) * K + rk, mask=km, other=0.).to(tl.float32)
+        kt = tl.load(k + (t * H + hq) * K + rk, mask=km, other=0.).to(tl.float32)
+        gt = tl.load(g + (t * HV + hv) * K + rk, mask=km, other=0.).to(tl.float32)
+        bt = tl.load(beta + t * HV + hv).to(tl.float32)
+        vt = tl.load(v + (t * HV + hv) * V + cv, mask=vm, other=0.).to(tl.float32)
+        h = h * tl.exp(gt)[:, None]
+        kv = tl.sum(h * kt[:, None], 0)
+        uu = bt * (vt - kv)
+        h = h + kt[:, None] * uu[None, :]
+        ot = tl.sum(h * qt[:, None], 0) * scale
+        tl.store(o + (t * HV + hv) * V + cv, ot.to(o.dtype.element_ty), mask=vm)
+    tl.store(ht + hoff, h, mask=hm)
+
+
+# ----------------------------------------------------------------------------------------------
+# host side
+# ----------------------------------------------------------------------------------------------
+def _modes(q, k, v):
+    """(fp32 mode, bf16 mode): fp32 if any of q, k, v is float32; bf16 if all three are bf16."""
+    fp32 = torch.float32 in (q.dtype, k.dtype, v.dtype) or torch.float64 in (q.dtype, k.dtype, v.dtype)
+    bf16 = q.dtype == k.dtype == v.dtype == torch.bfloat16
+    return fp32, bf16
+
+
+def _chunk_table(cu_seqlens, TT):
+    """Varlen chunk slots, computed on device (no host sync). Returns (cseq, cidx, cchunk, NS):
+    slot -> sequence (-1 if unused) and chunk index; cchunk[n] = first slot of sequence n."""
+    N = cu_seqlens.numel() - 1
+    NS = TT // CHUNK + N
+    lens = cu_seqlens[1:] - cu_seqlens[:-1]
+    nchunks = (lens + CHUNK - 1) // CHUNK
+    cchunk = torch.zeros(N + 1, dtype=torch.int64, device=cu_seqlens.device)
+    cchunk[1:] = torch.cumsum(nchunks, 0)
+    slots = torch.arange(NS, dtype=torch.int64, device=cu_seqlens.device)
+    seq = torch.searchsorted(cchunk, slots, right=True) - 1
+    valid = slots < cchunk[N]
+    seq_c = seq.clamp(0, N - 1)
+    cidx = (slots - cchunk[seq_c]).to(torch.int32)
+    cseq = torch.where(valid, seq_c, torch.full_like(seq_c, -1)).to(torch.int32)
+    return cseq, cidx, cchunk, NS
+
+
+def _intermediates(q, k, v, g, beta, scale, cu_seqlens, *, store_dtype, a_lowp, prec, store_t):
+    """Run the intra-chunk kernel. Returns a dict of intermediates (head-major layouts)."""
+    B, T, H, K = q.shape
+    HV, V = v.shape[2], v.shape[3]
+    TT = B * T
+    dev = q.device
+    if cu_seqlens is not None:
+        cseq, cidx, cchunk, NS = _chunk_table(cu_seqlens, TT)
+    else:
+        NS = B * triton.cdiv(T, CHUNK)
+        cseq = cidx = cchunk = None
+    w = torch.empty(HV, TT, K, device=dev, dtype=store_dtype)
+    qg = torch.empty(HV, TT, K, device=dev, dtype=store_dtype)
+    kg = torch.empty(HV, TT, K, device=dev, dtype=store_dtype)
+    u = torch.empty(HV, TT, V, device=dev, dtype=store_dtype)
+    aqk = torch.empty(HV, TT, CHUNK, device=dev, dtype=store_dtype)
+    gam = torch.empty(HV, NS, K, device=dev, dtype=torch.float32)
+    tinv = torch.empty(HV, TT, CHUNK, device=dev, dtype=torch.float32) if store_t else None
+    flags = torch.zeros(HV, NS, device=dev, dtype=torch.int32)
+    BK = min(_np2(K), _CFG["intra_bk"])
+    BV = min(_np2(V), 64)
+    dummy = cu_seqlens if cu_seqlens is not None else gam
+    extra = {} if _CFG["intra_maxnreg"] is None else {"maxnreg": _CFG["intra_maxnreg"]}
+    for slow in (False, True):
+        _launch(_kda_intra_kernel, (NS, HV),
+                q, k, v, g, beta, w, u, qg, kg, aqk, gam, tinv if store_t else gam, flags,
+                dummy, cseq if cseq is not None else dummy, cidx if cidx is not None else dummy,
+                T, TT, NS, float(scale), float(_CFG["span_max"]),
+                H=H, HV=HV, K=K, V=V, BK=BK, BV=BV, C=CHUNK,
+                IS_VARLEN=cu_seqlens is not None, A_LOWP=a_lowp, PREC=prec, STORE_T=store_t, SLOW=slow,
+                num_warps=_CFG["intra_warps"], num_stages=1, **({} if slow else extra))
+    return dict(w=w, qg=qg, kg=kg, u=u, aqk=aqk, gam=gam, tinv=tinv, flags=flags, NS=NS, cchunk=cchunk,
+                cseq=cseq, cidx=cidx, TT=TT)
+
+
+def _num_segments(N, HV, V, T, K, varlen):
+    if varlen or K > 128:
+        return 1
+    seg = _CFG["segments"]
+    nt = triton.cdiv(T, CHUNK)
+    if seg >= 0:
+        return max(1, min(seg, nt))
+    nv = triton.cdiv(V, _CFG["pass_bv"])
+    progs = N * HV * nv
+    want = triton.cdiv(_CFG["target_programs"], progs)
+    return max(1, min(want, nt // _CFG["seg_min_chunks"]))
+
+
+def _pass_forward(inter, initial_state, o, N, HV, H, K, V, T, cu_seqlens, *, lowp, prec,
+                  store_o=True, hs=None, ubuf=None, nseg=1):
+    dev = o.device if o is not None else inter["w"].device
+    BK = _np2(K)
+    es = inter["w"].element_size()
+    warps = _CFG["pass_warps"]
+    if K <= 128:
+        BV = min(_CFG["pass_bv"], _np2(V))
+        stages = _CFG["pass_stages"] if es == 2 else 1
+    else:  # K = 256: keep the [C, K] tiles of one stage inside shared memory
+        BV = min(64 if es == 2 else 32, _np2(V))
+        warps = 8 if es == 2 else 4
+        stages = 1
+    ht = torch.empty(N, HV, K, V, device=dev, dtype=torch.float32)
+    NS, TT = inter["NS"], inter["TT"]
+    dummy = inter["gam"]
+    varlen = cu_seqlens is not None
+    nt = triton.cdiv(T, CHUNK)
+    L = nt
+    hseg = None
+    if nseg > 1:
+        L = triton.cdiv(nt, nseg)
+        nseg = triton.cdiv(nt, L)
+    if nseg > 1:
+        mseg = torch.empty(N * HV * nseg, K, K, device=dev, dtype=torch.float32)
+        bseg = torch.empty(N * HV * nseg, K, V, device=dev, dtype=torch.float32)
+        hseg = torch.empty(N * HV * nseg, K, V, device=dev, dtype=torch.float32)
+        nb = triton.cdiv(K, BV) + triton.cdiv(V, BV)
+        _launch(_kda_seg_state_kernel, (nb, N * HV * nseg),
+                inter["w"], inter["u"], inter["kg"], inter["gam"], mseg, bseg, T, TT, NS, L,
+                HV=HV, K=K, V=V, BK=BK, BV=BV, C=CHUNK, NSEG=nseg, LOWP=lowp, PREC=prec,
+                num_warps=warps, num_stages=stages)
+        _launch(_kda_seg_combine_kernel, (triton.cdiv(V, BV), N * HV),
+                mseg, bseg, initial_state if initial_state is not None else dummy, ht, hseg,
+                K=K, V=V, BK=BK, BV=BV, NSEG=nseg, USE_H0=initial_state is not None,
+                PREC=prec if prec == "ieee" else "tf32", num_warps=8, num_stages=1)
+    _launch(_kda_pass_kernel, (triton.cdiv(V, BV), N * HV * nseg),
+            inter["w"], inter["u"], inter["qg"], inter["kg"], inter["aqk"], inter["gam"],
+            o if o is not None else dummy,
+            initial_state if initial_state is not None else dummy, ht,
+            hseg if hseg is not None else dummy,
+            hs if hs is not None else dummy, ubuf if ubuf is not None else dummy,
+            cu_seqlens if varlen else dummy, inter["cchunk"] if varlen else dummy,
+            T, TT, NS, L,
+            H=H, HV=HV, K=K, V=V, BK=BK, BV=BV, C=CHUNK, NSEG=nseg, IS_VARLEN=varlen,
+            USE_H0=initial_state is not None, STORE_O=store_o, STORE_HT=nseg == 1,
+            STORE_H=hs is not None, STORE_U=ubuf is not None, LOWP=lowp, PREC=prec,
+            num_warps=warps, num_stages=stages)
+    return ht
+
+
+def kda_forward_recurrent(q, k, v, g, beta, initial_state, scale, cu_seqlens):
+    B, T, H, K = q.shape
+    HV, V = v.shape[2], v.shape[3]
+    N = B if cu_seqlens is None else cu_seqlens.numel() - 1
+    o = torch.empty_like(v)
+    ht = torch.empty(N, HV, K, V, device=v.device, dtype=torch.float32)
+    BK = _np2(K)
+    BV = min(_CFG["decode_bv"], _np2(V))
+    dummy = ht
+    _launch(_kda_recurrent_kernel, (triton.cdiv(V, BV), N * HV),
+            q, k, v, g, beta, o, initial_state if initial_state is not None else dummy, ht,
+            cu_seqlens if cu_seqlens is not None else dummy, T, float(scale),
+            H=H, HV=HV, K=K, V=V, BK=BK, BV=BV, IS_VARLEN=cu_seqlens is not None,
+            USE_H0=initial_state is not None, num_warps=_CFG["decode_warps"], num_stages=1)
+    return o, ht
+
+
+def kda_forward_chunked(q, k, v, g, beta, initial_state, scale, cu_seqlens, nseg=None):
+    B, T, H, K = q.shape
+    HV, V = v.shape[2], v.shape[3]
+    N = B if cu_seqlens is None else cu_seqlens.numel() - 1
+    fp32, bf16 = _modes(q, k, v)
+    prec = "ieee" if fp32 else "tf32"
+    lowp = bf16
+    store_dtype = torch.bfloat16 if (bf16 and _CFG["store_lowp"]) else torch.float32
+    inter = _intermediates(q, k, v, g, beta, scale, cu_seqlens, store_dtype=store_dtype,
+                           a_lowp=bf16 and _CFG["a_lowp"], prec=prec, store_t=False)
+    o = torch.empty_like(v)
+    if nseg is None:
+        nseg = _num_segments(N, HV, V, T, K, cu_seqlens is not None)
+    ht = _pass_forward(inter, initial_state, o, N, HV, H, K, V, T, cu_seqlens,
+                       lowp=lowp and _CFG["pass_lowp"], prec=prec, nseg=nseg)
+    return o, ht
+
+
+def _prep(q, k, v, g, beta, initial_state):
+    q = q.contiguous()
+    k = k.contiguous()
+    v = v.contiguous()
+    g = g.contiguous()
+    beta = beta.contiguous()
+    if initial_state is not None:
+        initial_state = initial_state.contiguous()
+        if initial_state.dtype != torch.float32:
+            initial_state = initial_state.float()
+    return q, k, v, g, beta, initial_state
+
+
+def use_recurrent(B, T, N, varlen):
+    if varlen:
+        return B * T <= _CFG["recurrent_max_t"] * N
+    return T <= _CFG["recurrent_max_t"]
+
+
+def kda_forward(q, k, v, g, beta, initial_state, scale, cu_seqlens):
+    """CUDA (Triton) forward of kimi::kda. See module docstring for shapes; no host syncs."""
+    if torch.float64 in (q.dtype, k.dtype, v.dtype):
+        # float64 stays exact: the kernels compute in float32 at most.
+        from .kda import kda_reference_chunked
+        return kda_reference_chunked(q, k, v, g, beta, initial_state, scale, cu_seqlens)
+    q, k, v, g, beta, initial_state = _prep(q, k, v, g, beta, initial_state)
+    B, T = q.shape[0], q.shape[1]
+    N = B if cu_seqlens is None else cu_seqlens.numel() - 1
+    if use_recurrent(B, T, N, cu_seqlens is not None):
+        return kda_forward_recurrent(q, k, v, g, beta, initial_state, scale, cu_seqlens)
+    return kda_forward_chunked(q, k, v, g, beta, initial_state, scale, cu_seqlens)
