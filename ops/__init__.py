@@ -8,10 +8,12 @@ kernels.
 
 from .attn_res import attn_res, attn_res_merge, attn_res_phase1, attn_res_reference
 from .kda import kda, kda_reference_chunked
+from .moe import moe_experts
 from .short_conv import short_conv, short_conv_reference
 
 __all__ = [
     "attn_res", "attn_res_merge", "attn_res_phase1", "attn_res_reference",
     "kda", "kda_reference_chunked",
+    "moe_experts",
     "short_conv", "short_conv_reference",
 ]

@@ -4,6 +4,11 @@ import pytest
 import torch
 
 
+# One intra-op thread per test process: the suite runs under pytest-xdist (one worker per core), and tiny ops
+# on a busy 2-core machine are far slower with thread contention than single-threaded.
+torch.set_num_threads(1)
+
+
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():
         return

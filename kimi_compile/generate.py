@@ -1,0 +1,108 @@
+"""Greedy generation over the explicit state: ``generate(model, input_ids, max_new_tokens, backend=...)``.
+
+Backends:
+
+* ``"eager"``: the model as is.
+* ``"compile"``: the model step under ``torch.compile(fullgraph=True)`` with the batch, sequence and past-length
+  axes marked dynamic (:class:`CompiledStep`; ``dynamic=True`` would also make every hidden / head / cache width
+  symbolic and every float attribute a SymFloat, which costs compile time and kernel quality for nothing); one
+  graph for the prefill and one for decode steps (T == 1), reused across prompt lengths and steps. The compiled
+  step is cached per model, so later calls do not recompile.
+* ``"onnx"``: an exported ONNX model run with ONNX Runtime (``onnx_dir=`` the export directory); implemented by
+  ``kimi_compile.export.ort_runtime.generate(onnx_dir, input_ids, max_new_tokens)``, imported lazily.
+
+The loop never reads device data on the host: the next token is an ``argmax`` kept on the device and fed back as
+``[B, 1]``; with ``eos_token_id`` given, rows that produced it keep producing it (no early exit, no sync).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from .model import KimiForCausalLM
+
+__all__ = ["generate", "compiled_step", "CompiledStep", "mark_dynamic_inputs"]
+
+def mark_dynamic_inputs(input_ids: Tensor, state: Optional[dict[str, Tensor]]) -> None:
+    """Mark the axes that vary between calls as dynamic: batch and sequence of ``input_ids``, batch of every
+    piece of state, past length of the MLA caches. Sizes 0 / 1 still specialise (silently)."""
+    for axis in (0, 1):
+        torch._dynamo.maybe_mark_dynamic(input_ids, axis)
+    for name, t in (state or {}).items():
+        torch._dynamo.maybe_mark_dynamic(t, 0)
+        if name.endswith(".key"):
+            torch._dynamo.maybe_mark_dynamic(t, 2)
+
+
+class CompiledStep:
+    """``model(input_ids, state, position_ids)`` under ``torch.compile(fullgraph=True)`` with the varying axes
+    marked dynamic before each call (so prompt lengths and decode steps reuse one graph each, and every other
+    size -- hidden, heads, head dims, cache width -- stays static for the compiler)."""
+
+    def __init__(self, model: KimiForCausalLM, **compile_kwargs) -> None:
+        compile_kwargs.setdefault("fullgraph", True)
+        self.compiled = torch.compile(model, **compile_kwargs)
+
+    def __call__(self, input_ids: Tensor, state: Optional[dict[str, Tensor]] = None,
+                 position_ids: Optional[Tensor] = None, **kwargs):
+        mark_dynamic_inputs(input_ids, state)
+        return self.compiled(input_ids, state, position_ids, **kwargs)
+
+
+def compiled_step(model: KimiForCausalLM, **compile_kwargs) -> CompiledStep:
+    """The compiled step of ``model`` (cached per model and compile kwargs, so nothing is compiled twice)."""
+    key = tuple(sorted(compile_kwargs.items()))
+    per_model = model.__dict__.get("_kimi_compiled_steps")
+    if per_model is None:  # a plain attribute (not a registered submodule): dies with the model
+        per_model = {}
+        object.__setattr__(model, "_kimi_compiled_steps", per_model)
+    if key not in per_model:
+        per_model[key] = CompiledStep(model, **compile_kwargs)
+    return per_model[key]
+
+
+@torch.no_grad()
+def generate(model: KimiForCausalLM, input_ids: Tensor, max_new_tokens: int, backend: str = "eager", *,
+             onnx_dir: Optional[str] = None, eos_token_id: Optional[int] = None) -> Tensor:
+    """Greedy decoding. Returns int64 ``[B, T + max_new_tokens]`` (the prompt followed by the new tokens)."""
+    if backend not in ("eager", "compile", "onnx"):
+        raise ValueError(f"backend must be 'eager', 'compile' or 'onnx', got {backend!r}")
+    if not isinstance(input_ids, Tensor) or input_ids.dim() != 2 or input_ids.shape[1] == 0:
+        raise ValueError(f"input_ids must be an int64 tensor [B, T] with T >= 1, got "
+                         f"{getattr(input_ids, 'shape', type(input_ids).__name__)}")
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
+    input_ids = input_ids.long()
+    if backend == "onnx":
+        if onnx_dir is None:
+            raise ValueError("backend='onnx' needs onnx_dir= (the directory written by the ONNX exporter)")
+        try:
+            from .export import ort_runtime
+        except ImportError as e:
+            raise NotImplementedError("backend='onnx' needs kimi_compile.export.ort_runtime, which is not "
+                                      f"available: {e}") from e
+        return ort_runtime.generate(onnx_dir, input_ids, max_new_tokens, eos_token_id=eos_token_id)
+    if not isinstance(model, KimiForCausalLM):
+        raise TypeError(f"model must be a KimiForCausalLM, got {type(model).__name__}")
+    if max_new_tokens == 0:
+        return input_ids.clone()
+
+    step = compiled_step(model) if backend == "compile" else model
+    input_ids = input_ids.to(model.device)
+    state = model.empty_state(input_ids.shape[0])
+    logits, state = step(input_ids, state, logits_to_keep=1)
+    token = logits[:, -1].argmax(dim=-1, keepdim=True)
+    done = token == eos_token_id if eos_token_id is not None else None
+    out = [input_ids, token]
+    for _ in range(max_new_tokens - 1):
+        logits, state = step(token, state)
+        nxt = logits[:, -1].argmax(dim=-1, keepdim=True)
+        if done is not None:
+            nxt = torch.where(done, torch.full_like(nxt, eos_token_id), nxt)
+            done = done | (nxt == eos_token_id)
+        token = nxt
+        out.append(token)
+    return torch.cat(out, dim=1)

@@ -1,0 +1,618 @@
+"""Kimi Linear (KDA + MLA + MoE) and Kimi K2 / DeepSeek-V3 (MLA + MoE) as compile-friendly PyTorch modules.
+
+``KimiForCausalLM(input_ids, state=None, position_ids=None) -> (logits float32 [B, T, vocab], new_state)``
+
+* The state is explicit: a ``dict[str, Tensor]`` keyed ``past_key_values.{i}.<part>`` (see
+  :mod:`kimi_compile.state`). The model never mutates it; it returns a new dict.
+* One code path serves prefill (T > 1) and decode (T == 1): no host syncs, no data-dependent Python control
+  flow, so ``torch.compile(fullgraph=True, dynamic=True)`` captures the whole model and ``torch.export`` /
+  ONNX see one graph. The KDA recurrence, the short conv, Attention Residuals and the routed experts are the
+  custom ops ``kimi::kda``, ``kimi::short_conv``, ``kimi::attn_res`` and ``kimi::moe_experts``.
+* MLA always runs in the absorbed form: queries are projected into the latent space (``W_uk^T q_nope``), attention
+  is MQA over the ``[latent | k_rope]`` cache, and the latent context is projected out per head (``W_uv``).
+
+Numerics follow transformers 5.18 ``KimiLinearForCausalLM`` / ``DeepseekV3ForCausalLM``: RMSNorm in float32 cast
+back before the weight multiply; router in float32; KDA gate, beta and the gated output norm in float32; attention
+softmax in float32 (float64 throughout for a float64 model, which makes exact references possible). Logits are
+returned in float32.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .config import LINEAR, SPARSE, KimiConfig
+from .ops.attn_res import attn_res as _attn_res_op
+from .ops.kda import kda as _kda_op
+from .ops.moe import moe_experts as _moe_experts
+from .ops.short_conv import short_conv as _short_conv_op
+from .state import empty_state, state_specs
+
+__all__ = ["KimiForCausalLM", "KimiModel", "RMSNorm", "FP32_TENSORS"]
+
+# tensors kept in float32 whatever the model dtype (their names inside their module)
+FP32_TENSORS = frozenset({"A_log", "dt_bias", "e_score_correction_bias", "inv_freq"})
+
+
+# ------------------------------------------------------------------------------------------------ building blocks
+
+class RMSNorm(nn.Module):
+    """``weight * (x / sqrt(mean(x^2) + eps))`` with the normalisation in float32, cast back before the multiply."""
+
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: Tensor) -> Tensor:
+        xf = _acc(x)
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.to(x.dtype)
+
+
+class GatedRMSNorm(nn.Module):
+    """KDA output norm: ``(RMSNorm(o) * w * sigmoid(gate))`` all in float32, cast to o's dtype at the end."""
+
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: Tensor, gate: Tensor) -> Tensor:
+        xf = _acc(x)
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        xf = self.weight.to(xf.dtype) * xf * torch.sigmoid(gate.to(xf.dtype))
+        return xf.to(x.dtype)
+
+
+class SwiGLU(nn.Module):
+    def __init__(self, hidden: int, inner: int) -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(hidden, inner, bias=False)
+        self.up_proj = nn.Linear(hidden, inner, bias=False)
+        self.down_proj = nn.Linear(inner, hidden, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class ShortConv(nn.Module):
+    """The fused depthwise causal conv over q|k|v channels; ``weight`` is ``[C, W]``."""
+
+    def __init__(self, channels: int, kernel: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(channels, kernel))
+
+    def forward(self, x: Tensor, state: Optional[Tensor]) -> tuple[Tensor, Tensor]:
+        return _short_conv_op(x, self.weight, None, state, "silu")
+
+
+def _acc(x: Tensor) -> Tensor:
+    """x in the accumulation dtype: float32, or float64 for a float64 model (exact reference runs)."""
+    return x.double() if x.dtype == torch.float64 else x.float()
+
+
+def _l2norm(x: Tensor, eps: float = 1e-6) -> Tensor:
+    """x / sqrt(sum x^2 + eps) over the last axis, in float32 (FLA / transformers form)."""
+    xf = _acc(x)
+    return xf / torch.sqrt((xf * xf).sum(-1, keepdim=True) + eps)
+
+
+# ------------------------------------------------------------------------------------------------ KDA
+
+class KDAAttention(nn.Module):
+    """Kimi Delta Attention layer.
+
+    q, k, v projections -> one short conv (SiLU) over the concatenated channels -> q, k L2-normalised over K;
+    g = -exp(A_log) * softplus(f_b(f_a(x)) + dt_bias) and beta = sigmoid(b_proj(x)) in float32;
+    o = kda(q, k, v, g, beta); out = o_proj(RMSNorm(o) * w * sigmoid(g_b(g_a(x)))).
+    """
+
+    def __init__(self, config: KimiConfig, layer_idx: int) -> None:
+        super().__init__()
+        D = config.hidden_size
+        H, K = config.linear_num_heads, config.linear_head_dim
+        self.layer_idx = layer_idx
+        self.num_heads, self.head_dim = H, K
+        self.q_proj = nn.Linear(D, H * K, bias=False)
+        self.k_proj = nn.Linear(D, H * K, bias=False)
+        self.v_proj = nn.Linear(D, H * K, bias=False)
+        self.conv1d = ShortConv(3 * H * K, config.linear_conv_kernel_dim)
+        self.A_log = nn.Parameter(torch.empty(H, dtype=torch.float32))
+        self.dt_bias = nn.Parameter(torch.empty(H * K, dtype=torch.float32))
+        self.f_a_proj = nn.Linear(D, K, bias=False)
+        self.f_b_proj = nn.Linear(K, H * K, bias=False)
+        self.b_proj = nn.Linear(D, H, bias=False)
+        self.g_a_proj = nn.Linear(D, K, bias=False)
+        self.g_b_proj = nn.Linear(K, H * K, bias=False)
+        self.o_norm = GatedRMSNorm(K, config.rms_norm_eps)
+        self.o_proj = nn.Linear(H * K, D, bias=False)
+
+    def forward(self, x: Tensor, conv_state: Optional[Tensor], recurrent_state: Optional[Tensor]
+                ) -> tuple[Tensor, Tensor, Tensor]:
+        B, T, _ = x.shape
+        H, K = self.num_heads, self.head_dim
+        qkv = torch.cat([self.q_proj(x), self.k_proj(x), self.v_proj(x)], dim=-1)
+        qkv, new_conv_state = self.conv1d(qkv, conv_state)
+        q, k, v = qkv.split(H * K, dim=-1)
+        q = _l2norm(q.reshape(B, T, H, K)).to(v.dtype)
+        k = _l2norm(k.reshape(B, T, H, K)).to(v.dtype)
+        v = v.reshape(B, T, H, K)
+
+        raw = _acc(self.f_b_proj(self.f_a_proj(x)))
+        raw = raw + self.dt_bias.to(raw.dtype)
+        g = -torch.exp(self.A_log.to(raw.dtype)).view(H, 1) * F.softplus(raw.view(B, T, H, K))
+        beta = torch.sigmoid(_acc(self.b_proj(x)))
+
+        o, new_recurrent_state = _kda_op(q, k, v, g, beta, initial_state=recurrent_state, scale=K ** -0.5)
+        gate = self.g_b_proj(self.g_a_proj(x)).view(B, T, H, K)
+        o = self.o_norm(o, gate).reshape(B, T, H * K)
+        return self.o_proj(o), new_conv_state, new_recurrent_state
+
+
+# ------------------------------------------------------------------------------------------------ MLA
+
+def _yarn_inv_freq(dim: int, base: float, rs: dict) -> tuple[Tensor, float]:
+    """YaRN inverse frequencies and cos/sin attention factor (same formulas as transformers 5.18)."""
+    factor = float(rs["factor"])
+    orig = float(rs["original_max_position_embeddings"])
+    mscale, mscale_all_dim = rs.get("mscale"), rs.get("mscale_all_dim")
+
+    def get_mscale(scale: float, m: float = 1.0) -> float:
+        return 1.0 if scale <= 1 else 0.1 * m * math.log(scale) + 1.0
+
+    attention_factor = rs.get("attention_factor")
+    if attention_factor is None:
+        if mscale and mscale_all_dim:
+            attention_factor = get_mscale(factor, mscale) / get_mscale(factor, mscale_all_dim)
+        else:
+            attention_factor = get_mscale(factor)
+    beta_fast = rs.get("beta_fast") or 32
+    beta_slow = rs.get("beta_slow") or 1
+
+    def correction_dim(rotations: float) -> float:
+        return (dim * math.log(orig / (rotations * 2 * math.pi))) / (2 * math.log(base))
+
+    low, high = correction_dim(beta_fast), correction_dim(beta_slow)
+    if rs.get("truncate", True):
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, dim - 1)
+    if low == high:
+        high += 0.001
+    ramp = torch.clamp((torch.arange(dim // 2, dtype=torch.float32) - low) / (high - low), 0, 1)
+    pos_freqs = base ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim)
+    extrapolation, interpolation = 1.0 / pos_freqs, 1.0 / (factor * pos_freqs)
+    keep = 1 - ramp  # 1 -> extrapolate (high frequencies), 0 -> interpolate
+    return interpolation * (1 - keep) + extrapolation * keep, float(attention_factor)
+
+
+class Rotary(nn.Module):
+    """cos/sin tables of the rope part (half width: one angle per rotated pair)."""
+
+    def __init__(self, config: KimiConfig) -> None:
+        super().__init__()
+        dim = config.qk_rope_head_dim
+        if config.rope_type == "yarn":
+            inv_freq, self.attention_factor = _yarn_inv_freq(dim, config.rope_theta, config.rope_scaling)
+        else:
+            inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
+            self.attention_factor = 1.0
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+
+    def forward(self, position_ids: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+        """position_ids [B or 1, T] -> cos, sin [B or 1, T, dim/2] in ``dtype``."""
+        freqs = position_ids.float().unsqueeze(-1) * self.inv_freq.float()
+        return ((freqs.cos() * self.attention_factor).to(dtype), (freqs.sin() * self.attention_factor).to(dtype))
+
+
+def _rotate(x: Tensor, cos: Tensor, sin: Tensor, interleave: bool) -> Tensor:
+    """Rotate pairs of the last axis; interleaved pairs (x0,x1),(x2,x3).. are returned de-interleaved
+    ([rotated evens | rotated odds]) exactly as transformers' DeepSeek-V3 does (q and k alike, so q.k is the same)."""
+    if interleave:
+        x1, x2 = x[..., 0::2], x[..., 1::2]
+    else:
+        half = x.shape[-1] // 2
+        x1, x2 = x[..., :half], x[..., half:]
+    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
+
+
+class MLAttention(nn.Module):
+    """Multi-head latent attention in the absorbed form over the ``[latent | k_rope]`` MQA cache."""
+
+    def __init__(self, config: KimiConfig, layer_idx: int) -> None:
+        super().__init__()
+        D, H = config.hidden_size, config.num_attention_heads
+        self.layer_idx = layer_idx
+        self.num_heads = H
+        self.nope, self.rope, self.vdim = config.qk_nope_head_dim, config.qk_rope_head_dim, config.v_head_dim
+        self.rank = config.kv_lora_rank
+        self.use_rope, self.interleave = config.use_rope, config.rope_interleave
+        self.scale = config.mla_softmax_scale
+        qk = self.nope + self.rope
+        if config.q_lora_rank is None:
+            self.q_proj = nn.Linear(D, H * qk, bias=False)
+        else:
+            self.q_a_proj = nn.Linear(D, config.q_lora_rank, bias=config.attention_bias)
+            self.q_a_layernorm = RMSNorm(config.q_lora_rank, config.mla_norm_eps)
+            self.q_b_proj = nn.Linear(config.q_lora_rank, H * qk, bias=False)
+        self.kv_a_proj_with_mqa = nn.Linear(D, self.rank + self.rope, bias=config.attention_bias)
+        self.kv_a_layernorm = RMSNorm(self.rank, config.mla_norm_eps)
+        self.kv_b_proj = nn.Linear(self.rank, H * (self.nope + self.vdim), bias=False)
+        self.o_proj = nn.Linear(H * self.vdim, D, bias=config.attention_bias)
+        self.q_lora = config.q_lora_rank is not None
+
+    def forward(self, x: Tensor, past_key: Optional[Tensor], rope: Optional[tuple[Tensor, Tensor]],
+                mask: Optional[Tensor]) -> tuple[Tensor, Tensor]:
+        B, T, _ = x.shape
+        H, r = self.num_heads, self.rank
+        q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x))) if self.q_lora else self.q_proj(x)
+        q = q.view(B, T, H, self.nope + self.rope)
+        q_nope, q_rope = q.split([self.nope, self.rope], dim=-1)
+        latent, k_rope = self.kv_a_proj_with_mqa(x).split([r, self.rope], dim=-1)
+        latent = self.kv_a_layernorm(latent)
+        if self.use_rope:
+            cos, sin = rope
+            q_rope = _rotate(q_rope, cos.unsqueeze(2), sin.unsqueeze(2), self.interleave)
+            k_rope = _rotate(k_rope, cos, sin, self.interleave)
+        new = torch.cat([latent, k_rope], dim=-1).unsqueeze(1)  # [B, 1, T, r + rope]
+        key = new if past_key is None else torch.cat([past_key, new], dim=2)
+        cache = key.squeeze(1)  # [B, S, r + rope]
+        S = cache.shape[1]
+
+        w = self.kv_b_proj.weight.view(H, self.nope + self.vdim, r)
+        w_uk, w_uv = w[:, : self.nope], w[:, self.nope:]
+        q_lat = torch.einsum("bthn,hnr->bthr", q_nope, w_uk)
+        q_full = torch.cat([q_lat, q_rope], dim=-1).reshape(B, T * H, r + self.rope)
+        scores = torch.matmul(q_full, cache.transpose(1, 2)) * self.scale  # [B, T*H, S]
+        scores = scores.view(B, T, H, S)
+        if mask is not None:
+            scores = scores.masked_fill(~mask.view(1, T, 1, S), float("-inf"))
+        probs = torch.softmax(_acc(scores), dim=-1).to(x.dtype)
+        ctx = torch.matmul(probs.view(B, T * H, S), cache[..., :r]).view(B, T, H, r)
+        o = torch.einsum("bthr,hvr->bthv", ctx, w_uv).reshape(B, T, H * self.vdim)
+        return self.o_proj(o), key
+
+
+# ------------------------------------------------------------------------------------------------ MoE
+
+class Router(nn.Module):
+    def __init__(self, config: KimiConfig) -> None:
+        super().__init__()
+        E = config.num_experts
+        self.weight = nn.Parameter(torch.empty(E, config.hidden_size))
+        self.register_buffer("e_score_correction_bias", torch.zeros(E, dtype=torch.float32))
+        self.top_k = config.num_experts_per_token
+        self.n_group, self.topk_group = config.n_group, config.topk_group
+        self.renormalize = config.moe_renormalize
+        self.scaling = config.routed_scaling_factor
+        self.activation = config.moe_router_activation
+        self.with_bias = config.moe_combine_with_bias
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """x [N, D] -> (topk_ids int64 [N, k], topk_weights float32 [N, k])."""
+        xf = _acc(x)
+        logits = F.linear(xf, self.weight.to(xf.dtype))
+        scores = torch.sigmoid(logits) if self.activation == "sigmoid" else torch.softmax(logits, dim=-1)
+        biased = scores + self.e_score_correction_bias.to(scores.dtype)
+        choice = biased
+        if self.n_group > 1:
+            N, E = choice.shape
+            grouped = choice.view(N, self.n_group, E // self.n_group)
+            group_scores = grouped.topk(2, dim=-1)[0].sum(-1)  # [N, n_group]
+            keep = torch.topk(group_scores, k=self.topk_group, dim=-1)[1]
+            group_mask = torch.zeros_like(group_scores).scatter_(1, keep, 1.0)
+            choice = grouped.masked_fill(group_mask.unsqueeze(-1) == 0, float("-inf")).view(N, E)
+        topk_ids = torch.topk(choice, k=self.top_k, dim=-1)[1]
+        weights = (biased if self.with_bias else scores).gather(1, topk_ids)
+        if self.renormalize:
+            weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
+        return topk_ids, weights * self.scaling
+
+
+class Experts(nn.Module):
+    """Routed experts stacked as ``[E, I, D]`` (gate, up) and ``[E, D, I]`` (down)."""
+
+    def __init__(self, config: KimiConfig) -> None:
+        super().__init__()
+        E, I, D = config.num_experts, config.moe_intermediate_size, config.hidden_size
+        self.w_gate = nn.Parameter(torch.empty(E, I, D))
+        self.w_up = nn.Parameter(torch.empty(E, I, D))
+        self.w_down = nn.Parameter(torch.empty(E, D, I))
+
+    def forward(self, x: Tensor, topk_ids: Tensor, topk_weights: Tensor) -> Tensor:
+        return _moe_experts(x, topk_ids, topk_weights, self.w_gate, self.w_up, self.w_down)
+
+
+class MoE(nn.Module):
+    def __init__(self, config: KimiConfig) -> None:
+        super().__init__()
+        self.gate = Router(config)
+        self.experts = Experts(config)
+        n_shared = config.num_shared_experts
+        self.shared_experts = SwiGLU(config.hidden_size, config.moe_intermediate_size * n_shared) if n_shared else None
+
+    def forward(self, x: Tensor) -> Tensor:
+        shape = x.shape
+        flat = x.reshape(-1, shape[-1])
+        topk_ids, topk_weights = self.gate(flat)
+        out = self.experts(flat, topk_ids, topk_weights).view(shape)
+        if self.shared_experts is not None:
+            out = out + self.shared_experts(x)
+        return out
+
+
+# ------------------------------------------------------------------------------------------------ the stack
+
+class DecoderLayer(nn.Module):
+    def __init__(self, config: KimiConfig, layer_idx: int) -> None:
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.kind = config.layer_types[layer_idx]
+        D = config.hidden_size
+        self.self_attn = KDAAttention(config, layer_idx) if self.kind == LINEAR else MLAttention(config, layer_idx)
+        self.mlp = MoE(config) if config.mlp_layer_types[layer_idx] == SPARSE else SwiGLU(D, config.intermediate_size)
+        self.input_layernorm = RMSNorm(D, config.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(D, config.rms_norm_eps)
+        if config.attn_res_block_size is not None:
+            self.attn_res_query_attn = nn.Parameter(torch.zeros(D))
+            self.attn_res_norm_attn = nn.Parameter(torch.ones(D))
+            self.attn_res_query_mlp = nn.Parameter(torch.zeros(D))
+            self.attn_res_norm_mlp = nn.Parameter(torch.ones(D))
+
+    def mixer(self, x: Tensor, state: Optional[dict[str, Tensor]], new_state: dict[str, Tensor],
+              rope, mask) -> Tensor:
+        """The attention sublayer's raw output for ``x`` (the pre-norm applied here); records its new state."""
+        i = self.layer_idx
+        h = self.input_layernorm(x)
+        if self.kind == LINEAR:
+            conv = state[f"past_key_values.{i}.conv_state"] if state is not None else None
+            rec = state[f"past_key_values.{i}.recurrent_state"] if state is not None else None
+            out, conv, rec = self.self_attn(h, conv, rec)
+            new_state[f"past_key_values.{i}.conv_state"] = conv
+            new_state[f"past_key_values.{i}.recurrent_state"] = rec
+        else:
+            past = state[f"past_key_values.{i}.key"] if state is not None else None
+            out, key = self.self_attn(h, past, rope, mask)
+            new_state[f"past_key_values.{i}.key"] = key
+        return out
+
+    def ffn(self, x: Tensor) -> Tensor:
+        return self.mlp(self.post_attention_layernorm(x))
+
+
+class KimiModel(nn.Module):
+    def __init__(self, config: KimiConfig) -> None:
+        super().__init__()
+        self.config = config
+        D = config.hidden_size
+        self.embed_tokens = nn.Embedding(config.vocab_size, D)
+        self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.num_hidden_layers))
+        self.norm = RMSNorm(D, config.rms_norm_eps)
+        self.rotary = Rotary(config) if config.use_rope else None
+        self.attn_res_block = config.attn_res_block_size
+        if self.attn_res_block is not None:
+            self.attn_res_query_final = nn.Parameter(torch.zeros(D))
+            self.attn_res_norm_final = nn.Parameter(torch.ones(D))
+
+    def forward(self, input_ids: Tensor, state: Optional[dict[str, Tensor]], position_ids: Optional[Tensor]
+                ) -> tuple[Tensor, dict[str, Tensor]]:
+        config = self.config
+        B, T = input_ids.shape
+        past_len = 0
+        if state is not None and config.mla_layers:
+            past_len = state[f"past_key_values.{config.mla_layers[0]}.key"].shape[2]
+        h = self.embed_tokens(input_ids)
+
+        mask = None
+        if config.mla_layers:  # built for T == 1 too: no branch on T, so one graph serves prefill and decode
+            q_pos = torch.arange(T, device=input_ids.device) + past_len
+            k_pos = torch.arange(past_len + T, device=input_ids.device)
+            mask = k_pos.unsqueeze(0) <= q_pos.unsqueeze(1)  # [T, S]
+        rope = None
+        if self.rotary is not None:
+            if position_ids is None:
+                position_ids = (torch.arange(T, device=input_ids.device) + past_len).unsqueeze(0)
+            elif position_ids.dim() == 1:
+                position_ids = position_ids.unsqueeze(0)
+            rope = self.rotary(position_ids, h.dtype)
+
+        new_state: dict[str, Tensor] = {}
+        if self.attn_res_block is None:
+            for layer in self.layers:
+                h = h + layer.mixer(h, state, new_state, rope, mask)
+                h = h + layer.ffn(h)
+        else:
+            h = self._attn_res_stack(h, state, new_state, rope, mask)
+        return self.norm(h), new_state
+
+    def _attn_res_stack(self, emb: Tensor, state, new_state, rope, mask) -> Tensor:
+        """Block Attention Residuals: each sublayer reads softmax-over-depth of [embedding, completed blocks,
+        partial sum]; its raw output is added to the partial sum; every ``attn_res_block`` sublayers the partial
+        sum becomes a completed block."""
+        eps = self.config.attn_res_eps
+        S = self.attn_res_block
+        blocks: list[Tensor] = [emb]
+        partial: Optional[Tensor] = None
+        n_done = 0
+
+        def read(query: Tensor, norm_w: Tensor) -> Tensor:
+            sources = blocks if partial is None else blocks + [partial]
+            return _attn_res_op(torch.stack(sources), (query * norm_w).to(emb.dtype), eps)
+
+        for layer in self.layers:
+            for which in ("attn", "mlp"):
+                q = getattr(layer, f"attn_res_query_{which}")
+                w = getattr(layer, f"attn_res_norm_{which}")
+                x = read(q, w)
+                out = layer.mixer(x, state, new_state, rope, mask) if which == "attn" else layer.ffn(x)
+                partial = out if partial is None else partial + out
+                n_done += 1
+                if n_done % S == 0:
+                    blocks.append(partial)
+                    partial = None
+        return read(self.attn_res_query_final, self.attn_res_norm_final)
+
+
+class KimiForCausalLM(nn.Module):
+    """The causal LM: ``forward(input_ids, state=None, position_ids=None) -> (logits, new_state)``.
+
+    Args:
+        input_ids: int64 ``[B, T]``.
+        state: ``None`` (fresh sequences) or the dict returned by a previous call / :func:`empty_state`. All rows
+            share the same past length.
+        position_ids: optional ``[B, T]`` or ``[T]`` positions for RoPE (K2); default ``past + arange(T)``
+            computed from the cache shape (no host sync). Ignored by NoPE models. The causal mask always follows
+            the cache order.
+
+        logits_to_keep: 0 (default) for logits at every position, n > 0 for the last n positions only (a prefill
+            that only needs the next token skips the [T, vocab] projection).
+
+    Returns:
+        ``(logits [B, T, vocab], new_state)``: logits float32 (float64 for a float64 model); ``new_state`` holds
+        every ``past_key_values.{i}.<part>``.
+    """
+
+    def __init__(self, config: KimiConfig) -> None:
+        super().__init__()
+        if not isinstance(config, KimiConfig):
+            raise TypeError(f"config must be a KimiConfig, got {type(config).__name__}")
+        self.config = config
+        self.model = KimiModel(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+
+    # -------------------------------------------------------------- construction helpers
+    @classmethod
+    def from_config(cls, config: KimiConfig, seed: int = 0, *, dtype: torch.dtype = torch.float32,
+                    device: torch.device | str = "cpu", init_on_device: bool = False) -> "KimiForCausalLM":
+        """A model with deterministic random weights.
+
+        By default the values are drawn on the CPU in float32 (same ``seed`` -> same weights whatever ``dtype`` and
+        ``device``). ``init_on_device=True`` allocates the model directly on ``device`` in ``dtype`` and draws there
+        (deterministic per device type; for models too large to build on the host, e.g. in benchmarks)."""
+        if init_on_device:
+            with torch.device("meta"):
+                model = cls(config)
+            model.materialize_(dtype, device)
+            model.init_weights(seed, on_device=True)
+            return model
+        model = cls(config)
+        model.init_weights(seed)
+        return model.cast_(dtype, device)
+
+    @torch.no_grad()
+    def cast_(self, dtype: torch.dtype, device: torch.device | str | None = None) -> "KimiForCausalLM":
+        """Move to ``device`` and cast to ``dtype`` in place, keeping float32 what is float32 by definition
+        (``A_log``, ``dt_bias``, the router's ``e_score_correction_bias``, the rope ``inv_freq``)."""
+        for module in self.modules():
+            for table in (module._parameters, module._buffers):
+                for name, t in table.items():
+                    if t is None or not t.is_floating_point():
+                        continue
+                    target = torch.float32 if name in FP32_TENSORS else dtype
+                    t.data = t.data.to(device=device if device is not None else t.device, dtype=target)
+        return self
+
+    def materialize_(self, dtype: torch.dtype, device: torch.device | str) -> "KimiForCausalLM":
+        """Give a model built under ``torch.device("meta")`` real, *uninitialised* storage on ``device`` (float32
+        where by definition); the rope table is recomputed. Used by the loader and by ``init_on_device``."""
+        for module in self.modules():
+            for name, t in list(module._parameters.items()):
+                if t is not None:
+                    target = torch.float32 if name in FP32_TENSORS else dtype
+                    module._parameters[name] = nn.Parameter(torch.empty(t.shape, dtype=target, device=device),
+                                                            requires_grad=t.requires_grad)
+            for name, t in list(module._buffers.items()):
+                if t is not None:
+                    target = torch.float32 if name in FP32_TENSORS else dtype
+                    module._buffers[name] = torch.empty(t.shape, dtype=target, device=device)
+        if self.config.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+        if self.model.rotary is not None:
+            self.model.rotary = Rotary(self.config).to(device)
+        return self
+
+    @torch.no_grad()
+    def init_weights(self, seed: int = 0, *, on_device: bool = False) -> None:
+        """Deterministic init, parameter by parameter in name order, from a CPU generator (or, with
+        ``on_device``, a generator on the parameters' device).
+
+        Linear / embedding / expert weights ~ N(0, initializer_range); norms = 1; conv ~ U(+-1/sqrt(W));
+        A_log = log U(1, 16); dt_bias = softplus^-1(U_log(1e-3, 1e-1)); router bias ~ N(0, 0.1) (so that top-k
+        selection and the two combine modes are exercised); AttnRes queries 0 (uniform), their norms 1."""
+        dev = self.device if on_device else torch.device("cpu")
+        gen = torch.Generator(device=dev).manual_seed(int(seed))
+        std = self.config.initializer_range
+        tensors = dict(self.named_parameters())
+        tensors.update({n: b for n, b in self.named_buffers() if n.endswith("e_score_correction_bias")})
+        for name in sorted(tensors):
+            p = tensors[name]
+            shape, leaf = p.shape, name.rsplit(".", 1)[-1]
+            fp32 = dict(dtype=torch.float32, device=dev)
+            if leaf == "A_log":
+                val = torch.empty(shape, **fp32).uniform_(1.0, 16.0, generator=gen).log()
+            elif leaf == "dt_bias":
+                dt = torch.exp(torch.empty(shape, **fp32).uniform_(math.log(1e-3), math.log(1e-1), generator=gen))
+                dt = dt.clamp_min(1e-4)
+                val = dt + torch.log(-torch.expm1(-dt))
+            elif leaf == "e_score_correction_bias":
+                val = torch.randn(shape, generator=gen, **fp32) * 0.1
+            elif name.endswith("conv1d.weight"):
+                bound = 1.0 / math.sqrt(shape[-1])
+                val = torch.empty(shape, **fp32).uniform_(-bound, bound, generator=gen)
+            elif leaf.startswith("attn_res_query"):
+                val = torch.zeros(shape, **fp32)
+            elif leaf.startswith("attn_res_norm") or "norm" in name.rsplit(".", 2)[-2]:
+                val = torch.ones(shape, **fp32)
+            elif leaf == "bias":
+                val = torch.zeros(shape, **fp32)
+            elif on_device:  # draw in the target dtype: no float32 copy of a large tensor
+                p.normal_(0.0, std, generator=gen)
+                continue
+            else:
+                val = torch.randn(shape, generator=gen, **fp32) * std
+            p.copy_(val.to(p.dtype))
+
+    # -------------------------------------------------------------- helpers for callers
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.model.embed_tokens.weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.embed_tokens.weight.device
+
+    def empty_state(self, batch_size: int) -> dict[str, Tensor]:
+        return empty_state(self.config, batch_size, self.dtype, self.device)
+
+    def state_specs(self):
+        return state_specs(self.config, self.dtype)
+
+    # -------------------------------------------------------------- forward
+    def forward(self, input_ids: Tensor, state: Optional[dict[str, Tensor]] = None,
+                position_ids: Optional[Tensor] = None, *, logits_to_keep: int = 0
+                ) -> tuple[Tensor, dict[str, Tensor]]:
+        if not isinstance(input_ids, Tensor) or input_ids.dim() != 2:
+            raise ValueError(f"input_ids must be an int64 tensor [B, T], got "
+                             f"{getattr(input_ids, 'shape', type(input_ids).__name__)}")
+        if input_ids.dtype not in (torch.int64, torch.int32):
+            raise TypeError(f"input_ids must be int64, got {input_ids.dtype}")
+        if state is not None:
+            if not isinstance(state, dict):
+                raise TypeError(f"state must be a dict[str, Tensor] or None, got {type(state).__name__}")
+            for spec in state_specs(self.config):
+                if spec.name not in state:
+                    raise ValueError(f"state is missing {spec.name!r}")
+        if isinstance(logits_to_keep, bool) or not isinstance(logits_to_keep, int) or logits_to_keep < 0:
+            raise ValueError(f"logits_to_keep must be an int >= 0, got {logits_to_keep!r}")
+        hidden, new_state = self.model(input_ids, state, position_ids)
+        if logits_to_keep:
+            hidden = hidden[:, -logits_to_keep:]
+        logits = _acc(self.lm_head(hidden))
+        return logits, new_state

@@ -1,0 +1,269 @@
+"""``kimi::moe_experts`` — the routed experts of a MoE layer as one ``torch.library`` custom op.
+
+Contract::
+
+    moe_experts(x, topk_ids, topk_weights, w_gate, w_up, w_down) -> out
+
+    x             [T, D]      tokens (any float dtype)
+    topk_ids      [T, k]      int64 expert of each (token, slot), in [0, E)
+    topk_weights  [T, k]      float32 combine weight of each (token, slot)
+    w_gate, w_up  [E, I, D]   SwiGLU gate / up projections of the E experts (x's dtype)
+    w_down        [E, D, I]   down projections
+    out           [T, D]      x's dtype:  out[t] = sum_j topk_weights[t, j] * expert_{topk_ids[t, j]}(x[t])
+                              expert_e(x) = w_down[e] @ (silu(w_gate[e] @ x) * (w_up[e] @ x))
+
+The weighted sum over the k slots is accumulated in float32 and rounded once to x's dtype.
+
+Why an op: a MoE written in Python loops over experts with data-dependent token counts (``nonzero`` /
+``.tolist()``), which graph-breaks under ``torch.compile`` and cannot be exported. As one opaque node the model
+graph stays whole (router top-k is plain ``torch.topk`` in the model), and the implementation is free to use
+whatever runs fastest on the device:
+
+* CUDA, bfloat16, sm90+, D and I multiples of 8: ``torch._grouped_mm`` over the token-slots sorted by expert;
+  group offsets are a device-side ``cumsum`` of per-expert counts. No host sync, so the op can be captured in a
+  CUDA graph (``mode="reduce-overhead"``).
+* CUDA otherwise, few slots (``T * k <= max(E, 64)``): each slot gathers its expert's weights and runs a batched
+  matmul; no host sync (decode-sized batches).
+* Otherwise (CPU always): slots sorted by expert, host-side offsets (a sync, harmless on CPU), one matmul per
+  expert that received tokens.
+
+Autograd: gradients for ``x``, ``topk_weights``, ``w_gate``, ``w_up``, ``w_down`` come from the companion op
+``kimi::moe_experts_backward`` (a plain per-expert loop), so the backward is also a single node under compile.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+__all__ = ["moe_experts", "moe_experts_reference"]
+
+_FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def _check(x, topk_ids, topk_weights, w_gate, w_up, w_down) -> None:
+    """Shape / dtype / device checks; metadata only (no data reads, no host sync)."""
+    named = {"x": x, "topk_ids": topk_ids, "topk_weights": topk_weights, "w_gate": w_gate, "w_up": w_up,
+             "w_down": w_down}
+    for name, t in named.items():
+        if not isinstance(t, Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    for name, t, nd in (("x", x, 2), ("topk_ids", topk_ids, 2), ("topk_weights", topk_weights, 2),
+                        ("w_gate", w_gate, 3), ("w_up", w_up, 3), ("w_down", w_down, 3)):
+        if t.dim() != nd:
+            raise ValueError(f"{name} must be {nd}-D, got shape {tuple(t.shape)}")
+    if x.dtype not in _FLOATS:
+        raise TypeError(f"x must be a floating tensor, got {x.dtype}")
+    if topk_ids.dtype != torch.int64:
+        raise TypeError(f"topk_ids must be int64, got {topk_ids.dtype}")
+    if topk_weights.dtype not in (torch.float32, torch.float64):
+        raise TypeError(f"topk_weights must be float32 (or float64), got {topk_weights.dtype}")
+    for name in ("w_gate", "w_up", "w_down"):
+        if named[name].dtype != x.dtype:
+            raise TypeError(f"{name} must have x's dtype {x.dtype}, got {named[name].dtype}")
+    T, D = x.shape
+    E, I, D2 = w_gate.shape
+    if D2 != D:
+        raise ValueError(f"w_gate must be [E, I, D] with D = x.shape[1] = {D}, got {tuple(w_gate.shape)}")
+    if tuple(w_up.shape) != (E, I, D):
+        raise ValueError(f"w_up must have w_gate's shape {(E, I, D)}, got {tuple(w_up.shape)}")
+    if tuple(w_down.shape) != (E, D, I):
+        raise ValueError(f"w_down must be [E, D, I] = {(E, D, I)}, got {tuple(w_down.shape)}")
+    if topk_ids.shape[0] != T:
+        raise ValueError(f"topk_ids must be [T, k] with T = x.shape[0] = {T}, got {tuple(topk_ids.shape)}")
+    if tuple(topk_weights.shape) != tuple(topk_ids.shape):
+        raise ValueError(f"topk_weights must have topk_ids' shape {tuple(topk_ids.shape)}, got "
+                         f"{tuple(topk_weights.shape)}")
+    for name, t in named.items():
+        if t.device != x.device:
+            raise ValueError(f"{name} is on {t.device} but x is on {x.device}: all inputs must share a device")
+
+
+# ------------------------------------------------------------------------------------------------ forward paths
+
+def _combine(y_slots: Tensor, topk_weights: Tensor, out_dtype: torch.dtype) -> Tensor:
+    """y_slots [T*k, D] in (token, slot) order -> sum_j w[t, j] y[t, j] in float32, rounded once."""
+    T, k = topk_weights.shape
+    acc = torch.float64 if y_slots.dtype == torch.float64 else torch.float32
+    y = y_slots.view(T, k, -1).to(acc) * topk_weights.to(acc).unsqueeze(-1)
+    return y.sum(dim=1).to(out_dtype)
+
+
+def _swiglu(xe: Tensor, wg: Tensor, wu: Tensor, wd: Tensor) -> Tensor:
+    return F.linear(F.silu(F.linear(xe, wg)) * F.linear(xe, wu), wd)
+
+
+def _experts_sorted_loop(x, topk_ids, topk_weights, w_gate, w_up, w_down) -> Tensor:
+    """Slots sorted by expert, host-side offsets, one matmul chain per expert that has tokens."""
+    T, k = topk_ids.shape
+    E = w_gate.shape[0]
+    flat = topk_ids.reshape(-1)
+    order = torch.argsort(flat, stable=True)
+    token_of = order // k
+    counts = torch.bincount(flat, minlength=E).tolist()  # host offsets: fine on CPU, a sync on CUDA
+    if len(counts) > E:
+        raise ValueError(f"topk_ids holds an expert id >= E = {E}")
+    y_sorted = x.new_empty(T * k, x.shape[1])
+    start = 0
+    for e, c in enumerate(counts):
+        if c:
+            rows = token_of[start:start + c]
+            y_sorted[start:start + c] = _swiglu(x.index_select(0, rows), w_gate[e], w_up[e], w_down[e])
+            start += c
+    y_slots = torch.empty_like(y_sorted).index_copy_(0, order, y_sorted)  # back to (token, slot) order
+    return _combine(y_slots, topk_weights, x.dtype)
+
+
+def _experts_gathered(x, topk_ids, topk_weights, w_gate, w_up, w_down) -> Tensor:
+    """Each (token, slot) gathers its expert's weights: no sort, no host sync; for a handful of slots."""
+    T, k = topk_ids.shape
+    flat = topk_ids.reshape(-1)
+    xs = x.repeat_interleave(k, dim=0).unsqueeze(1)  # [T*k, 1, D]
+    a = torch.bmm(xs, w_gate.index_select(0, flat).transpose(1, 2))  # [T*k, 1, I]
+    b = torch.bmm(xs, w_up.index_select(0, flat).transpose(1, 2))
+    y = torch.bmm(F.silu(a) * b, w_down.index_select(0, flat).transpose(1, 2))  # [T*k, 1, D]
+    return _combine(y.squeeze(1), topk_weights, x.dtype)
+
+
+def _experts_grouped_mm(x, topk_ids, topk_weights, w_gate, w_up, w_down) -> Tensor:
+    """``torch._grouped_mm`` over the slots sorted by expert; offsets stay on the device (no host sync)."""
+    T, k = topk_ids.shape
+    E = w_gate.shape[0]
+    flat = topk_ids.reshape(-1)
+    order = torch.argsort(flat, stable=True)
+    token_of = order // k
+    counts = torch.zeros(E, dtype=torch.int64, device=x.device).scatter_add_(0, flat, torch.ones_like(flat))
+    offs = torch.cumsum(counts, 0).to(torch.int32)
+    xs = x.index_select(0, token_of)
+    a = torch._grouped_mm(xs, w_gate.transpose(1, 2), offs=offs)
+    b = torch._grouped_mm(xs, w_up.transpose(1, 2), offs=offs)
+    y_sorted = torch._grouped_mm(F.silu(a) * b, w_down.transpose(1, 2), offs=offs)
+    y_slots = torch.empty_like(y_sorted).index_copy_(0, order, y_sorted)  # back to (token, slot) order
+    return _combine(y_slots, topk_weights, x.dtype)
+
+
+def _grouped_mm_usable(x: Tensor, w_gate: Tensor) -> bool:
+    if not (x.is_cuda and x.dtype == torch.bfloat16 and hasattr(torch, "_grouped_mm")):
+        return False
+    if torch.cuda.get_device_capability(x.device) < (9, 0):
+        return False
+    E, I, D = w_gate.shape
+    return D % 8 == 0 and I % 8 == 0
+
+
+def _moe_forward(x, topk_ids, topk_weights, w_gate, w_up, w_down) -> Tensor:
+    T, k = topk_ids.shape
+    if T == 0:
+        return x.new_zeros(x.shape)
+    x = x.contiguous()
+    if x.is_cuda:
+        if _grouped_mm_usable(x, w_gate):
+            return _experts_grouped_mm(x, topk_ids, topk_weights, w_gate, w_up, w_down)
+        if T * k <= max(w_gate.shape[0], 64):
+            return _experts_gathered(x, topk_ids, topk_weights, w_gate, w_up, w_down)
+    return _experts_sorted_loop(x, topk_ids, topk_weights, w_gate, w_up, w_down)
+
+
+def moe_experts_reference(x, topk_ids, topk_weights, w_gate, w_up, w_down) -> Tensor:
+    """Plain per-(token, slot) loop, the slowest and most obvious form (for tests and debugging)."""
+    T, k = topk_ids.shape
+    out = torch.zeros(x.shape, dtype=torch.float64 if x.dtype == torch.float64 else torch.float32,
+                      device=x.device)
+    for t in range(T):
+        for j in range(k):
+            e = int(topk_ids[t, j])
+            y = _swiglu(x[t:t + 1], w_gate[e], w_up[e], w_down[e])[0]
+            out[t] += topk_weights[t, j].to(out.dtype) * y.to(out.dtype)
+    return out.to(x.dtype)
+
+
+@torch.library.custom_op("kimi::moe_experts", mutates_args=())
+def _moe_experts_op(x: Tensor, topk_ids: Tensor, topk_weights: Tensor, w_gate: Tensor, w_up: Tensor,
+                    w_down: Tensor) -> Tensor:
+    _check(x, topk_ids, topk_weights, w_gate, w_up, w_down)
+    return _moe_forward(x, topk_ids, topk_weights, w_gate, w_up, w_down)
+
+
+@_moe_experts_op.register_fake
+def _moe_experts_fake(x, topk_ids, topk_weights, w_gate, w_up, w_down):
+    _check(x, topk_ids, topk_weights, w_gate, w_up, w_down)
+    return x.new_empty(x.shape)
+
+
+# ------------------------------------------------------------------------------------------------ backward
+
+@torch.library.custom_op("kimi::moe_experts_backward", mutates_args=())
+def _moe_experts_backward_op(grad_out: Tensor, x: Tensor, topk_ids: Tensor, topk_weights: Tensor, w_gate: Tensor,
+                             w_up: Tensor, w_down: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """(dx, d_topk_weights, dw_gate, dw_up, dw_down) of kimi::moe_experts, one expert at a time (fp32 math)."""
+    T, k = topk_ids.shape
+    E = w_gate.shape[0]
+    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    dx = torch.zeros(x.shape, dtype=acc, device=x.device)
+    dw_slots = torch.zeros(T * k, dtype=acc, device=x.device)
+    dwg = torch.zeros(w_gate.shape, dtype=acc, device=x.device)
+    dwu = torch.zeros(w_up.shape, dtype=acc, device=x.device)
+    dwd = torch.zeros(w_down.shape, dtype=acc, device=x.device)
+    flat = topk_ids.reshape(-1)
+    order = torch.argsort(flat, stable=True)
+    counts = torch.bincount(flat, minlength=E).tolist()
+    w_flat = topk_weights.reshape(-1).to(acc)
+    go_all = grad_out.to(acc)
+    start = 0
+    for e, c in enumerate(counts):
+        if not c:
+            continue
+        slots = order[start:start + c]
+        start += c
+        rows = slots // k
+        xe = x.index_select(0, rows).to(acc)
+        wg, wu, wd = w_gate[e].to(acc), w_up[e].to(acc), w_down[e].to(acc)
+        a = xe @ wg.T
+        b = xe @ wu.T
+        sa = torch.sigmoid(a)
+        silu_a = a * sa
+        h = silu_a * b
+        y = h @ wd.T
+        go = go_all.index_select(0, rows)
+        dw_slots[slots] = (go * y).sum(-1)
+        dy = go * w_flat[slots].unsqueeze(-1)
+        dwd[e] = dy.T @ h
+        dh = dy @ wd
+        da = dh * b * (sa * (1 + a * (1 - sa)))
+        db = dh * silu_a
+        dwg[e] = da.T @ xe
+        dwu[e] = db.T @ xe
+        dx.index_add_(0, rows, da @ wg + db @ wu)
+    return (dx.to(x.dtype), dw_slots.view(T, k).to(topk_weights.dtype), dwg.to(w_gate.dtype),
+            dwu.to(w_up.dtype), dwd.to(w_down.dtype))
+
+
+@_moe_experts_backward_op.register_fake
+def _moe_experts_backward_fake(grad_out, x, topk_ids, topk_weights, w_gate, w_up, w_down):
+    return (torch.empty_like(x), torch.empty_like(topk_weights), torch.empty_like(w_gate),
+            torch.empty_like(w_up), torch.empty_like(w_down))
+
+
+def _setup_context(ctx, inputs, output):
+    x, topk_ids, topk_weights, w_gate, w_up, w_down = inputs
+    ctx.save_for_backward(x, topk_ids, topk_weights, w_gate, w_up, w_down)
+
+
+def _autograd_backward(ctx, grad_out):
+    x, topk_ids, topk_weights, w_gate, w_up, w_down = ctx.saved_tensors
+    dx, dw, dwg, dwu, dwd = torch.ops.kimi.moe_experts_backward(grad_out.contiguous(), x, topk_ids, topk_weights,
+                                                               w_gate, w_up, w_down)
+    need = ctx.needs_input_grad
+    return (dx if need[0] else None, None, dw if need[2] else None, dwg if need[3] else None,
+            dwu if need[4] else None, dwd if need[5] else None)
+
+
+_moe_experts_op.register_autograd(_autograd_backward, setup_context=_setup_context)
+
+
+def moe_experts(x: Tensor, topk_ids: Tensor, topk_weights: Tensor, w_gate: Tensor, w_up: Tensor,
+                w_down: Tensor) -> Tensor:
+    """Routed SwiGLU experts; see the module docstring. Returns ``[T, D]`` in x's dtype."""
+    _check(x, topk_ids, topk_weights, w_gate, w_up, w_down)
+    return torch.ops.kimi.moe_experts(x, topk_ids, topk_weights, w_gate, w_up, w_down)

@@ -1,0 +1,121 @@
+"""torch.compile on CPU: no graph breaks (prefill and decode), no recompiles across prompt lengths and decode
+steps, compiled (Inductor) logits and greedy tokens equal to eager."""
+
+import pytest
+import torch
+import torch._dynamo
+from torch._dynamo.utils import counters
+
+import kimi_compile
+from kimi_compile import KimiForCausalLM, tiny_config
+from kimi_compile.config import DENSE, FULL, LINEAR, SPARSE
+from kimi_compile.generate import compiled_step
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def ids_of(B, T, seed):
+    return torch.randint(3, 256, (B, T), generator=torch.Generator().manual_seed(seed))
+
+
+def small_kimi_linear():
+    """Every layer kind (KDA, MLA, dense, MoE) in 2 layers, to keep the Inductor compile short."""
+    cfg = tiny_config("kimi_linear").replace(num_hidden_layers=2, layer_types=[LINEAR, FULL],
+                                             mlp_layer_types=[DENSE, SPARSE])
+    return KimiForCausalLM.from_config(cfg, 0).eval()
+
+
+@pytest.mark.parametrize("kind,attn_res", [("kimi_linear", None), ("k2", None), ("kimi_linear", 4)])
+def test_no_graph_breaks_prefill_and_decode(kind, attn_res):
+    model = KimiForCausalLM.from_config(tiny_config(kind, attn_res_block_size=attn_res), 0).eval()
+    ids = ids_of(2, 7, 0)
+    with torch.no_grad():
+        prefill = torch._dynamo.explain(model)(ids, model.empty_state(2))
+        assert prefill.graph_break_count == 0, prefill.break_reasons
+        assert prefill.graph_count == 1
+        _, state = model(ids)
+        decode = torch._dynamo.explain(model)(ids[:, :1], state)
+        assert decode.graph_break_count == 0, decode.break_reasons
+        assert decode.graph_count == 1
+
+
+def test_k2_no_recompiles_across_lengths_and_steps():
+    """Dynamo guards only (eager backend): one prefill graph for every prompt length, one decode graph for every
+    step, also with RoPE positions derived from the growing cache."""
+    model = KimiForCausalLM.from_config(tiny_config("k2"), 0).eval()
+    step = torch.compile(model, fullgraph=True, dynamic=True, backend="eager")
+    counters.clear()
+    with torch.no_grad():
+        logits, state = step(ids_of(2, 5, 1), model.empty_state(2))
+        logits, state = step(logits[:, -1:].argmax(-1), state)
+        assert counters["stats"]["unique_graphs"] == 2
+        with torch._dynamo.config.patch(error_on_recompile=True):
+            for T in (3, 8, 13):
+                logits, state = step(ids_of(2, T, T), model.empty_state(2))
+                eager, _ = model(ids_of(2, T, T), model.empty_state(2))
+                torch.testing.assert_close(logits, eager, rtol=1e-5, atol=1e-5)
+            for _ in range(4):
+                logits, state = step(logits[:, -1:].argmax(-1), state)
+    assert counters["stats"]["unique_graphs"] == 2
+
+
+def test_inductor_matches_eager_without_recompiles():
+    """Inductor-compiled prefill and decode: logits equal to eager within fp32 noise, greedy tokens identical,
+    no recompile for other prompt lengths or later decode steps."""
+    model = small_kimi_linear()
+    counters.clear()
+    prompt = ids_of(2, 6, 2)
+    with torch.no_grad():
+        eager_tokens = kimi_compile.generate(model, prompt, 6)
+        compiled_tokens = kimi_compile.generate(model, prompt, 6, backend="compile")  # compiles prefill + decode
+        assert torch.equal(compiled_tokens, eager_tokens)
+        graphs = counters["stats"]["unique_graphs"]
+        assert graphs == 2
+        step = compiled_step(model)  # the same compiled module generate used
+        with torch._dynamo.config.patch(error_on_recompile=True):
+            for T in (3, 11):
+                ids = ids_of(2, T, T)
+                got, got_state = step(ids, model.empty_state(2), logits_to_keep=1)  # generate's prefill graph
+                want, want_state = model(ids, model.empty_state(2), logits_to_keep=1)
+                torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+                for _ in range(3):
+                    tok = want[:, -1:].argmax(-1)
+                    got, got_state = step(tok, got_state)
+                    want, want_state = model(tok, want_state)
+                    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+                for name in want_state:
+                    torch.testing.assert_close(got_state[name], want_state[name], rtol=1e-4, atol=1e-5)
+            tokens = kimi_compile.generate(model, ids_of(2, 9, 3), 5, backend="compile")
+            assert torch.equal(tokens, kimi_compile.generate(model, ids_of(2, 9, 3), 5))
+    assert counters["stats"]["unique_graphs"] == graphs
+
+
+@pytest.mark.parametrize("kind", ["kimi_linear", "k2"])
+def test_torch_export_one_graph_for_prefill_and_decode(kind):
+    """torch.export with symbolic batch, sequence and past length (0 and 1 included): one graph serves the first
+    call, prefill continuation and decode, as the exported ONNX graph must."""
+    from torch.export import Dim, export
+
+    model = KimiForCausalLM.from_config(tiny_config(kind), 0).eval()
+    B = Dim("batch_size", min=1, max=64)
+    T = Dim("sequence_length", min=1, max=1024)
+    P = Dim("past_sequence_length", min=0, max=1024)
+    with torch.no_grad():
+        _, state = model(ids_of(2, 3, 4))
+        dyn_state = {k: ({0: B, 2: P} if k.endswith(".key") else {0: B}) for k in state}
+        program = export(model, (ids_of(2, 5, 5), state), dynamic_shapes=({0: B, 1: T}, dyn_state), strict=False)
+        exported = program.module()
+        for b, t, p in [(1, 1, 0), (3, 1, 7), (2, 9, 4), (1, 4, 1)]:
+            past = model.empty_state(b) if p == 0 else model(ids_of(b, p, p))[1]
+            ids = ids_of(b, t, 10 * t + p)
+            got, got_state = exported(ids, past)
+            want, want_state = model(ids, past)
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+            for name in want_state:
+                torch.testing.assert_close(got_state[name], want_state[name], rtol=1e-5, atol=1e-6)
