@@ -1,0 +1,409 @@
+"""Run an exported Kimi graph with ONNX Runtime: one session, explicit state, greedy generation.
+
+    from kimi_compile.export.ort_runtime import OrtKimiModel, generate
+    m = OrtKimiModel("kimi_export_out/onnx")
+    logits, state = m(input_ids)              # first call: zero state, past_sequence_length 0
+    logits, state = m(next_ids, state)        # present.* fed back as past_key_values.*
+    tokens = generate("kimi_export_out/onnx", input_ids, 32)   # == kimi_compile.generate(..., backend="onnx")
+
+The state stays in ONNX Runtime ``OrtValue`` objects between calls (no host copies of the caches). The
+runner needs only the graph: the state inputs, their dtypes and axes are read from the session (and
+``genai_config.json`` when present, for token ids).
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+import threading
+import time
+from pathlib import Path
+from typing import Any, Optional, Union
+
+import numpy as np
+
+__all__ = ["OrtKimiModel", "generate", "load", "benchmark"]
+
+MODEL_FILE = "model.onnx"
+STATE_PREFIX = "past_key_values."
+PRESENT_PREFIX = "present."
+
+# ONNX Runtime type strings -> (numpy storage dtype, ONNX TensorProto element type)
+_ORT_TYPES = {
+    "tensor(float)": (np.float32, 1),
+    "tensor(float16)": (np.float16, 10),
+    "tensor(bfloat16)": (np.uint16, 16),  # bfloat16 is carried as raw uint16 bits
+    "tensor(int64)": (np.int64, 7),
+}
+
+_CACHE: dict[tuple, "OrtKimiModel"] = {}
+_CACHE_LOCK = threading.Lock()
+
+
+def _as_numpy_ids(x, name: str) -> np.ndarray:
+    try:
+        import torch
+
+        if isinstance(x, torch.Tensor):
+            x = x.detach().cpu().numpy()
+    except ImportError:  # pragma: no cover
+        pass
+    arr = np.asarray(x)
+    if arr.ndim != 2:
+        raise ValueError(f"{name} must be a 2-D [batch, sequence] array, got shape {arr.shape}")
+    if arr.dtype.kind not in "iu":
+        raise TypeError(f"{name} must hold integers, got {arr.dtype}")
+    return np.ascontiguousarray(arr.astype(np.int64, copy=False))
+
+
+class OrtKimiModel:
+    """An ONNX Runtime session over an exported folder (``model.onnx`` [+ ``model.onnx.data``]).
+
+    Args:
+        onnx_dir: the folder written by :func:`kimi_compile.export.onnx.export_onnx` (or a .onnx file).
+        providers: ONNX Runtime execution providers (default CPU).
+        intra_op_num_threads: threads per op (default: ONNX Runtime's choice).
+        allow_spinning: let idle pool threads spin (lowest latency; set False when timing next to PyTorch).
+        session_options: an ``onnxruntime.SessionOptions`` to use as is.
+    """
+
+    def __init__(self, onnx_dir: Union[str, os.PathLike], *, providers: Optional[list] = None,
+                 intra_op_num_threads: Optional[int] = None, allow_spinning: bool = True,
+                 session_options=None) -> None:
+        import onnxruntime as ort
+
+        path = Path(onnx_dir)
+        if path.is_dir():
+            path = path / MODEL_FILE
+        if not path.is_file():
+            raise FileNotFoundError(f"onnx_dir has no {MODEL_FILE}: {onnx_dir}")
+        self.path = path
+        self.dir = path.parent
+        if session_options is None:
+            session_options = ort.SessionOptions()
+            if intra_op_num_threads is not None:
+                session_options.intra_op_num_threads = int(intra_op_num_threads)
+            if not allow_spinning:  # idle pool threads sleep instead of spinning (fair CPU timings next to torch)
+                session_options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+                session_options.add_session_config_entry("session.inter_op.allow_spinning", "0")
+        self.session = ort.InferenceSession(str(path), session_options,
+                                            providers=providers or ["CPUExecutionProvider"])
+        self.genai_config: dict[str, Any] = {}
+        cfg_path = self.dir / "genai_config.json"
+        if cfg_path.is_file():
+            from .genai_config import read_genai_config
+
+            self.genai_config = read_genai_config(self.dir)
+
+        self.inputs = {i.name: i for i in self.session.get_inputs()}
+        self.outputs = [o.name for o in self.session.get_outputs()]
+        if "input_ids" not in self.inputs or "logits" not in self.outputs:
+            raise ValueError(f"{path} is not a kimi-compile graph (needs input_ids and logits)")
+        self.state_names = [n for n in self.inputs if n.startswith(STATE_PREFIX)]
+        self.present_names = [PRESENT_PREFIX + n[len(STATE_PREFIX):] for n in self.state_names]
+        missing = [n for n in self.present_names if n not in self.outputs]
+        if missing:
+            raise ValueError(f"{path}: state outputs missing for {missing}")
+        self.uses_position_ids = "position_ids" in self.inputs
+        self._past_axis = {}  # state name -> axis of past_sequence_length (caches only)
+        for n in self.state_names:
+            for axis, d in enumerate(self.inputs[n].shape):
+                if d == "past_sequence_length":
+                    self._past_axis[n] = axis
+        self._run_outputs = ["logits"] + self.present_names
+        self._map = dict(zip(self.present_names, self.state_names))
+
+    # ------------------------------------------------------------------------------------------------ state
+    def _ort_value(self, arr: np.ndarray, type_str: str):
+        import onnxruntime as ort
+
+        if type_str == "tensor(bfloat16)":
+            return ort.OrtValue.ortvalue_from_numpy_with_onnx_type(arr, 16)
+        return ort.OrtValue.ortvalue_from_numpy(arr)
+
+    def empty_state(self, batch_size: int) -> dict[str, Any]:
+        """Zero conv / recurrent state and zero-length caches for ``batch_size`` rows (as OrtValues)."""
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+        state = {}
+        for name in self.state_names:
+            info = self.inputs[name]
+            shape = []
+            for d in info.shape:
+                if d == "batch_size":
+                    shape.append(batch_size)
+                elif d == "past_sequence_length":
+                    shape.append(0)
+                elif isinstance(d, int):
+                    shape.append(d)
+                else:
+                    raise ValueError(f"state input {name} has an unexpected symbolic axis {d!r}")
+            np_dtype, _ = _ORT_TYPES[info.type]
+            state[name] = self._ort_value(np.zeros(shape, dtype=np_dtype), info.type)
+        return state
+
+    def past_length(self, state: dict[str, Any]) -> int:
+        for name, axis in self._past_axis.items():
+            return int(state[name].shape()[axis])
+        return 0
+
+    # ------------------------------------------------------------------------------------------------ run
+    def __call__(self, input_ids, state: Optional[dict[str, Any]] = None, position_ids=None):
+        """One step: ``(logits float32 np.ndarray [B, T, vocab], new_state)``; ``state=None`` starts fresh."""
+        import onnxruntime as ort
+
+        ids = _as_numpy_ids(input_ids, "input_ids")
+        B, T = ids.shape
+        if T == 0:
+            raise ValueError("input_ids must hold at least one token per row")
+        if state is None:
+            state = self.empty_state(B)
+        elif not isinstance(state, dict) or any(n not in state for n in self.state_names):
+            raise ValueError("state must be the dict returned by a previous call (or empty_state())")
+        feeds = {"input_ids": ort.OrtValue.ortvalue_from_numpy(ids)}
+        if self.uses_position_ids:
+            if position_ids is None:
+                past = self.past_length(state)
+                pos = np.broadcast_to(np.arange(past, past + T, dtype=np.int64), (B, T))
+            else:
+                pos = _as_numpy_ids(position_ids, "position_ids")
+                if pos.shape[0] == 1 and B > 1:
+                    pos = np.broadcast_to(pos, (B, T))
+            feeds["position_ids"] = ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(pos))
+        for name in self.state_names:
+            value = state[name]
+            if isinstance(value, np.ndarray):
+                value = self._ort_value(np.ascontiguousarray(value), self.inputs[name].type)
+            feeds[name] = value
+        results = self.session.run_with_ort_values(self._run_outputs, feeds)
+        logits = results[0].numpy()
+        new_state = {self._map[n]: v for n, v in zip(self.present_names, results[1:])}
+        return logits, new_state
+
+    def generate(self, input_ids, max_new_tokens: int, *, eos_token_id: Optional[int] = None) -> np.ndarray:
+        """Greedy decoding; returns int64 ``[B, T + max_new_tokens]``. With ``eos_token_id``, rows that produced
+        it keep producing it (same rule as :func:`kimi_compile.generate`)."""
+        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
+            raise ValueError(f"max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
+        ids = _as_numpy_ids(input_ids, "input_ids")
+        if ids.shape[1] == 0:
+            raise ValueError("input_ids must hold at least one token per row")
+        if max_new_tokens == 0:
+            return ids.copy()
+        logits, state = self(ids)
+        token = logits[:, -1].argmax(-1).astype(np.int64)[:, None]
+        done = (token == eos_token_id) if eos_token_id is not None else None
+        out = [ids, token]
+        for _ in range(max_new_tokens - 1):
+            logits, state = self(token, state)
+            nxt = logits[:, -1].argmax(-1).astype(np.int64)[:, None]
+            if done is not None:
+                nxt = np.where(done, eos_token_id, nxt)
+                done = done | (nxt == eos_token_id)
+            token = nxt
+            out.append(token)
+        return np.concatenate(out, axis=1)
+
+
+def load(onnx_dir: Union[str, os.PathLike], **kwargs) -> OrtKimiModel:
+    """A cached :class:`OrtKimiModel` per (folder, file modification time, options)."""
+    path = Path(onnx_dir)
+    model_file = path / MODEL_FILE if path.is_dir() else path
+    if not model_file.is_file():
+        raise FileNotFoundError(f"onnx_dir has no {MODEL_FILE}: {onnx_dir}")
+    key = (str(model_file.resolve()), model_file.stat().st_mtime_ns,
+           tuple(sorted((k, repr(v)) for k, v in kwargs.items())))
+    with _CACHE_LOCK:
+        if key not in _CACHE:
+            for old in [k for k in _CACHE if k[0] == key[0]]:
+                del _CACHE[old]
+            _CACHE[key] = OrtKimiModel(path, **kwargs)
+        return _CACHE[key]
+
+
+def generate(onnx_dir: Union[str, os.PathLike], input_ids, max_new_tokens: int, *,
+             eos_token_id: Optional[int] = None, **session_kwargs):
+    """Greedy generation with ONNX Runtime; the ``backend="onnx"`` path of :func:`kimi_compile.generate`.
+
+    Returns an int64 ``torch.Tensor`` ``[B, T + max_new_tokens]`` when ``input_ids`` is a torch tensor,
+    else a numpy array.
+    """
+    runner = load(onnx_dir, **session_kwargs)
+    out = runner.generate(input_ids, max_new_tokens, eos_token_id=eos_token_id)
+    try:
+        import torch
+
+        if isinstance(input_ids, torch.Tensor):
+            return torch.from_numpy(out).to(input_ids.device)
+    except ImportError:  # pragma: no cover
+        pass
+    return out
+
+
+# ------------------------------------------------------------------------------------------------ timing
+
+
+def _median_ms(fn, repeats: int) -> float:
+    fn()  # warm-up
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
+def benchmark(onnx_dir: Union[str, os.PathLike], model=None, *, batch_size: int = 1, prompt_len: int = 64,
+              decode_steps: int = 32, repeats: int = 5, threads: Optional[int] = None, seed: int = 0
+              ) -> dict[str, Any]:
+    """ONNX Runtime CPU vs PyTorch eager CPU timings of one exported model (median of ``repeats``).
+
+    prefill_ms: one call on a ``[batch_size, prompt_len]`` prompt from an empty state.
+    decode_ms_per_token: ``decode_steps`` single-token calls after that prefill, divided by the steps.
+    ``model`` (a KimiForCausalLM) adds the same measurements for PyTorch eager (``torch.no_grad``).
+    """
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    if threads is not None:
+        opts.intra_op_num_threads = int(threads)
+        opts.inter_op_num_threads = 1
+    runner = OrtKimiModel(onnx_dir, session_options=opts)
+    rng = np.random.default_rng(seed)
+    vocab = runner.session.get_outputs()[0].shape[-1]
+    vocab = vocab if isinstance(vocab, int) else 100
+    prompt = rng.integers(0, vocab, size=(batch_size, prompt_len), dtype=np.int64)
+    step_ids = rng.integers(0, vocab, size=(batch_size, 1), dtype=np.int64)
+
+    result: dict[str, Any] = {
+        "batch_size": batch_size, "prompt_len": prompt_len, "decode_steps": decode_steps, "repeats": repeats,
+        "threads": threads,
+    }
+    if model is not None:  # PyTorch first: ONNX Runtime's spinning pool threads must not steal its CPU
+        import torch
+
+        prev_threads = torch.get_num_threads()
+        if threads is not None:
+            torch.set_num_threads(int(threads))
+        try:
+            t_prompt, t_step = torch.from_numpy(prompt), torch.from_numpy(step_ids)
+            with torch.no_grad():
+                def pt_prefill():
+                    return model(t_prompt, model.empty_state(batch_size))
+
+                prefill_ms = _median_ms(pt_prefill, repeats)
+                _, pt_state = pt_prefill()
+
+                def pt_decode():
+                    st = pt_state
+                    for _ in range(decode_steps):
+                        _, st = model(t_step, st)
+
+                result["torch_eager"] = {"prefill_ms": prefill_ms,
+                                         "decode_ms_per_token": _median_ms(pt_decode, repeats) / max(decode_steps, 1)}
+        finally:
+            torch.set_num_threads(prev_threads)
+
+    def ort_prefill():
+        return runner(prompt)
+
+    _, ort_state = ort_prefill()
+
+    def ort_decode():
+        st = ort_state
+        for _ in range(decode_steps):
+            _, st = runner(step_ids, st)
+
+    result["ort"] = {"prefill_ms": _median_ms(ort_prefill, repeats),
+                     "decode_ms_per_token": _median_ms(ort_decode, repeats) / max(decode_steps, 1)}
+    return result
+
+
+# ------------------------------------------------------------------------------------------------ verification
+
+
+def _torch_state_max_err(ort_state: dict[str, Any], torch_state: dict[str, Any]) -> float:
+    worst = 0.0
+    for name, value in torch_state.items():
+        ref = value.float().cpu().numpy()
+        got = ort_state[name]
+        got = got.numpy() if hasattr(got, "numpy") else np.asarray(got)
+        if got.dtype == np.uint16:  # bfloat16 bits -> float32
+            got = (got.astype(np.uint32) << 16).view(np.float32)
+        if got.shape != ref.shape:
+            return float("inf")
+        if ref.size:
+            worst = max(worst, float(np.abs(got.astype(np.float32) - ref).max()))
+    return worst
+
+
+def verify(onnx_dir: Union[str, os.PathLike], model, *, cases=((1, 1), (3, 7), (1, 33)), split=(2, 12, 5),
+           gen_batch: int = 3, gen_prompt: int = 5, new_tokens: int = 32, seed: int = 0) -> dict[str, Any]:
+    """Check an exported folder against the PyTorch model it came from (ONNX Runtime CPU, fresh state).
+
+    * ``cases``: (batch, prompt length) pairs; logits and every present.* compared with the model.
+    * ``split``: (batch, length, cut): prefill in two calls (cut, length - cut) vs one call.
+    * greedy generation of ``new_tokens`` on a ``[gen_batch, gen_prompt]`` prompt vs
+      :func:`kimi_compile.generate` (eager). Also times the ONNX Runtime and eager prefill / decode there.
+    Returns a dict (max errors, tokens_identical, timings); raising nothing for mismatches.
+    """
+    import torch
+
+    from kimi_compile.generate import generate as torch_generate
+
+    runner = OrtKimiModel(onnx_dir, allow_spinning=False)
+    vocab = model.config.vocab_size
+    gen = torch.Generator().manual_seed(seed)
+    report: dict[str, Any] = {"cases": []}
+    worst_logits = worst_state = 0.0
+    with torch.no_grad():
+        for B, T in cases:
+            ids = torch.randint(0, vocab, (B, T), generator=gen)
+            ref_logits, ref_state = model(ids)
+            logits, state = runner(ids)
+            err_l = float(np.abs(logits - ref_logits.float().numpy()).max())
+            err_s = _torch_state_max_err(state, ref_state)
+            worst_logits, worst_state = max(worst_logits, err_l), max(worst_state, err_s)
+            report["cases"].append({"batch": B, "length": T, "max_logit_err": err_l, "max_state_err": err_s})
+
+        B, T, cut = split
+        ids = torch.randint(0, vocab, (B, T), generator=gen)
+        one_logits, one_state = runner(ids)
+        l1, st = runner(ids[:, :cut])
+        l2, two_state = runner(ids[:, cut:], st)
+        two_logits = np.concatenate([l1, l2], axis=1)
+        split_err = float(np.abs(two_logits - one_logits).max())
+        for name in runner.state_names:
+            a, b = one_state[name].numpy(), two_state[name].numpy()
+            split_err = max(split_err, float(np.abs(a.astype(np.float32) - b.astype(np.float32)).max())
+                            if a.size else 0.0)
+        report["prefill_split_max_err"] = split_err
+
+        prompt = torch.randint(0, vocab, (gen_batch, gen_prompt), generator=gen)
+        t0 = time.perf_counter()
+        ref_tokens = torch_generate(model, prompt, new_tokens)
+        t_torch = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        ort_tokens = runner.generate(prompt, new_tokens)
+        t_ort = time.perf_counter() - t0
+        report["tokens_identical"] = bool(np.array_equal(ort_tokens, ref_tokens.numpy()))
+        report["new_tokens"] = new_tokens
+        report["gen_batch"] = gen_batch
+
+        # timings on the same prompt, both sides warm by now: one prefill call each (a report, not a
+        # benchmark; see benchmark() for medians)
+        t0 = time.perf_counter()
+        model(prompt)
+        torch_prefill = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        runner(prompt)
+        ort_prefill = time.perf_counter() - t0
+    report["max_logit_err"] = worst_logits
+    report["max_state_err"] = worst_state
+    report["timing_ms"] = {
+        "ort_prefill": ort_prefill * 1e3,
+        "torch_prefill": torch_prefill * 1e3,
+        "ort_decode_per_token": max(t_ort - ort_prefill, 0.0) * 1e3 / max(new_tokens - 1, 1),
+        "torch_decode_per_token": max(t_torch - torch_prefill, 0.0) * 1e3 / max(new_tokens - 1, 1),
+    }
+    return report
