@@ -48,6 +48,18 @@ _CFG = {
     "intra_warps": 4,
     "intra_bk": 32,
     "intra_maxnreg": 168,    # register cap for the intra kernel (3 CTAs/SM instead of 2; measured faster)
+    "intra_impl": os.environ.get("KIMI_KDA_INTRA", "fused"),  # "fused": one intra kernel (_kda_intra_kernel, 255 regs measured);
+                             # "split": _kda_intra_a_kernel (Akk/Aqk per 16-row strip, qg, kg) +
+                             # _kda_intra_b_kernel (16x16-block inverse, w, u); "split3": the same A kernel,
+                             # the inverse kernel storing T, _kda_intra_wu_kernel (w, u); docs row 7
+    "split_a_bk": 32,
+    "split_a_warps": 4,
+    "split_b_bk": 64,
+    "split_b_bv": 64,
+    "split_b_warps": 4,
+    "wu_bk": 64,             # "split3": inverse kernel stores T (fp32), _kda_intra_wu_kernel forms w, u
+    "wu_bv": 64,
+    "wu_warps": 4,
     "pass_bv": 64,
     "pass_warps": 4,
     "pass_stages": 2,
@@ -338,6 +350,307 @@ def _kda_intra_kernel(q, k, v, g, beta, w, u, qg, kg, aqk, gam, tinv, flags,
 
 
 # ----------------------------------------------------------------------------------------------
+# split intra stage (``_CFG["intra_impl"] == "split"``): A strips, then inverse + w / u
+# ----------------------------------------------------------------------------------------------
+@triton.jit
+def _kda_intra_a_kernel(q, k, g, beta, qg, kg, akk, aqk, gam, flags,
+                        cu, cseq, cidx, T, TT, NS, scale, span_max,
+                        H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, BK: tl.constexpr,
+                        C: tl.constexpr, IS_VARLEN: tl.constexpr, A_LOWP: tl.constexpr,
+                        PREC: tl.constexpr, SLOW: tl.constexpr):
+    """One program per (chunk, 16-row strip i, value head): rows [16i, 16i+16) of Akk (fp32, beta and
+    the strict-lower mask applied) and Aqk (scale, lower mask); the fast variant also writes qg, kg
+    (and gam from strip 0) for its rows.
+
+    Anchor: Ep = G at row 16i-1 (0 for i = 0), one [BK] vector per program. Left factor
+    x e^(G_t - Ep) <= |x|; right factor k_s e^(Ep - G_s): <= 1 for s < 16i, <= e^span_i inside strip i,
+    exponent -inf (factor 0) for later strips, so no future gate enters. A strip whose own gate span
+    exceeds span_max flags its chunk; ``SLOW`` recomputes every strip of flagged chunks with the
+    diagonal 16-block by an explicit column loop (every exponent <= 0)."""
+    NEG_INF: tl.constexpr = float("-inf")
+    pid = tl.program_id(0)
+    hv = tl.program_id(1)
+    s = pid // 4
+    i = pid % 4
+    hq = hv // (HV // H)
+    hv64 = hv.to(tl.int64)
+    slot = s.to(tl.int64)
+    if SLOW:
+        if tl.load(flags + hv64 * NS + slot) == 0:
+            return
+    bos, eos, c = _seq_bounds(s, cu, cseq, cidx, T, C, IS_VARLEN)
+    r = tl.arange(0, C)
+    blk = r // 16
+    tok = bos + c * C + r
+    rmask = tok < eos
+    r16 = tl.arange(0, 16)
+    toki = bos + c * C + i * 16 + r16
+    rmi = toki < eos
+    bi = tl.load(beta + toki * HV + hv, mask=rmi, other=0.).to(tl.float32)
+    accK = tl.zeros([16, C], tl.float32)
+    accQ = tl.zeros([16, C], tl.float32)
+    if SLOW:
+        dK = tl.zeros([16, 16], tl.float32)
+        dQ = tl.zeros([16, 16], tl.float32)
+    span = tl.max(tl.zeros([16], tl.float32), 0)
+    for kb in range(0, (K + BK - 1) // BK):
+        cols = kb * BK + tl.arange(0, BK)
+        cmask = cols < K
+        m2 = rmask[:, None] & cmask[None, :]
+        mi = rmi[:, None] & cmask[None, :]
+        G = tl.cumsum(tl.load(g + (tok[:, None] * HV + hv) * K + cols[None, :], mask=m2, other=0.)
+                      .to(tl.float32), 0)
+        Ep = tl.sum(tl.where(r[:, None] == i * 16 - 1, G, 0.), 0)
+        gi = tl.load(g + (toki[:, None] * HV + hv) * K + cols[None, :], mask=mi, other=0.).to(tl.float32)
+        Gi = Ep[None, :] + tl.cumsum(gi, 0)
+        ki = tl.load(k + (toki[:, None] * H + hq) * K + cols[None, :], mask=mi, other=0.).to(tl.float32)
+        qi = tl.load(q + (toki[:, None] * H + hq) * K + cols[None, :], mask=mi, other=0.).to(tl.float32)
+        ka = tl.load(k + (tok[:, None] * H + hq) * K + cols[None, :], mask=m2, other=0.).to(tl.float32)
+        if SLOW:
+            eR = tl.exp(tl.where(blk[:, None] < i, Ep[None, :] - G, NEG_INF))
+        else:
+            eR = tl.exp(tl.where(blk[:, None] <= i, Ep[None, :] - G, NEG_INF))
+            span = tl.maximum(span, tl.max(-tl.sum(gi, 0), 0))
+        eL = tl.exp(Gi - Ep[None, :])
+        kR = ka * eR
+        kL = ki * eL
+        qL = qi * eL
+        if A_LOWP:
+            kR = kR.to(tl.bfloat16)
+            kL = kL.to(tl.bfloat16)
+            qL = qL.to(tl.bfloat16)
+        kRt = tl.trans(kR)
+        accK = tl.dot(kL, kRt, accK, input_precision=PREC)
+        accQ = tl.dot(qL, kRt, accQ, input_precision=PREC)
+        if SLOW:
+            for cc in range(0, 16):
+                sel = r16[:, None] == cc
+                kc = tl.sum(tl.where(sel, ki, 0.), 0)
+                Gc = tl.sum(tl.where(sel, Gi, 0.), 0)
+                p = kc[None, :] * tl.exp(tl.where(r16[:, None] >= cc, Gi - Gc[None, :], NEG_INF))
+                dK += tl.where(r16[None, :] == cc, tl.sum(ki * p, 1)[:, None], 0.)
+                dQ += tl.where(r16[None, :] == cc, tl.sum(qi * p, 1)[:, None], 0.)
+        else:
+            rowK = (hv64 * TT + toki) * K
+            tl.store(qg + rowK[:, None] + cols[None, :], (qi * tl.exp(Gi) * scale).to(qg.dtype.element_ty),
+                     mask=mi)
+            Gl = tl.sum(tl.where(r[:, None] == C - 1, G, 0.), 0)
+            tl.store(kg + rowK[:, None] + cols[None, :],
+                     (ki * tl.exp(Gl[None, :] - Gi)).to(kg.dtype.element_ty), mask=mi)
+            tl.store(gam + (hv64 * NS + slot) * K + cols, tl.exp(Gl), mask=cmask & (eos > bos) & (i == 0))
+    if not SLOW:
+        if span > span_max:
+            tl.store(flags + hv64 * NS + slot, 1)
+            return
+    rg = i * 16 + r16
+    rowC = (hv64 * TT + toki) * C
+    if SLOW:
+        cm = rmi[:, None] & (r[None, :] < i * 16)
+    else:
+        cm = rmi[:, None] & (r[None, :] < C)
+    accK = tl.where(rg[:, None] > r[None, :], accK, 0.) * bi[:, None]
+    accQ = tl.where(rg[:, None] >= r[None, :], accQ, 0.) * scale
+    tl.store(akk + rowC[:, None] + r[None, :], accK, mask=cm)
+    tl.store(aqk + rowC[:, None] + r[None, :], accQ.to(aqk.dtype.element_ty), mask=cm)
+    if SLOW:
+        dK = tl.where(r16[:, None] > r16[None, :], dK, 0.) * bi[:, None]
+        dQ = tl.where(r16[:, None] >= r16[None, :], dQ, 0.) * scale
+        cd = i * 16 + r16
+        tl.store(akk + rowC[:, None] + cd[None, :], dK, mask=rmi[:, None])
+        tl.store(aqk + rowC[:, None] + cd[None, :], dQ.to(aqk.dtype.element_ty), mask=rmi[:, None])
+        tl.store(akk + rowC[:, None] + r[None, :], tl.zeros([16, C], tl.float32),
+                 mask=rmi[:, None] & (r[None, :] >= i * 16 + 16))
+        tl.store(aqk + rowC[:, None] + r[None, :], tl.zeros([16, C], tl.float32).to(aqk.dtype.element_ty),
+                 mask=rmi[:, None] & (r[None, :] >= i * 16 + 16))
+
+
+@triton.jit
+def _ld16(p, row0, col0, C: tl.constexpr, nval):
+    """[16,16] tile of a [*, C] fp32 row-major chunk matrix; rows >= nval (past the sequence end) read 0."""
+    r16 = tl.arange(0, 16)
+    return tl.load(p + (row0 + r16)[:, None] * C + col0 + r16[None, :], mask=(row0 + r16 < nval)[:, None],
+                   other=0.)
+
+
+@triton.jit
+def _inv16(p, row0, C: tl.constexpr, nval):
+    """(I + L)^-1 of the strictly lower [16,16] diagonal block at (row0, row0), forward substitution
+    with rows read from memory (no register extraction)."""
+    r16 = tl.arange(0, 16)
+    X = tl.where(r16[:, None] == r16[None, :], 1., 0.)
+    for t in range(1, 16):
+        a = tl.load(p + (row0 + t) * C + row0 + r16, mask=(r16 < t) & (row0 + t < nval), other=0.)
+        new = tl.where(r16 == t, 1., 0.) - tl.sum(a[:, None] * X, 0)
+        X = tl.where(r16[:, None] == t, new[None, :], X)
+    return X
+
+
+@triton.jit
+def _st16(p, row0, col0, X, C: tl.constexpr, nval):
+    r16 = tl.arange(0, 16)
+    tl.store(p + (row0 + r16)[:, None] * C + col0 + r16[None, :], X, mask=(row0 + r16 < nval)[:, None])
+
+
+@triton.jit
+def _gstrip(g, k, beta_j, tok_j, m_j, cols, Ecur, hv, hq, H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr):
+    """beta k e^G for one 16-row strip; returns it and the running gate sum after the strip."""
+    gj = tl.load(g + (tok_j[:, None] * HV + hv) * K + cols[None, :], mask=m_j, other=0.).to(tl.float32)
+    Gj = Ecur[None, :] + tl.cumsum(gj, 0)
+    kj = tl.load(k + (tok_j[:, None] * H + hq) * K + cols[None, :], mask=m_j, other=0.).to(tl.float32)
+    return kj * tl.exp(Gj) * beta_j[:, None], Ecur + tl.sum(gj, 0)
+
+
+@triton.jit
+def _kda_intra_b_kernel(k, v, g, beta, akk, w, u, tinv, cu, cseq, cidx, T, TT,
+                        H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
+                        BK: tl.constexpr, BV: tl.constexpr, C: tl.constexpr,
+                        IS_VARLEN: tl.constexpr, PREC: tl.constexpr, STORE_T: tl.constexpr,
+                        DO_WU: tl.constexpr = True):
+    """One program per (chunk, value head): T = (I + Akk)^-1 as ten [16,16] blocks (diagonal blocks by
+    forward substitution, T_ij = -T_ii sum_{j<=l<i} A_il T_lj), then w = T (beta k e^G), u = T (beta v)
+    strip by strip."""
+    s = tl.program_id(0)
+    hv = tl.program_id(1)
+    hq = hv // (HV // H)
+    hv64 = hv.to(tl.int64)
+    bos, eos, c = _seq_bounds(s, cu, cseq, cidx, T, C, IS_VARLEN)
+    t0 = bos + c * C
+    nv = tl.maximum(tl.minimum(eos - t0, C), 0)
+    pa = akk + (hv64 * TT + t0) * C
+    T00 = _inv16(pa, 0, C, nv)
+    T11 = _inv16(pa, 16, C, nv)
+    T22 = _inv16(pa, 32, C, nv)
+    T33 = _inv16(pa, 48, C, nv)
+    A10 = _ld16(pa, 16, 0, C, nv)
+    A20 = _ld16(pa, 32, 0, C, nv)
+    A21 = _ld16(pa, 32, 16, C, nv)
+    A30 = _ld16(pa, 48, 0, C, nv)
+    A31 = _ld16(pa, 48, 16, C, nv)
+    A32 = _ld16(pa, 48, 32, C, nv)
+    T10 = -tl.dot(T11, tl.dot(A10, T00, input_precision=PREC), input_precision=PREC)
+    T21 = -tl.dot(T22, tl.dot(A21, T11, input_precision=PREC), input_precision=PREC)
+    T20 = -tl.dot(T22, tl.dot(A21, T10, tl.dot(A20, T00, input_precision=PREC), input_precision=PREC),
+                  input_precision=PREC)
+    T32 = -tl.dot(T33, tl.dot(A32, T22, input_precision=PREC), input_precision=PREC)
+    T31 = -tl.dot(T33, tl.dot(A32, T21, tl.dot(A31, T11, input_precision=PREC), input_precision=PREC),
+                  input_precision=PREC)
+    x = tl.dot(A31, T10, tl.dot(A30, T00, input_precision=PREC), input_precision=PREC)
+    T30 = -tl.dot(T33, tl.dot(A32, T20, x, input_precision=PREC), input_precision=PREC)
+    if STORE_T:
+        pt = tinv + (hv64 * TT + t0) * C
+        z = tl.zeros([16, 16], tl.float32)
+        _st16(pt, 0, 0, T00, C, nv)
+        _st16(pt, 0, 16, z, C, nv)
+        _st16(pt, 0, 32, z, C, nv)
+        _st16(pt, 0, 48, z, C, nv)
+        _st16(pt, 16, 0, T10, C, nv)
+        _st16(pt, 16, 16, T11, C, nv)
+        _st16(pt, 16, 32, z, C, nv)
+        _st16(pt, 16, 48, z, C, nv)
+        _st16(pt, 32, 0, T20, C, nv)
+        _st16(pt, 32, 16, T21, C, nv)
+        _st16(pt, 32, 32, T22, C, nv)
+        _st16(pt, 32, 48, z, C, nv)
+        _st16(pt, 48, 0, T30, C, nv)
+        _st16(pt, 48, 16, T31, C, nv)
+        _st16(pt, 48, 32, T32, C, nv)
+        _st16(pt, 48, 48, T33, C, nv)
+    if not DO_WU:
+        return
+
+    r16 = tl.arange(0, 16)
+    tk0 = t0 + r16
+    tk1 = t0 + 16 + r16
+    tk2 = t0 + 32 + r16
+    tk3 = t0 + 48 + r16
+    m0 = tk0 < eos
+    m1 = tk1 < eos
+    m2 = tk2 < eos
+    m3 = tk3 < eos
+    b0 = tl.load(beta + tk0 * HV + hv, mask=m0, other=0.).to(tl.float32)
+    b1 = tl.load(beta + tk1 * HV + hv, mask=m1, other=0.).to(tl.float32)
+    b2 = tl.load(beta + tk2 * HV + hv, mask=m2, other=0.).to(tl.float32)
+    b3 = tl.load(beta + tk3 * HV + hv, mask=m3, other=0.).to(tl.float32)
+    for kb in range(0, (K + BK - 1) // BK):
+        cols = kb * BK + tl.arange(0, BK)
+        cm = cols < K
+        E = tl.zeros([BK], tl.float32)
+        B0, E = _gstrip(g, k, b0, tk0, m0[:, None] & cm[None, :], cols, E, hv, hq, H, HV, K)
+        B1, E = _gstrip(g, k, b1, tk1, m1[:, None] & cm[None, :], cols, E, hv, hq, H, HV, K)
+        B2, E = _gstrip(g, k, b2, tk2, m2[:, None] & cm[None, :], cols, E, hv, hq, H, HV, K)
+        B3, E = _gstrip(g, k, b3, tk3, m3[:, None] & cm[None, :], cols, E, hv, hq, H, HV, K)
+        pw = w + (hv64 * TT) * K + cols[None, :]
+        w0 = tl.dot(T00, B0, input_precision=PREC)
+        tl.store(pw + tk0[:, None] * K, w0.to(w.dtype.element_ty), mask=m0[:, None] & cm[None, :])
+        w1 = tl.dot(T11, B1, tl.dot(T10, B0, input_precision=PREC), input_precision=PREC)
+        tl.store(pw + tk1[:, None] * K, w1.to(w.dtype.element_ty), mask=m1[:, None] & cm[None, :])
+        w2 = tl.dot(T22, B2, tl.dot(T21, B1, tl.dot(T20, B0, input_precision=PREC), input_precision=PREC),
+                    input_precision=PREC)
+        tl.store(pw + tk2[:, None] * K, w2.to(w.dtype.element_ty), mask=m2[:, None] & cm[None, :])
+        w3 = tl.dot(T33, B3, tl.dot(T32, B2, tl.dot(T31, B1, tl.dot(T30, B0, input_precision=PREC),
+                                                    input_precision=PREC), input_precision=PREC),
+                    input_precision=PREC)
+        tl.store(pw + tk3[:, None] * K, w3.to(w.dtype.element_ty), mask=m3[:, None] & cm[None, :])
+    for vb in range(0, (V + BV - 1) // BV):
+        cv = vb * BV + tl.arange(0, BV)
+        vm = cv < V
+        V0 = tl.load(v + (tk0[:, None] * HV + hv) * V + cv[None, :], mask=m0[:, None] & vm[None, :],
+                     other=0.).to(tl.float32) * b0[:, None]
+        V1 = tl.load(v + (tk1[:, None] * HV + hv) * V + cv[None, :], mask=m1[:, None] & vm[None, :],
+                     other=0.).to(tl.float32) * b1[:, None]
+        V2 = tl.load(v + (tk2[:, None] * HV + hv) * V + cv[None, :], mask=m2[:, None] & vm[None, :],
+                     other=0.).to(tl.float32) * b2[:, None]
+        V3 = tl.load(v + (tk3[:, None] * HV + hv) * V + cv[None, :], mask=m3[:, None] & vm[None, :],
+                     other=0.).to(tl.float32) * b3[:, None]
+        pu = u + (hv64 * TT) * V + cv[None, :]
+        u0 = tl.dot(T00, V0, input_precision=PREC)
+        tl.store(pu + tk0[:, None] * V, u0.to(u.dtype.element_ty), mask=m0[:, None] & vm[None, :])
+        u1 = tl.dot(T11, V1, tl.dot(T10, V0, input_precision=PREC), input_precision=PREC)
+        tl.store(pu + tk1[:, None] * V, u1.to(u.dtype.element_ty), mask=m1[:, None] & vm[None, :])
+        u2 = tl.dot(T22, V2, tl.dot(T21, V1, tl.dot(T20, V0, input_precision=PREC), input_precision=PREC),
+                    input_precision=PREC)
+        tl.store(pu + tk2[:, None] * V, u2.to(u.dtype.element_ty), mask=m2[:, None] & vm[None, :])
+        u3 = tl.dot(T33, V3, tl.dot(T32, V2, tl.dot(T31, V1, tl.dot(T30, V0, input_precision=PREC),
+                                                    input_precision=PREC), input_precision=PREC),
+                    input_precision=PREC)
+        tl.store(pu + tk3[:, None] * V, u3.to(u.dtype.element_ty), mask=m3[:, None] & vm[None, :])
+
+
+
+@triton.jit
+def _kda_intra_wu_kernel(k, v, g, beta, tinv, w, u, cu, cseq, cidx, T, TT,
+                         H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
+                         BK: tl.constexpr, BV: tl.constexpr, C: tl.constexpr,
+                         IS_VARLEN: tl.constexpr, PREC: tl.constexpr):
+    """``split3``: w = T (beta k e^G), u = T (beta v) with T [64,64] (fp32) read from memory."""
+    s = tl.program_id(0)
+    hv = tl.program_id(1)
+    hq = hv // (HV // H)
+    hv64 = hv.to(tl.int64)
+    bos, eos, c = _seq_bounds(s, cu, cseq, cidx, T, C, IS_VARLEN)
+    r = tl.arange(0, C)
+    tok = bos + c * C + r
+    rmask = tok < eos
+    b = tl.load(beta + tok * HV + hv, mask=rmask, other=0.).to(tl.float32)
+    rowC = (hv64 * TT + tok) * C
+    Tm = tl.load(tinv + rowC[:, None] + r[None, :], mask=rmask[:, None], other=0.)
+    for kb in range(0, (K + BK - 1) // BK):
+        cols = kb * BK + tl.arange(0, BK)
+        m2 = rmask[:, None] & (cols < K)[None, :]
+        G = tl.cumsum(tl.load(g + (tok[:, None] * HV + hv) * K + cols[None, :], mask=m2, other=0.)
+                      .to(tl.float32), 0)
+        kt = tl.load(k + (tok[:, None] * H + hq) * K + cols[None, :], mask=m2, other=0.).to(tl.float32)
+        wt = tl.dot(Tm, kt * tl.exp(G) * b[:, None], input_precision=PREC)
+        tl.store(w + ((hv64 * TT + tok) * K)[:, None] + cols[None, :], wt.to(w.dtype.element_ty), mask=m2)
+    for vb in range(0, (V + BV - 1) // BV):
+        cv = vb * BV + tl.arange(0, BV)
+        vm = rmask[:, None] & (cv < V)[None, :]
+        vt = tl.load(v + (tok[:, None] * HV + hv) * V + cv[None, :], mask=vm, other=0.).to(tl.float32)
+        ut = tl.dot(Tm, vt * b[:, None], input_precision=PREC)
+        tl.store(u + ((hv64 * TT + tok) * V)[:, None] + cv[None, :], ut.to(u.dtype.element_ty), mask=vm)
+
+
+# ----------------------------------------------------------------------------------------------
 # sequential pass over chunks (forward); also used by the backward (STORE_H / STORE_U)
 # ----------------------------------------------------------------------------------------------
 @triton.jit
@@ -598,6 +911,32 @@ def _intermediates(q, k, v, g, beta, scale, cu_seqlens, *, store_dtype, a_lowp, 
     BV = min(_np2(V), 64)
     dummy = cu_seqlens if cu_seqlens is not None else gam
     extra = {} if _CFG["intra_maxnreg"] is None else {"maxnreg": _CFG["intra_maxnreg"]}
+    if _CFG["intra_impl"] in ("split", "split3"):
+        akk = torch.empty(HV, TT, CHUNK, device=dev, dtype=torch.float32)
+        BKa = min(_np2(K), _CFG["split_a_bk"])
+        cs = cseq if cseq is not None else dummy
+        ci = cidx if cidx is not None else dummy
+        for slow in (False, True):
+            _launch(_kda_intra_a_kernel, (4 * NS, HV),
+                    q, k, g, beta, qg, kg, akk, aqk, gam, flags, dummy, cs, ci,
+                    T, TT, NS, float(scale), float(_CFG["span_max"]),
+                    H=H, HV=HV, K=K, BK=BKa, C=CHUNK, IS_VARLEN=cu_seqlens is not None,
+                    A_LOWP=a_lowp, PREC=prec, SLOW=slow, num_warps=_CFG["split_a_warps"], num_stages=1)
+        three = _CFG["intra_impl"] == "split3"
+        tbuf = tinv if store_t else (torch.empty(HV, TT, CHUNK, device=dev, dtype=torch.float32) if three else gam)
+        _launch(_kda_intra_b_kernel, (NS, HV),
+                k, v, g, beta, akk, w, u, tbuf, dummy, cs, ci, T, TT,
+                H=H, HV=HV, K=K, V=V, BK=min(_np2(K), _CFG["split_b_bk"]), BV=min(_np2(V), _CFG["split_b_bv"]),
+                C=CHUNK, IS_VARLEN=cu_seqlens is not None, PREC=prec, STORE_T=store_t or three, DO_WU=not three,
+                num_warps=_CFG["split_b_warps"], num_stages=1)
+        if three:
+            _launch(_kda_intra_wu_kernel, (NS, HV),
+                    k, v, g, beta, tbuf, w, u, dummy, cs, ci, T, TT,
+                    H=H, HV=HV, K=K, V=V, BK=min(_np2(K), _CFG["wu_bk"]), BV=min(_np2(V), _CFG["wu_bv"]),
+                    C=CHUNK, IS_VARLEN=cu_seqlens is not None, PREC=prec,
+                    num_warps=_CFG["wu_warps"], num_stages=1)
+        return dict(w=w, qg=qg, kg=kg, u=u, aqk=aqk, gam=gam, tinv=tinv, flags=flags, NS=NS, cchunk=cchunk,
+                    cseq=cseq, cidx=cidx, TT=TT)
     for slow in (False, True):
         _launch(_kda_intra_kernel, (NS, HV),
                 q, k, v, g, beta, w, u, qg, kg, aqk, gam, tinv if store_t else gam, flags,

@@ -1,0 +1,153 @@
+"""Registers / spills / shared memory of the KDA Triton kernels from an offline sm_90 compile (no GPU).
+
+    python bench/kda_regs.py            # prints one table row per kernel configuration
+
+Compiles each kernel with ``triton.compile(ASTSource(...), target=GPUTarget("cuda", 90, 32))`` at the
+bench shapes (H = HV = 32, K = V = 128, bf16 inputs, non-varlen), pointers marked 16-byte aligned like a
+real launch, then runs Triton's bundled ``ptxas -v`` on the PTX for registers and spill bytes; shared
+memory is ``compiled.metadata.shared``. Numbers are those of this machine's Triton (the device may run
+another Triton version: counts can differ by a few registers)."""
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+import tempfile
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+import triton  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+
+from kimi_compile.ops import kda_triton as kt  # noqa: E402
+from kimi_compile.ops import kda_triton_bwd as ktb  # noqa: E402
+
+H = HV = 32
+K = V = 128
+C = 64
+
+
+def _ptxas():
+    return os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
+
+
+def compile_stats(fn, types: dict, constexprs: dict, num_warps: int, num_stages: int = 1, maxnreg=None):
+    """types: runtime parameter name -> triton type ('*bf16', '*fp32', '*i32', 'i32', 'fp32')."""
+    names = [n for n in fn.arg_names]
+    sig = {}
+    attrs = {}
+    for i, n in enumerate(names):
+        if n in constexprs:
+            sig[n] = "constexpr"
+            continue
+        sig[n] = types[n]
+        if types[n].startswith("*"):
+            attrs[(i,)] = [["tt.divisibility", 16]]
+    opts = dict(num_warps=num_warps, num_stages=num_stages)
+    if maxnreg is not None:
+        opts["maxnreg"] = maxnreg
+    src = triton.compiler.ASTSource(fn, sig, constexprs, attrs)
+    comp = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=opts)
+    ptx = comp.asm["ptx"]
+    with tempfile.TemporaryDirectory() as d:
+        p = os.path.join(d, "k.ptx")
+        open(p, "w").write(ptx)
+        target = re.search(r"^\.target\s+(\S+)", ptx, re.M).group(1)
+        out = subprocess.run([_ptxas(), f"-arch={target}", "-v", p, "-o", os.devnull],
+                             capture_output=True, text=True)
+    txt = out.stdout + out.stderr
+    regs = re.findall(r"Used (\d+) registers", txt)
+    spill_st = re.findall(r"(\d+) bytes spill stores", txt)
+    spill_ld = re.findall(r"(\d+) bytes spill loads", txt)
+    return dict(regs=int(regs[-1]) if regs else None,
+                spill=f"{spill_st[-1] if spill_st else '?'}/{spill_ld[-1] if spill_ld else '?'}",
+                shared=int(comp.metadata.shared), warps=num_warps, target=target)
+
+
+def _types(fn, ptr_dtypes: dict, default_ptr="*bf16"):
+    out = {}
+    for n in fn.arg_names:
+        if n in ptr_dtypes:
+            out[n] = ptr_dtypes[n]
+        elif n in ("T", "TT", "NS", "L"):
+            out[n] = "i32"
+        elif n in ("scale", "span_max"):
+            out[n] = "fp32"
+        else:
+            out[n] = default_ptr
+    return out
+
+
+F32 = "*fp32"
+
+
+def configs():
+    cfg = kt._CFG
+    common = dict(H=H, HV=HV, K=K, C=C, IS_VARLEN=False)
+    rows = []
+    # existing fused intra kernel (forward: bf16 A dots, tf32 inverse; maxnreg as configured)
+    fz = kt._kda_intra_kernel
+    t = _types(fz, dict(gam=F32, tinv=F32, flags="*i32", cu=F32, cseq=F32, cidx=F32))
+    for slow in (False, True):
+        ce = dict(common, V=V, BK=min(128, cfg["intra_bk"]), BV=64, A_LOWP=True, PREC="tf32", STORE_T=False,
+                  SLOW=slow)
+        mx = None if slow else cfg["intra_maxnreg"]
+        rows.append((f"fused _kda_intra_kernel SLOW={slow} maxnreg={mx}", fz, t, ce, cfg["intra_warps"], mx))
+    ce = dict(common, V=V, BK=min(128, cfg["intra_bk"]), BV=64, A_LOWP=True, PREC="tf32", STORE_T=False,
+              SLOW=False)
+    rows.append(("fused _kda_intra_kernel SLOW=False no cap", fz, t, ce, cfg["intra_warps"], None))
+    # split: strips of A
+    fa = kt._kda_intra_a_kernel
+    t = _types(fa, dict(akk=F32, gam=F32, flags="*i32", cu=F32, cseq=F32, cidx=F32))
+    for bk in (32, 64):
+        for slow in (False, True):
+            ce = dict(common, BK=bk, A_LOWP=True, PREC="tf32", SLOW=slow)
+            rows.append((f"split _kda_intra_a_kernel BK={bk} SLOW={slow}", fa, t, ce, cfg["split_a_warps"], None))
+    fb = kt._kda_intra_b_kernel
+    t = _types(fb, dict(akk=F32, tinv=F32, cu=F32, cseq=F32, cidx=F32))
+    for st in (False, True):
+        ce = dict(common, V=V, BK=min(128, cfg["split_b_bk"]), BV=min(128, cfg["split_b_bv"]), PREC="tf32",
+                  STORE_T=st)
+        rows.append((f"split _kda_intra_b_kernel STORE_T={st}", fb, t, ce, cfg["split_b_warps"], None))
+    ce = dict(common, V=V, BK=64, BV=64, PREC="tf32", STORE_T=True, DO_WU=False)
+    rows.append(("split3 _kda_intra_b_kernel (inverse only, stores T)", fb, t, ce, cfg["split_b_warps"], None))
+    fw = kt._kda_intra_wu_kernel
+    t = _types(fw, dict(tinv=F32, cu=F32, cseq=F32, cidx=F32))
+    ce = dict(common, V=V, BK=min(128, cfg["wu_bk"]), BV=min(128, cfg["wu_bv"]), PREC="tf32")
+    rows.append(("split3 _kda_intra_wu_kernel", fw, t, ce, cfg["wu_warps"], None))
+    # pass kernel (forward config)
+    fp = kt._kda_pass_kernel
+    t = _types(fp, dict(gam=F32, h0=F32, ht=F32, hseg=F32, hs=F32, ubuf=F32, cu=F32, cchunk=F32))
+    ce = dict(H=H, HV=HV, K=K, V=V, BK=128, BV=cfg["pass_bv"], C=C, NSEG=1, IS_VARLEN=False, USE_H0=True,
+              STORE_O=True, STORE_HT=True, STORE_H=False, STORE_U=False, LOWP=True, PREC="tf32")
+    rows.append(("_kda_pass_kernel fwd", fp, t, ce, cfg["pass_warps"], None, cfg["pass_stages"]))
+    # backward chunk kernel
+    fc = getattr(ktb, "_kda_chunk_bwd_kernel", None)
+    if fc is not None:
+        t = _types(fc, dict(tinv=F32, ubuf=F32, dubuf=F32, hs=F32, dhs=F32, flags="*i32", cu=F32, cseq=F32,
+                            cidx=F32, dq=F32, dk=F32, dg=F32, dbeta=F32, dv=F32))
+        cexp = {n: None for n in fc.arg_names}
+        ce = dict(common, V=V, BK=min(128, cfg["bwd_bk"]), BV=min(128, cfg["bwd_bv"]), PREC="tf32", SLOW=False)
+        ce = {k: v for k, v in ce.items() if k in cexp}
+        rows.append(("_kda_chunk_bwd_kernel SLOW=False", fc, t, ce, cfg["bwd_warps"], None))
+    return rows
+
+
+def main():
+    import triton as _t
+    print(f"# offline sm_90 compile, triton {_t.__version__}; H=HV={H} K=V={K} bf16, non-varlen")
+    print("| kernel config | warps | registers | spill st/ld bytes | shared bytes | target |")
+    print("|---|---|---|---|---|---|")
+    for row in configs():
+        name, fn, t, ce, warps, mx = row[:6]
+        stages = row[6] if len(row) > 6 else 1
+        try:
+            s = compile_stats(fn, t, ce, warps, stages, mx)
+            print(f"| {name} | {warps} | {s['regs']} | {s['spill']} | {s['shared']} | {s['target']} |", flush=True)
+        except Exception as e:  # keep the other rows
+            print(f"| {name} | {warps} | error {type(e).__name__}: {str(e)[:200]} | | | |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
