@@ -41,7 +41,8 @@ def main(argv=None):
             continue
         if hasattr(mod, "run"):
             try:
-                rows += [_norm(r) for r in (mod.run() or [])]
+                kwargs = {"sweep": a.sweep} if name == "bench_attn_res" else {}
+                rows += [_norm(r) for r in (mod.run(**kwargs) or [])]
             except Exception as e:  # keep the KDA table even if another bench fails
                 rows.append(_norm(dict(workload=f"{name} failed", check=f"{type(e).__name__}: {e}"[:200])))
     print()
