@@ -9,6 +9,7 @@ import argparse
 import importlib
 import json
 import os
+import signal
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -27,31 +28,43 @@ def _norm(r):
     return out
 
 
+def _stop(signum, frame):
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser()
     ap.add_argument("--sweep", action="store_true")
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--json", default=None)
     a = ap.parse_args(argv)
-    rows = list(bench_kda.run(sweep=a.sweep, quick=a.quick))
-    for name in ("bench_attn_res", "bench_model"):
-        try:
-            mod = importlib.import_module(name)
-        except ImportError:
-            continue
-        if hasattr(mod, "run"):
+    # a run cut short by `timeout` (SIGTERM) still prints the table of the rows measured so far
+    signal.signal(signal.SIGTERM, _stop)
+    rows = []
+    try:
+        for row in bench_kda.run(sweep=a.sweep, quick=a.quick):
+            rows.append(row)
+        for name in ("bench_attn_res", "bench_model"):
             try:
-                kwargs = {"sweep": a.sweep} if name == "bench_attn_res" else {}
-                rows += [_norm(r) for r in (mod.run(**kwargs) or [])]
-            except Exception as e:  # keep the KDA table even if another bench fails
-                rows.append(_norm(dict(workload=f"{name} failed", check=f"{type(e).__name__}: {e}"[:200])))
-    print()
-    if rows and "env" in rows[0]:
-        print("#", rows[0]["env"])
-    print(bench_kda.table([_norm(r) for r in rows]))
-    if a.json:
-        with open(a.json, "w") as f:
-            json.dump(rows, f, indent=1, default=str)
+                mod = importlib.import_module(name)
+            except ImportError:
+                continue
+            if hasattr(mod, "run"):
+                try:
+                    kwargs = {"sweep": a.sweep} if name == "bench_attn_res" else {}
+                    mod.run(report=lambda r: rows.append(_norm(r)), **kwargs)
+                except Exception as e:  # keep the KDA table even if another bench fails
+                    rows.append(_norm(dict(workload=f"{name} failed", check=f"{type(e).__name__}: {e}"[:200])))
+    except KeyboardInterrupt as e:
+        rows.append(_norm(dict(workload="run cut short", check=str(e))))
+    finally:
+        print()
+        if rows and "env" in rows[0]:
+            print("#", rows[0]["env"])
+        print(bench_kda.table([_norm(r) for r in rows]))
+        if a.json:
+            with open(a.json, "w") as f:
+                json.dump(rows, f, indent=1, default=str)
 
 
 if __name__ == "__main__":
