@@ -333,9 +333,13 @@ def load_model(path: Union[str, os.PathLike], *, dtype: Optional[torch.dtype] = 
         more = f" (and {len(unexpected) - 8} more)" if len(unexpected) > 8 else ""
         raise ValueError(f"unexpected tensor(s) in checkpoint {path} for a {config.model_type} model with this "
                          f"config.json: {shown}{more}")
+    # AttnRes parameters are all-or-nothing: a checkpoint without any of them (an ordinary checkpoint loaded
+    # with AttnRes switched on) keeps the paper's init; one that holds some of them must hold all of them.
+    if any(bool(filled[name].any()) for name in optional):
+        optional = set()
     missing = []
     for name, mask in filled.items():
-        if not bool(mask.all()) and not (name in optional and not bool(mask.any())):
+        if not bool(mask.all()) and name not in optional:
             row = int((~mask).nonzero()[0, 0])
             missing.append(f"{mapper.expected_name(name, row)} (parameter {name})")
     if missing:
