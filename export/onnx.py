@@ -37,6 +37,8 @@ from typing import Optional, Union
 
 import torch
 
+from .atomic_dir import move_into_place
+
 __all__ = ["export_onnx", "OnnxExportResult", "ExportError", "MODEL_FILE", "DATA_FILE", "graph_op_counts",
            "DTYPES"]
 
@@ -426,19 +428,7 @@ def export_onnx(model=None, out_dir: Union[str, os.PathLike] = "kimi_export_out/
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(tmp, 0o777 & ~umask)  # mkdtemp made it private
-        backup = None
-        if out_dir.exists():
-            backup = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=parent))
-            backup.rmdir()
-            os.replace(out_dir, backup)
-        try:
-            os.replace(tmp, out_dir)
-        except BaseException:
-            if backup is not None:
-                os.replace(backup, out_dir)
-            raise
-        if backup is not None:
-            shutil.rmtree(backup, ignore_errors=True)
+        move_into_place(tmp, out_dir)
         done = True
         bar.update(1)
         bar.set_postfix_str("done")

@@ -37,6 +37,8 @@ import time
 from pathlib import Path
 from typing import Optional, Sequence, Union
 
+from .atomic_dir import move_into_place
+
 __all__ = ["export_tensorrt", "TensorRTExportResult", "verify_with_onnxruntime", "BUNDLE_FILE",
            "REGISTRATION_MODULE", "tensorrt_available"]
 
@@ -411,19 +413,7 @@ def export_tensorrt(model=None, out_dir: Union[str, os.PathLike] = "kimi_export_
         (tmp / BUNDLE_FILE).write_text(json.dumps(bundle, indent=2, default=str))
 
         # 7. into place
-        backup = None
-        if out_dir.exists():
-            backup = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=parent))
-            backup.rmdir()
-            os.replace(out_dir, backup)
-        try:
-            os.replace(tmp, out_dir)
-        except BaseException:
-            if backup is not None:
-                os.replace(backup, out_dir)
-            raise
-        if backup is not None:
-            shutil.rmtree(backup, ignore_errors=True)
+        move_into_place(tmp, out_dir)
         done = True
     finally:
         if not done:
