@@ -7,12 +7,10 @@ REPO=$(cd "$(dirname "$0")/.." && pwd)
 OUTDIR=${1:-${OUT:-/tmp/kimi_out}}
 mkdir -p "$OUTDIR"
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site "$REPO"/.whl/*.whl
-# the repo maps ops/, lowering/, export/ to kimi_compile.* (pyproject package-dir); mirror that with links
-PKG=/tmp/kimi_pkg
-rm -rf "$PKG" && mkdir -p "$PKG/kimi_compile"
-ln -s "$REPO"/kimi_compile/*.py "$PKG/kimi_compile/"
-for sub in ops lowering export; do ln -s "$REPO/$sub" "$PKG/kimi_compile/$sub"; done
-export PYTHONPATH=/tmp/site:$PKG:$REPO/bench PYTHONUNBUFFERED=1
+# pyproject maps ops/, lowering/, export/ to kimi_compile.*; this copy of the tree is the device's own, so
+# mirror the mapping with links inside it (bench scripts put the repo root first on sys.path)
+for sub in ops lowering export; do ln -sfn "$REPO/$sub" "$REPO/kimi_compile/$sub"; done
+export PYTHONPATH=/tmp/site:$REPO:$REPO/bench PYTHONUNBUFFERED=1
 cd /tmp  # not the repo root: its kimi_compile/ folder lacks the ops mapping
 nvidia-smi --query-gpu=name,driver_version,clocks.max.sm,clocks.max.mem --format=csv | tee "$OUTDIR/gpu.txt"
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" | tee -a "$OUTDIR/gpu.txt"

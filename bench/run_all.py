@@ -42,8 +42,9 @@ def main(argv=None):
     signal.signal(signal.SIGTERM, _stop)
     rows = []
     try:
-        for row in bench_kda.run(sweep=a.sweep, quick=a.quick):
-            rows.append(row)
+        # cheap rows first; FLA's backward autotuning compiles for minutes, so training rows come last
+        core = ["prefill", "decode"] + (["intra impls", "sweep"] if a.sweep else [])
+        rows += bench_kda.run(sweep=a.sweep, quick=a.quick, checks=False, only=core)
         for name in ("bench_attn_res", "bench_model"):
             try:
                 mod = importlib.import_module(name)
@@ -55,6 +56,7 @@ def main(argv=None):
                     mod.run(report=lambda r: rows.append(_norm(r)), **kwargs)
                 except Exception as e:  # keep the KDA table even if another bench fails
                     rows.append(_norm(dict(workload=f"{name} failed", check=f"{type(e).__name__}: {e}"[:200])))
+        rows += bench_kda.run(quick=a.quick, only=["fwd+bwd", "checks"])
     except KeyboardInterrupt as e:
         rows.append(_norm(dict(workload="run cut short", check=str(e))))
     finally:
