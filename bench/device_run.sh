@@ -11,7 +11,7 @@ python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --tar
 # mirror the mapping with links inside it (bench scripts put the repo root first on sys.path)
 for sub in ops lowering export; do ln -sfn "$REPO/$sub" "$REPO/kimi_compile/$sub"; done
 export PYTHONPATH=/tmp/site:$REPO:$REPO/bench PYTHONUNBUFFERED=1
-cd /tmp  # not the repo root: its kimi_compile/ folder lacks the ops mapping
+cd /tmp
 nvidia-smi --query-gpu=name,driver_version,clocks.max.sm,clocks.max.mem --format=csv | tee "$OUTDIR/gpu.txt"
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" | tee -a "$OUTDIR/gpu.txt"
 timeout "${BENCH_S:-270}" python3 "$REPO/bench/run_all.py" --json "$OUTDIR/bench.json" 2>&1 | tee "$OUTDIR/bench.log"
