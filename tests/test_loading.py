@@ -15,14 +15,6 @@ from kimi_compile import KimiForCausalLM, load_model, tiny_config
 transformers = pytest.importorskip("transformers")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def read_all(path):
     with safe_open(path, "pt") as f:
         return {k: f.get_tensor(k) for k in f.keys()}

@@ -12,15 +12,6 @@ from kimi_compile.state import state_specs
 KINDS = ["kimi_linear", "k2"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # tiny matrices: a second OpenMP thread only adds barrier waits (ms each on a busy 2-core machine)
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def make_model(kind, seed=0, dtype=torch.float32, **changes):
     cfg = tiny_config(kind)
     if changes:

@@ -19,7 +19,6 @@ Everything here runs on CPU with tiny configs; float64 models where equality mus
 """
 
 import json
-import math
 
 import pytest
 import torch
@@ -28,8 +27,6 @@ from safetensors.torch import save_file
 from kimi_compile import KimiForCausalLM, load_model, tiny_config
 from kimi_compile.config import DENSE, FULL, LINEAR, SPARSE
 from kimi_compile.state import empty_state, state_specs
-
-torch.set_num_threads(1)  # tiny matrices: a second OpenMP thread only adds barrier waits
 
 F64 = torch.float64
 

@@ -12,14 +12,6 @@ from kimi_compile.config import DENSE, FULL, LINEAR, SPARSE
 from kimi_compile.generate import compiled_step
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def ids_of(B, T, seed):
     return torch.randint(3, 256, (B, T), generator=torch.Generator().manual_seed(seed))
 

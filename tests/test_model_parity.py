@@ -14,14 +14,6 @@ import kimi_compile  # noqa: E402
 PROMPT_LENGTHS = [1, 6, 17, 70]  # 70 crosses the 64-token KDA chunk of both implementations
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def _randomise_router_bias(model, seed):
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():

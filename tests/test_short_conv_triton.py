@@ -13,6 +13,7 @@ import textwrap
 
 import pytest
 import torch
+from symbolic_dims import Sym, ev
 
 INTERPRETER_SCRIPT = textwrap.dedent(r'''
     import json, os, sys
@@ -130,48 +131,16 @@ def test_launcher_uses_the_launch_config(interpreted):
         assert cfg["grid"][2] * cfg["BLOCK_C"] >= C > (cfg["grid"][2] - 1) * cfg["BLOCK_C"]
 
 
-class _Sym:
-    """A symbolic dimension: records + // * - so the launch config can be evaluated later."""
-
-    def __init__(self, fn):
-        self.fn = fn
-
-    @staticmethod
-    def var(name):
-        return _Sym(lambda env: env[name])
-
-    def _op(self, other, f):
-        o = other if isinstance(other, _Sym) else _Sym(lambda env, v=other: v)
-        return _Sym(lambda env: f(self.fn(env), o.fn(env)))
-
-    def __add__(self, o):
-        return self._op(o, lambda a, b: a + b)
-
-    def __sub__(self, o):
-        return self._op(o, lambda a, b: a - b)
-
-    def __mul__(self, o):
-        return self._op(o, lambda a, b: a * b)
-
-    __rmul__ = __mul__
-
-    def __floordiv__(self, o):
-        return self._op(o, lambda a, b: a // b)
-
-    def __bool__(self):
-        raise TypeError("a symbolic dimension has no truth value")
-
-
 def test_launch_config_is_symbolic_in_batch_and_length():
     from kimi_compile.ops.short_conv_triton import short_conv_launch_config
 
-    B, T = _Sym.var("B"), _Sym.var("T")
+    B, T = Sym.var("B"), Sym.var("T")
     for C, W in ((8, 4), (96, 4), (130, 3), (4096, 4), (1, 1)):
         sym = short_conv_launch_config(B, T, C, W)
         for b, t in ((1, 1), (3, 17), (2, 4096)):
             concrete = short_conv_launch_config(b, t, C, W)
             env = {"B": b, "T": t}
-            grid = [g.fn(env) if isinstance(g, _Sym) else g for g in sym["grid"]]
+            grid = [ev(g, env) for g in sym["grid"]]
             assert grid == list(concrete["grid"])
             for key in ("num_warps", "BLOCK_T", "BLOCK_C", "shared_mem"):
                 assert sym[key] == concrete[key]

@@ -26,6 +26,7 @@ import types
 import onnx
 import pytest
 import torch
+from symbolic_dims import Sym, ev
 
 from kimi_compile.lowering import plugin_spec as ps
 from kimi_compile.lowering import tensorrt as lt
@@ -83,42 +84,6 @@ def manifest(bundle):
 @pytest.fixture(scope="module")
 def model_proto(bundle):
     return onnx.load(str(bundle.onnx_path))
-
-
-class Sym:
-    """A symbolic dimension standing in for TensorRT's ShapeExpr: records + - * // for later evaluation."""
-
-    def __init__(self, fn, name=None):
-        self.fn, self.name = fn, name
-
-    @staticmethod
-    def var(name):
-        return Sym(lambda env: env[name], name)
-
-    def _op(self, other, f):
-        o = other if isinstance(other, Sym) else Sym(lambda env, v=other: v)
-        return Sym(lambda env: f(self.fn(env), o.fn(env)))
-
-    def __add__(self, o):
-        return self._op(o, lambda a, b: a + b)
-
-    def __sub__(self, o):
-        return self._op(o, lambda a, b: a - b)
-
-    def __mul__(self, o):
-        return self._op(o, lambda a, b: a * b)
-
-    __rmul__ = __mul__
-
-    def __floordiv__(self, o):
-        return self._op(o, lambda a, b: a // b)
-
-    def __bool__(self):
-        raise TypeError("symbolic dimension used as a bool")
-
-
-def ev(x, env):
-    return x.fn(env) if isinstance(x, Sym) else x
 
 
 def stub_tensorrt():
