@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # One full GPU call: install the carried fla-core wheel (.whl/, the benchmark peer), expose the package without
 # installing it, print the GPU, run the benchmark table and the CUDA tests. Logs go to $OUT (or the first arg).
-#   bash bench/device_run.sh [OUTDIR]        BENCH_S / TEST_S bound each part in seconds.
+#   bash bench/device_run.sh [OUTDIR]
+# BENCH_S / TEST_S bound each part in seconds; PARTS picks the bench parts (run_all.py --parts);
+# ORDER="tests bench" runs the tests first; TESTS overrides the CUDA test files.
 set -u
 REPO=$(cd "$(dirname "$0")/.." && pwd)
 OUTDIR=${1:-${OUT:-/tmp/kimi_out}}
@@ -14,7 +16,17 @@ export PYTHONPATH=/tmp/site:$REPO:$REPO/bench PYTHONUNBUFFERED=1
 cd /tmp
 nvidia-smi --query-gpu=name,driver_version,clocks.max.sm,clocks.max.mem --format=csv | tee "$OUTDIR/gpu.txt"
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" | tee -a "$OUTDIR/gpu.txt"
-timeout "${BENCH_S:-270}" python3 "$REPO/bench/run_all.py" --json "$OUTDIR/bench.json" 2>&1 | tee "$OUTDIR/bench.log"
-timeout "${TEST_S:-150}" python3 -m pytest -m cuda -q -p no:cacheprovider --rootdir "$REPO" -c "$REPO/pyproject.toml" \
-    "$REPO/tests/test_kda_triton.py" "$REPO/tests/test_short_conv_triton.py" "$REPO/tests/test_attn_res.py" \
-    "$REPO/tests/test_moe.py" 2>&1 | tee "$OUTDIR/pytest_cuda.log"
+bench() {
+    # shellcheck disable=SC2086
+    timeout -k 10 "${BENCH_S:-270}" python3 "$REPO/bench/run_all.py" --json "$OUTDIR/bench.json" \
+        --parts ${PARTS:-kda attn_res model train checks} 2>&1 | tee "$OUTDIR/bench.log"
+}
+tests() {
+    # cheap files first; test_kda_triton compiles the most kernels
+    local files=${TESTS:-"tests/test_short_conv_triton.py tests/test_attn_res.py tests/test_moe.py tests/test_kda_triton.py"}
+    local paths=()
+    for f in $files; do paths+=("$REPO/$f"); done
+    timeout -k 10 "${TEST_S:-150}" python3 -m pytest -m cuda -v -rfE --durations=15 -p no:cacheprovider \
+        --rootdir "$REPO" -c "$REPO/pyproject.toml" "${paths[@]}" 2>&1 | tee "$OUTDIR/pytest_cuda.log"
+}
+for step in ${ORDER:-bench tests}; do "$step"; done

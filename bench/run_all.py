@@ -1,7 +1,8 @@
-"""Single benchmark entry point: KDA (bench_kda), and, where present, Attention Residuals
-(bench_attn_res.run) and the model (bench_model.run). Prints one table.
+"""Single benchmark entry point: KDA (bench_kda), Attention Residuals (bench_attn_res.run) and the model
+(bench_model.run). Prints every row as it is measured, then the whole table; the JSON is rewritten after
+each row, so a run cut short keeps what it measured.
 
-    python bench/run_all.py [--sweep] [--quick] [--json out.json]
+    python bench/run_all.py [--sweep] [--quick] [--json out.json] [--parts kda attn_res model train checks]
 """
 from __future__ import annotations
 
@@ -11,18 +12,25 @@ import json
 import os
 import signal
 import sys
+import time
+import traceback
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 import bench_kda  # noqa: E402
 
+PARTS = ("kda", "attn_res", "model", "train", "checks")
+
 
 def _norm(r):
-    """Accept rows from other benches with missing keys."""
-    out = dict(workload=r.get("workload", "?"), fla_ms=r.get("fla_ms", r.get("ref_ms")),
-               ours_ms=r.get("ours_ms"), ratio=r.get("ratio"), metric=r.get("metric", ""),
-               check=r.get("check", r.get("correctness", "")))
+    """One table row from any bench's row dict (bench_attn_res uses name / ms / gbps / note)."""
+    metric = r.get("metric", "")
+    if not metric and r.get("gbps") is not None:
+        metric = f"{r['gbps']:.0f} GB/s"
+    out = dict(workload=r.get("workload", r.get("name", "?")), fla_ms=r.get("fla_ms", r.get("ref_ms")),
+               ours_ms=r.get("ours_ms", r.get("ms")), ratio=r.get("ratio"), metric=metric,
+               check=r.get("check", r.get("correctness", r.get("note", ""))))
     if out["ratio"] is None and out["fla_ms"] and out["ours_ms"]:
         out["ratio"] = out["fla_ms"] / out["ours_ms"]
     return out
@@ -37,36 +45,47 @@ def main(argv=None):
     ap.add_argument("--sweep", action="store_true")
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--json", default=None)
+    ap.add_argument("--parts", nargs="+", default=list(PARTS), choices=PARTS,
+                    help="what to run, in this order (default: all; FLA's backward autotuning makes 'train' slow)")
     a = ap.parse_args(argv)
     # a run cut short by `timeout` (SIGTERM) still prints the table of the rows measured so far
     signal.signal(signal.SIGTERM, _stop)
-    rows = []
+    rows, t0 = [], time.time()
+
+    def add(r, live=True):
+        rows.append(_norm(r))
+        if live:
+            print(bench_kda._fmt(rows[-1]), f"[{time.time() - t0:.0f}s]", flush=True)
+        if a.json:
+            with open(a.json + ".tmp", "w") as f:
+                json.dump(rows, f, indent=1, default=str)
+            os.replace(a.json + ".tmp", a.json)
+
+    env = None
     try:
-        # cheap rows first; FLA's backward autotuning compiles for minutes, so training rows come last
-        core = ["prefill", "decode"] + (["intra impls", "sweep"] if a.sweep else [])
-        rows += bench_kda.run(sweep=a.sweep, quick=a.quick, checks=False, only=core)
-        for name in ("bench_attn_res", "bench_model"):
+        for part in a.parts:
+            if part in ("kda", "train", "checks"):
+                only = {"kda": ["prefill", "decode"] + (["intra impls", "sweep"] if a.sweep else []),
+                        "train": ["fwd+bwd"], "checks": ["checks"]}[part]
+                for r in bench_kda.run(sweep=a.sweep, quick=a.quick, only=only):  # bench_kda prints its rows
+                    env = r.get("env", env)
+                    add(r, live=False)
+                continue
+            name = "bench_" + part
             try:
                 mod = importlib.import_module(name)
-            except ImportError:
-                continue
-            if hasattr(mod, "run"):
-                try:
-                    kwargs = {"sweep": a.sweep} if name == "bench_attn_res" else {}
-                    mod.run(report=lambda r: rows.append(_norm(r)), **kwargs)
-                except Exception as e:  # keep the KDA table even if another bench fails
-                    rows.append(_norm(dict(workload=f"{name} failed", check=f"{type(e).__name__}: {e}"[:200])))
-        rows += bench_kda.run(quick=a.quick, only=["fwd+bwd", "checks"])
+                kwargs = {"sweep": a.sweep} if part == "attn_res" else {}
+                mod.run(report=add, **kwargs)
+            except Exception as e:  # keep the other rows
+                traceback.print_exc()
+                add(dict(workload=f"{name} failed", check=f"{type(e).__name__}: {e}"[:300]))
     except KeyboardInterrupt as e:
-        rows.append(_norm(dict(workload="run cut short", check=str(e))))
+        add(dict(workload="run cut short", check=str(e)))
     finally:
         print()
-        if rows and "env" in rows[0]:
-            print("#", rows[0]["env"])
-        print(bench_kda.table([_norm(r) for r in rows]))
-        if a.json:
-            with open(a.json, "w") as f:
-                json.dump(rows, f, indent=1, default=str)
+        if env:
+            print("#", env)
+        print(bench_kda.table(rows), flush=True)
 
 
 if __name__ == "__main__":

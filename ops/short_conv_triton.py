@@ -42,7 +42,8 @@ __all__ = ["short_conv_forward", "short_conv_launch_config", "short_conv_kernel"
 TRITON_DTYPES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32", torch.float64: "fp64"}
 
 
-@triton.jit
+# T = 1 (decode) would be specialised to a constant (Triton does so for integer arguments equal to 1) and lose `.to`
+@triton.jit(do_not_specialize=["T", "C"])
 def short_conv_kernel(
     X,  # [B, T, C] input
     Wt,  # [C, W] weight

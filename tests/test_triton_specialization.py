@@ -1,0 +1,34 @@
+"""Triton turns an integer argument equal to 1 into a compile-time constant (a Python int), so ``arg.to(...)`` in a
+kernel fails at T = 1 (decode) or B = 1 on a GPU, never under the interpreter that CI runs. Every integer argument
+a kernel converts with ``.to`` must be listed in ``do_not_specialize``; this check runs on the CPU."""
+from __future__ import annotations
+
+import importlib
+import re
+
+import pytest
+
+triton = pytest.importorskip("triton")
+
+KERNEL_MODULES = ["kda_triton", "kda_triton_bwd", "short_conv_triton", "attn_res_triton"]
+
+
+def _kernels():
+    for mod_name in KERNEL_MODULES:
+        mod = importlib.import_module(f"kimi_compile.ops.{mod_name}")
+        for name, obj in vars(mod).items():
+            if isinstance(obj, triton.runtime.jit.JITFunction):
+                yield f"{mod_name}.{name}", obj
+
+
+def test_kernels_found():
+    names = [n for n, _ in _kernels()]
+    assert "short_conv_triton.short_conv_kernel" in names and len(names) >= 10, names
+
+
+@pytest.mark.parametrize("name,kernel", list(_kernels()), ids=[n for n, _ in _kernels()])
+def test_converted_int_arguments_are_not_specialised(name, kernel):
+    for p in kernel.params:
+        if p.is_constexpr or not re.search(rf"\b{re.escape(p.name)}\.to\(", kernel.src):
+            continue
+        assert p.do_not_specialize, f"{name}: argument {p.name!r} is converted with .to() but may be specialised to 1"
