@@ -169,16 +169,6 @@ def _interleaved_ms(fn_a, fn_b, device, rounds=3):
     return statistics.median(a), statistics.median(b)
 
 
-def _stacked_sources_variant(attn_model):
-    """A copy of an AttnRes model that stacks its sources anew for every read (the autograd-safe path the model
-    takes in training), to time it against the in-place sources buffer used for inference."""
-    import copy
-
-    other = copy.deepcopy(attn_model)
-    other.model._attn_res_stack = other.model._attn_res_stacked_sources
-    return other
-
-
 def _overhead(ref_ms, new_ms):
     return (new_ms / ref_ms - 1.0) * 100.0
 
@@ -274,23 +264,11 @@ def run(report=None, *, tiny: bool = False, num_experts: int = 32, prefill_T: in
             (got, _), secs = first_calls(prefill(attn_prefill))
             check = f"max rel err vs eager {_rel_err(got, prefill(attn)()[0]):.2e}; compile {secs:.0f}s"
             ref_ms, ours_ms = _interleaved_ms(prefill(prefill_step), prefill(attn_prefill), device)
+            del attn_prefill
         else:
             ref_ms, ours_ms = eager_prefill_ms, eager_attn_ms
         overhead_row(f"{tag} prefill B=1 T={prefill_T} ({label})", ref_ms, ours_ms, eager_prefill_ms,
                      eager_attn_ms, check)
-        if compile:  # the sources buffer against re-stacking the sources for every read (the earlier version)
-            stacked = _stacked_sources_variant(attn)
-            stacked_prefill = CompiledStep(stacked)
-            (got_s, _), secs = first_calls(prefill(stacked_prefill))
-            check = (f"buffer vs stacked logits max rel err {_rel_err(prefill(attn_prefill)()[0], got_s):.2e}; "
-                     f"compile {secs:.0f}s")
-            stacked_ms, buffer_ms = _interleaved_ms(prefill(stacked_prefill), prefill(attn_prefill), device)
-            emit(dict(workload=f"AttnRes sources: buffer vs stacked per read, prefill B=1 T={prefill_T} ({label})",
-                      ref_ms=stacked_ms, ours_ms=buffer_ms, ratio=stacked_ms / buffer_ms,
-                      metric=f"buffer saves {stacked_ms - buffer_ms:.3f} ms", check=check, ref_name="stacked",
-                      ours_name="buffer"))
-            del stacked, stacked_prefill
-            del attn_prefill
     del ids, empty, prefill_step
     if device.type == "cuda":
         torch.cuda.empty_cache()

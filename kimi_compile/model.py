@@ -433,47 +433,7 @@ class KimiModel(nn.Module):
     def _attn_res_stack(self, emb: Tensor, state, new_state, rope, mask) -> Tensor:
         """Block Attention Residuals: each sublayer reads softmax-over-depth of [embedding, completed blocks,
         partial sum]; its raw output is added to the partial sum; every ``attn_res_block`` sublayers the partial
-        sum becomes a completed block.
-
-        Without autograd (inference, export) the sources live in one buffer ``[n_max, B, T, D]``: the partial sum
-        accumulates in place in its slot, a completed block simply stays where it is, and every read passes a
-        prefix view to the op, so no source is ever copied again (re-stacking them cost about 0.5 ms of a 33 ms
-        prefill on the H200). Autograd needs every source it saved unmodified, so training stacks them."""
-        eps = self.config.attn_res_eps
-        S = self.attn_res_block
-        if torch.is_grad_enabled() and (emb.requires_grad or any(p.requires_grad for p in self.parameters())):
-            return self._attn_res_stacked_sources(emb, state, new_state, rope, mask)
-        n_sublayers = 2 * len(self.layers)
-        n_max = 1 + -(-n_sublayers // S)  # embedding + every block, the last one possibly partial
-        buf = emb.new_empty((n_max, *emb.shape))
-        buf[0].copy_(emb)
-        n_done_blocks, n_done, has_partial = 0, 0, False
-
-        def read(query: Tensor, norm_w: Tensor) -> Tensor:
-            n = 1 + n_done_blocks + int(has_partial)
-            return _attn_res_op(buf[:n], (query * norm_w).to(emb.dtype), eps)
-
-        for layer in self.layers:
-            for which in ("attn", "mlp"):
-                q = getattr(layer, f"attn_res_query_{which}")
-                w = getattr(layer, f"attn_res_norm_{which}")
-                x = read(q, w)
-                out = layer.mixer(x, state, new_state, rope, mask) if which == "attn" else layer.ffn(x)
-                slot = buf[1 + n_done_blocks]
-                if has_partial:
-                    slot.add_(out)
-                else:
-                    slot.copy_(out)
-                has_partial = True
-                n_done += 1
-                if n_done % S == 0:
-                    n_done_blocks += 1
-                    has_partial = False
-        return read(self.attn_res_query_final, self.attn_res_norm_final)
-
-    def _attn_res_stacked_sources(self, emb: Tensor, state, new_state, rope, mask) -> Tensor:
-        """The same computation with the sources stacked anew for every read (autograd-safe: nothing is
-        modified in place)."""
+        sum becomes a completed block."""
         eps = self.config.attn_res_eps
         S = self.attn_res_block
         blocks: list[Tensor] = [emb]

@@ -246,29 +246,6 @@ def test_prefill_split_and_token_by_token_agree(S):
         plain(ids[:, :1], full_state)
 
 
-@pytest.mark.parametrize("S", [2, 6])
-def test_inference_sources_buffer_equals_the_stacked_training_path(S):
-    """Without autograd the sources live in one buffer updated in place; with autograd they are stacked anew for
-    every read. Same numbers (float64, prefill then a decode step), and training through the stacked path yields
-    gradients for the AttnRes parameters."""
-    model = randomise_attn_res(make(seven_layer_config(S)), S)
-    ids = ids_of(2, 9, 6)
-    with torch.no_grad():
-        buf_logits, buf_state = model(ids[:, :8])
-        buf_step, _ = model(ids[:, 8:], buf_state)
-    train_logits, train_state = model(ids[:, :8])  # grad mode, parameters require grad: stacked path
-    train_step, _ = model(ids[:, 8:], train_state)
-    assert train_logits.requires_grad
-    torch.testing.assert_close(train_logits.detach(), buf_logits, rtol=1e-12, atol=1e-12)
-    torch.testing.assert_close(train_step.detach(), buf_step, rtol=1e-12, atol=1e-12)
-    (train_logits.square().mean() + train_step.square().mean()).backward()
-    grads = {n: p.grad for n, p in model.named_parameters() if "attn_res_query" in n}
-    assert grads and all(g is not None for g in grads.values())
-    # the first sublayer reads the embedding alone (a softmax over one source): its query gets no gradient
-    assert grads.pop("model.layers.0.attn_res_query_attn").abs().sum() == 0
-    assert all(g.abs().sum() > 0 for g in grads.values())
-
-
 # ------------------------------------------------------------------------------------------------ compile
 
 def capture_graphs(model, *args):
