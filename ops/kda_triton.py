@@ -113,6 +113,20 @@ def _seq_bounds(s, cu, cseq, cidx, T, C: tl.constexpr, IS_VARLEN: tl.constexpr):
 
 
 @triton.jit
+def _seq_span(n, cu, cchunk, T, C: tl.constexpr, IS_VARLEN: tl.constexpr):
+    """Sequence n -> (bos, eos, first chunk slot) for the kernels that walk one sequence's chunks."""
+    if IS_VARLEN:
+        bos = tl.load(cu + n).to(tl.int64)
+        eos = tl.load(cu + n + 1).to(tl.int64)
+        slot0 = tl.load(cchunk + n).to(tl.int64)
+    else:
+        bos = n.to(tl.int64) * T
+        eos = bos + T
+        slot0 = n.to(tl.int64) * tl.cdiv(T, C)
+    return bos, eos, slot0
+
+
+@triton.jit
 def _blockdiag_to_2d(D3, C: tl.constexpr):
     """[4,16,16] diagonal blocks -> [64,64] block-diagonal matrix."""
     i4 = tl.arange(0, 4)
@@ -668,14 +682,7 @@ def _kda_pass_kernel(w, u, qg, kg, aqk, gam, o, h0, ht, hseg, hs, ubuf,
     n = nh // HV
     hv = nh % HV
     hv64 = hv.to(tl.int64)
-    if IS_VARLEN:
-        bos = tl.load(cu + n).to(tl.int64)
-        eos = tl.load(cu + n + 1).to(tl.int64)
-        slot0 = tl.load(cchunk + n).to(tl.int64)
-    else:
-        bos = n.to(tl.int64) * T
-        eos = bos + T
-        slot0 = n.to(tl.int64) * tl.cdiv(T, C)
+    bos, eos, slot0 = _seq_span(n, cu, cchunk, T, C, IS_VARLEN)
     nt = tl.cdiv(eos - bos, C)
     c_lo = sg * L
     c_hi = tl.minimum(c_lo + L, nt)

@@ -22,8 +22,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .kda_triton import (CHUNK, _CFG, _gate2d, _anchor_rows, _block_mult, _blockdiag_from_2d,
-                         _launch, _np2, _modes, _prep, _intermediates, _pass_forward)
+from .kda_triton import (CHUNK, _CFG, _gate2d, _anchor_rows, _block_mult, _blockdiag_from_2d, _seq_bounds,
+                         _seq_span, _launch, _np2, _modes, _prep, _intermediates, _pass_forward)
 
 _CFG.setdefault("bwd_bk", 16)
 _CFG.setdefault("bwd_bv", 32)
@@ -44,14 +44,7 @@ def _kda_pass_bwd_kernel(w, qg, kg, aqk, gam, do, dht, dh0, dhs, dubuf,
     n = nh // HV
     hv = nh % HV
     hv64 = hv.to(tl.int64)
-    if IS_VARLEN:
-        bos = tl.load(cu + n).to(tl.int64)
-        eos = tl.load(cu + n + 1).to(tl.int64)
-        slot0 = tl.load(cchunk + n).to(tl.int64)
-    else:
-        bos = n.to(tl.int64) * T
-        eos = bos + T
-        slot0 = n.to(tl.int64) * tl.cdiv(T, C)
+    bos, eos, slot0 = _seq_span(n, cu, cchunk, T, C, IS_VARLEN)
     nt = tl.cdiv(eos - bos, C)
     rk = tl.arange(0, BK)
     km = rk < K
@@ -203,20 +196,7 @@ def _kda_chunk_bwd_kernel(q, k, v, g, beta, do, tinv, ubuf, dubuf, hs, dhs, flag
     else:
         if fl != 0:
             return
-    if IS_VARLEN:
-        n = tl.load(cseq + s)
-        valid = n >= 0
-        n = tl.maximum(n, 0)
-        c = tl.load(cidx + s).to(tl.int64)
-        bos = tl.load(cu + n).to(tl.int64)
-        eos = tl.load(cu + n + 1).to(tl.int64)
-        eos = tl.where(valid, eos, bos)
-    else:
-        NT = tl.cdiv(T, C)
-        n = s // NT
-        c = (s % NT).to(tl.int64)
-        bos = n.to(tl.int64) * T
-        eos = bos + T
+    bos, eos, c = _seq_bounds(s, cu, cseq, cidx, T, C, IS_VARLEN)
     slot = s.to(tl.int64)
     r = tl.arange(0, C)
     tok = bos + c * C + r

@@ -13,17 +13,30 @@ triton = pytest.importorskip("triton")
 KERNEL_MODULES = ["kda_triton", "kda_triton_bwd", "short_conv_triton", "attn_res_triton"]
 
 
-def _kernels():
+def _jit_functions():
+    found = {}
     for mod_name in KERNEL_MODULES:
         mod = importlib.import_module(f"kimi_compile.ops.{mod_name}")
         for name, obj in vars(mod).items():
             if isinstance(obj, triton.runtime.jit.JITFunction):
-                yield f"{mod_name}.{name}", obj
+                found.setdefault(obj, f"{mod_name}.{name}")
+    return found
+
+
+def _kernels():
+    """The launched kernels: jit functions that no other jit function calls (a helper's arguments are values
+    inside a kernel, never specialised)."""
+    found = _jit_functions()
+    for fn, qualname in found.items():
+        name = fn.fn.__name__
+        if not any(re.search(rf"\b{name}\(", other.src) for other in found if other is not fn):
+            yield qualname, fn
 
 
 def test_kernels_found():
     names = [n for n, _ in _kernels()]
     assert "short_conv_triton.short_conv_kernel" in names and len(names) >= 10, names
+    assert "kda_triton._seq_bounds" not in names  # a helper
 
 
 @pytest.mark.parametrize("name,kernel", list(_kernels()), ids=[n for n, _ in _kernels()])
