@@ -49,6 +49,8 @@ from typing import Tuple
 import torch
 from torch import Tensor
 
+from ._checks import check_float, check_same_device, check_tensor
+
 __all__ = [
     "attn_res",
     "attn_res_phase1",
@@ -65,10 +67,7 @@ _TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
 def _check_tensor(t, name: str) -> None:
-    if not isinstance(t, torch.Tensor):
-        raise TypeError(f"attn_res: {name} must be a torch.Tensor, got {type(t).__name__}")
-    if not t.dtype.is_floating_point:
-        raise TypeError(f"attn_res: {name} must have a floating-point dtype, got {t.dtype}")
+    check_float(name, check_tensor(name, t))
 
 
 def _check_eps(eps) -> None:
@@ -81,8 +80,7 @@ def _check_eps(eps) -> None:
 def _check_same(t: Tensor, name: str, ref: Tensor, ref_name: str) -> None:
     if t.dtype != ref.dtype:
         raise TypeError(f"attn_res: {name} dtype {t.dtype} does not match {ref_name} dtype {ref.dtype}")
-    if t.device != ref.device:
-        raise ValueError(f"attn_res: {name} is on {t.device} but {ref_name} is on {ref.device}; they must be on one device")
+    check_same_device({ref_name: ref, name: t})
 
 
 def _check_sources(sources) -> None:
