@@ -1,9 +1,13 @@
 #!/usr/bin/env bash
-# One full GPU call: install the carried fla-core wheel (.whl/, the benchmark peer), expose the package without
+# GPU call(s): install the carried fla-core wheel (.whl/, the benchmark peer), expose the package without
 # installing it, print the GPU, run the benchmark table and the CUDA tests. Logs go to $OUT (or the first arg).
 #   bash bench/device_run.sh [OUTDIR]
-# BENCH_S / TEST_S bound each part in seconds; PARTS picks the bench parts (run_all.py --parts);
-# ORDER="tests bench" runs the tests first; TESTS overrides the CUDA test files.
+# BENCH_S / TEST_S bound each part in seconds; PARTS picks the bench parts (run_all.py --parts; default: all but
+# the correctness "checks" rows, which the CUDA tests cover); ORDER="tests" or "bench" runs one half; TESTS
+# overrides the CUDA test files; TEST_WORKERS sets pytest-xdist workers (default 4: most test time is Triton
+# compiling on the CPU). Measured on the H200 (run 6): the bench parts take about 5 minutes (kda 1.5, attn_res
+# 0.3, model 2, train 1.5), the CUDA tests about 8 minutes on one worker, so the whole does not fit one 10-minute
+# call: run ORDER=bench and ORDER=tests as two calls.
 set -u
 REPO=$(cd "$(dirname "$0")/.." && pwd)
 OUTDIR=${1:-${OUT:-/tmp/kimi_out}}
@@ -19,14 +23,14 @@ python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', tr
 bench() {
     # shellcheck disable=SC2086
     timeout -k 10 "${BENCH_S:-270}" python3 "$REPO/bench/run_all.py" --json "$OUTDIR/bench.json" \
-        --parts ${PARTS:-kda attn_res model train checks} 2>&1 | tee "$OUTDIR/bench.log"
+        --parts ${PARTS:-kda attn_res model train} 2>&1 | tee "$OUTDIR/bench.log"
 }
 tests() {
     # cheap files first; test_kda_triton compiles the most kernels
     local files=${TESTS:-"tests/test_short_conv_triton.py tests/test_attn_res.py tests/test_moe.py tests/test_kda_triton.py"}
     local paths=()
     for f in $files; do paths+=("$REPO/$f"); done
-    timeout -k 10 "${TEST_S:-150}" python3 -m pytest -m cuda -v -rfE --durations=15 -p no:cacheprovider \
+    timeout -k 10 "${TEST_S:-150}" python3 -m pytest -m cuda -n "${TEST_WORKERS:-4}" -v -rfE --durations=15 -p no:cacheprovider \
         --rootdir "$REPO" -c "$REPO/pyproject.toml" "${paths[@]}" 2>&1 | tee "$OUTDIR/pytest_cuda.log"
 }
 for step in ${ORDER:-bench tests}; do "$step"; done
