@@ -7,7 +7,7 @@
 # overrides the CUDA test files; TEST_WORKERS sets pytest-xdist workers (default 4: most test time is Triton
 # compiling on the CPU). Measured on the H200 (run 6): the bench parts take about 5 minutes (kda 1.5, attn_res
 # 0.3, model 2, train 1.5), the CUDA tests about 8 minutes on one worker, so the whole does not fit one 10-minute
-# call: run ORDER=bench and ORDER=tests as two calls.
+# call: run ORDER=bench and ORDER=tests as two calls. MODEL_LAYERS=0 benchmarks the full 27-layer model.
 set -u
 REPO=$(cd "$(dirname "$0")/.." && pwd)
 OUTDIR=${1:-${OUT:-/tmp/kimi_out}}
@@ -23,7 +23,7 @@ python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', tr
 bench() {
     # shellcheck disable=SC2086
     timeout -k 10 "${BENCH_S:-270}" python3 "$REPO/bench/run_all.py" --json "$OUTDIR/bench.json" \
-        --parts ${PARTS:-kda attn_res model train} 2>&1 | tee "$OUTDIR/bench.log"
+        --parts ${PARTS:-kda attn_res model train} ${MODEL_LAYERS:+--model-layers "$MODEL_LAYERS"} 2>&1 | tee "$OUTDIR/bench.log"
 }
 tests() {
     # cheap files first; test_kda_triton compiles the most kernels

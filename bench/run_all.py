@@ -47,6 +47,8 @@ def main(argv=None):
     ap.add_argument("--json", default=None)
     ap.add_argument("--parts", nargs="+", default=list(PARTS), choices=PARTS,
                     help="what to run, in this order (default: all; FLA's backward autotuning makes 'train' slow)")
+    ap.add_argument("--model-layers", type=int, default=None,
+                    help="benchmark model depth (default: bench_model's cut; 0: all 27 layers, minutes of compiling)")
     a = ap.parse_args(argv)
     # a run cut short by `timeout` (SIGTERM) still prints the table of the rows measured so far
     signal.signal(signal.SIGTERM, _stop)
@@ -75,6 +77,8 @@ def main(argv=None):
             try:
                 mod = importlib.import_module(name)
                 kwargs = {"sweep": a.sweep} if part == "attn_res" else {}
+                if part == "model" and a.model_layers is not None:
+                    kwargs["layers"] = a.model_layers or None
                 mod.run(report=add, **kwargs)
             except Exception as e:  # keep the other rows
                 traceback.print_exc()
