@@ -198,6 +198,47 @@ def test_chunk_table_no_sync_shapes():
 
 
 # ----------------------------------------------------------------------------------------------
+# the real compiler (no GPU): the interpreter above never runs it
+# ----------------------------------------------------------------------------------------------
+SM90_CONSTEXPRS = dict(H=4, HV=4, K=64, V=64, BK=32, BV=32, C=64, NSEG=1, USE_H0=True, STORE_O=True,
+                       STORE_HT=True, STORE_H=False, STORE_U=False, LOWP=True, PREC="tf32", A_LOWP=True,
+                       STORE_T=False, SLOW=False, USE_DHT=True, STORE_DH0=True, QK_PER_HV=False)
+SM90_KERNELS = [("kda_triton", "_kda_intra_kernel"), ("kda_triton", "_kda_pass_kernel"),
+                ("kda_triton", "_kda_recurrent_kernel"), ("kda_triton_bwd", "_kda_pass_bwd_kernel"),
+                ("kda_triton_bwd", "_kda_chunk_bwd_kernel")]
+
+
+@pytest.mark.parametrize("is_varlen", [False, True])
+@pytest.mark.parametrize("module,kernel", SM90_KERNELS, ids=[k for _, k in SM90_KERNELS])
+def test_kernels_compile_for_sm90(module, kernel, is_varlen):
+    """Compile the chunked and token-loop kernels ahead of time for an H100/H200 (Triton's own compiler and
+    ptxas, no GPU), fixed-length and varlen; integer arguments i32, pointers 16-byte aligned as at a launch.
+    Small tiles: this catches what only the compiler rejects; resources at the real tiles are bench/kda_regs.py's."""
+    import importlib
+
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    fn = getattr(importlib.import_module(f"kimi_compile.ops.{module}"), kernel)
+    consts = {p.name: (is_varlen if p.name == "IS_VARLEN" else SM90_CONSTEXPRS[p.name])
+              for p in fn.params if p.is_constexpr}
+    ints, floats = {"T", "TT", "NS", "L"}, {"scale", "span_max"}
+    sig, hints = {}, {}
+    for i, p in enumerate(fn.params):
+        if p.is_constexpr:
+            sig[p.name] = "constexpr"
+        elif p.name in ints or p.name in floats:
+            sig[p.name] = "i32" if p.name in ints else "fp32"
+        else:
+            sig[p.name] = "*i64" if p.name in ("cu", "cchunk", "cseq", "cidx", "flags") else "*fp32"
+            hints[(i,)] = [["tt.divisibility", 16]]
+    compiled = triton.compile(ASTSource(fn, sig, consts, hints), target=GPUTarget("cuda", 90, 32),
+                              options={"num_warps": 4})
+    assert f".entry {kernel}" in compiled.asm["ptx"]
+
+
+# ----------------------------------------------------------------------------------------------
 # GPU tests
 # ----------------------------------------------------------------------------------------------
 def _fla():
