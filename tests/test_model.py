@@ -8,6 +8,7 @@ import torch
 from kimi_compile import KimiConfig, KimiForCausalLM, empty_state, tiny_config
 from kimi_compile.config import DENSE, FULL, LINEAR, SPARSE
 from kimi_compile.state import state_specs
+from model_helpers import ids_of, randomise_attn_res, run_pieces
 
 KINDS = ["kimi_linear", "k2"]
 
@@ -17,10 +18,6 @@ def make_model(kind, seed=0, dtype=torch.float32, **changes):
     if changes:
         cfg = cfg.replace(**changes)
     return KimiForCausalLM.from_config(cfg, seed, dtype=dtype).eval()
-
-
-def ids_of(B, T, seed):
-    return torch.randint(3, 256, (B, T), generator=torch.Generator().manual_seed(seed))
 
 
 def close(a, b, tol=2e-5):
@@ -82,16 +79,6 @@ def test_from_config_is_deterministic():
 
 
 # ------------------------------------------------------------------------------------------------ state continuity
-
-def run_pieces(model, ids, cuts, state=None):
-    """Feed ids in pieces split at ``cuts``; return the concatenated logits and the final state."""
-    outs = []
-    bounds = [0, *cuts, ids.shape[1]]
-    for lo, hi in zip(bounds[:-1], bounds[1:]):
-        logits, state = model(ids[:, lo:hi], state)
-        outs.append(logits)
-    return torch.cat(outs, dim=1), state
-
 
 @pytest.mark.parametrize("kind,attn_res", [("kimi_linear", None), ("k2", None), ("kimi_linear", 3)])
 def test_state_continuity(kind, attn_res):
@@ -225,16 +212,6 @@ def test_combine_with_bias_changes_output_only_with_a_bias():
 
 
 # ------------------------------------------------------------------------------------------------ AttnRes
-
-def randomise_attn_res(model, seed):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "attn_res_query" in name:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.5)
-            elif "attn_res_norm" in name:
-                p.copy_(1 + 0.2 * torch.randn(p.shape, generator=g))
-
 
 def plain_attn_res(sources, query, norm_weight, eps=1e-6):
     """Softmax over depth written out: alpha_n = softmax_n(q . (w * rmsnorm(v_n))), h = sum_n alpha_n v_n."""

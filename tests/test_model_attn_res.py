@@ -27,12 +27,9 @@ from safetensors.torch import save_file
 from kimi_compile import KimiForCausalLM, load_model, tiny_config
 from kimi_compile.config import DENSE, FULL, LINEAR, SPARSE
 from kimi_compile.state import empty_state, state_specs
+from model_helpers import ids_of, randomise_attn_res, run_pieces
 
 F64 = torch.float64
-
-
-def ids_of(B, T, seed):
-    return torch.randint(3, 256, (B, T), generator=torch.Generator().manual_seed(seed))
 
 
 def seven_layer_config(S=None):
@@ -45,18 +42,6 @@ def seven_layer_config(S=None):
 
 def make(cfg, seed=0, dtype=F64):
     return KimiForCausalLM.from_config(cfg, seed, dtype=dtype).eval()
-
-
-def randomise_attn_res(model, seed):
-    """Non-trivial queries and key-norm gains (the paper inits the queries to zero, the gains to one)."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "attn_res_query" in name:
-                p.copy_(torch.randn(p.shape, generator=g, dtype=F64) * 0.5)
-            elif "attn_res_norm" in name:
-                p.copy_(1 + 0.2 * torch.randn(p.shape, generator=g, dtype=F64))
-    return model
 
 
 def rel_err(a, b):
@@ -208,15 +193,6 @@ def test_zero_queries_give_the_uniform_average_over_sources(S):
 
 
 # ------------------------------------------------------------------------------------------------ state
-
-def run_pieces(model, ids, cuts, state=None):
-    outs = []
-    bounds = [0, *cuts, ids.shape[1]]
-    for lo, hi in zip(bounds[:-1], bounds[1:]):
-        logits, state = model(ids[:, lo:hi], state)
-        outs.append(logits)
-    return torch.cat(outs, dim=1), state
-
 
 @pytest.mark.parametrize("S", [2, 6])
 def test_prefill_split_and_token_by_token_agree(S):

@@ -10,10 +10,7 @@ import kimi_compile
 from kimi_compile import KimiForCausalLM, tiny_config
 from kimi_compile.config import DENSE, FULL, LINEAR, SPARSE
 from kimi_compile.generate import compiled_step
-
-
-def ids_of(B, T, seed):
-    return torch.randint(3, 256, (B, T), generator=torch.Generator().manual_seed(seed))
+from model_helpers import ids_of
 
 
 def small_kimi_linear():

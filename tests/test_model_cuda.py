@@ -9,18 +9,14 @@ import pytest
 import torch
 
 from kimi_compile import KimiForCausalLM, tiny_config
+from model_helpers import randomise_attn_res
 
 pytestmark = pytest.mark.cuda
 
 
 def _model(kind, attn_res):
     model = KimiForCausalLM.from_config(tiny_config(kind, attn_res_block_size=attn_res), 0).eval()
-    g = torch.Generator().manual_seed(1)
-    with torch.no_grad():  # non-zero AttnRes queries, so the depth softmax is not uniform
-        for name, p in model.named_parameters():
-            if "attn_res_query" in name:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.5)
-    return model
+    return randomise_attn_res(model, 1)  # non-zero AttnRes queries: the depth softmax is not uniform
 
 
 def _rel(a, b):
