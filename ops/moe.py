@@ -94,16 +94,26 @@ def _swiglu(xe: Tensor, wg: Tensor, wu: Tensor, wd: Tensor) -> Tensor:
     return F.linear(F.silu(F.linear(xe, wg)) * F.linear(xe, wu), wd)
 
 
+def _slots_by_expert(topk_ids: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """The (token, slot) pairs flattened, their stable order by expert id, and the token of each sorted slot."""
+    flat = topk_ids.reshape(-1)
+    order = torch.argsort(flat, stable=True)
+    return flat, order, order // topk_ids.shape[1]
+
+
+def _host_counts(flat: Tensor, E: int) -> list[int]:
+    """Slots per expert on the host: fine on CPU, a sync on CUDA (only the eager fallback paths use it)."""
+    counts = torch.bincount(flat, minlength=E).tolist()
+    if len(counts) > E:
+        raise ValueError(f"topk_ids holds an expert id >= E = {E}")
+    return counts
+
+
 def _experts_sorted_loop(x, topk_ids, topk_weights, w_gate, w_up, w_down) -> Tensor:
     """Slots sorted by expert, host-side offsets, one matmul chain per expert that has tokens."""
     T, k = topk_ids.shape
-    E = w_gate.shape[0]
-    flat = topk_ids.reshape(-1)
-    order = torch.argsort(flat, stable=True)
-    token_of = order // k
-    counts = torch.bincount(flat, minlength=E).tolist()  # host offsets: fine on CPU, a sync on CUDA
-    if len(counts) > E:
-        raise ValueError(f"topk_ids holds an expert id >= E = {E}")
+    flat, order, token_of = _slots_by_expert(topk_ids)
+    counts = _host_counts(flat, w_gate.shape[0])
     y_sorted = x.new_empty(T * k, x.shape[1])
     start = 0
     for e, c in enumerate(counts):
@@ -128,11 +138,8 @@ def _experts_gathered(x, topk_ids, topk_weights, w_gate, w_up, w_down) -> Tensor
 
 def _experts_grouped_mm(x, topk_ids, topk_weights, w_gate, w_up, w_down) -> Tensor:
     """``torch._grouped_mm`` over the slots sorted by expert; offsets stay on the device (no host sync)."""
-    T, k = topk_ids.shape
     E = w_gate.shape[0]
-    flat = topk_ids.reshape(-1)
-    order = torch.argsort(flat, stable=True)
-    token_of = order // k
+    flat, order, token_of = _slots_by_expert(topk_ids)
     counts = torch.zeros(E, dtype=torch.int64, device=x.device).scatter_add_(0, flat, torch.ones_like(flat))
     offs = torch.cumsum(counts, 0).to(torch.int32)
     xs = x.index_select(0, token_of)
@@ -205,9 +212,8 @@ def _moe_experts_backward_op(grad_out: Tensor, x: Tensor, topk_ids: Tensor, topk
     dwg = torch.zeros(w_gate.shape, dtype=acc, device=x.device)
     dwu = torch.zeros(w_up.shape, dtype=acc, device=x.device)
     dwd = torch.zeros(w_down.shape, dtype=acc, device=x.device)
-    flat = topk_ids.reshape(-1)
-    order = torch.argsort(flat, stable=True)
-    counts = torch.bincount(flat, minlength=E).tolist()
+    flat, order, _ = _slots_by_expert(topk_ids)
+    counts = _host_counts(flat, E)
     w_flat = topk_weights.reshape(-1).to(acc)
     go_all = grad_out.to(acc)
     start = 0
