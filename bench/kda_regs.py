@@ -35,6 +35,7 @@ def _ptxas():
 def compile_stats(fn, types: dict, constexprs: dict, num_warps: int, num_stages: int = 1, maxnreg=None):
     """types: runtime parameter name -> triton type ('*bf16', '*fp32', '*i32', 'i32', 'fp32')."""
     names = [n for n in fn.arg_names]
+    constexprs = {n: v for n, v in constexprs.items() if n in names}
     sig = {}
     attrs = {}
     for i, n in enumerate(names):
@@ -84,7 +85,7 @@ F32 = "*fp32"
 
 def configs():
     cfg = kt._CFG
-    common = dict(H=H, HV=HV, K=K, C=C, IS_VARLEN=False)
+    common = dict(H=H, HV=HV, K=K, C=C, IS_VARLEN=False, ABL=0, INV_DOUBLING=cfg["inverse"] == "doubling")
     rows = []
     # existing fused intra kernel (forward: bf16 A dots, tf32 inverse; maxnreg as configured)
     fz = kt._kda_intra_kernel

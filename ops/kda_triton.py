@@ -45,6 +45,8 @@ _CFG = {
     "seg_min_chunks": 16,    # a segment holds at least this many chunks
     "target_programs": 528,  # auto segments: aim for about this many pass programs (4 per SM)
     "span_max": 60.0,        # largest in-block gate span (nats) for the anchored diagonal path
+    "inverse": "doubling",   # (I + Akk)^-1 in the fused intra kernel: "doubling" (10 dots) or "subst"
+                             # (16-block forward substitution + block Neumann series)
     "intra_warps": 4,
     "intra_bk": 32,
     "intra_maxnreg": 168,    # register cap for the intra kernel (3 CTAs/SM instead of 2; measured faster)
@@ -143,6 +145,35 @@ def _blockdiag_from_2d(A, C: tl.constexpr):
 
 
 @triton.jit
+def _unit_lower_inverse_doubling(Akk, C: tl.constexpr, PREC: tl.constexpr):
+    """(I + Akk)^-1 for strictly lower triangular Akk [C,C] (fp32 in, fp32 out) by block doubling.
+
+    T_s = inverse of the block-diagonal part of I + Akk with s x s blocks. For a lower block-triangular
+    [[X, 0], [Y, Z]], the inverse is D - D N D with D = diag(X^-1, Z^-1), N = [[0, 0], [Y, 0]], so
+    T_2s = T_s - T_s (N_s T_s) with N_s the entries of Akk between the two s-halves of each 2s-block
+    (exact, no power series: every intermediate is a true partial inverse). T_2 = I - N_1; then
+    s = 2 ... C/2: two [C,C] dots per level, no reductions, no reshapes."""
+    tl.static_assert(C == 64, "the levels below are written out for a 64-token chunk")
+    r = tl.arange(0, C)
+    rr = r[:, None]
+    cc = r[None, :]
+    Tm = tl.where(rr == cc, 1., 0.) - tl.where((rr // 2) == (cc // 2), Akk, 0.)
+    Tm = _doubling_level(Tm, Akk, rr, cc, 2, PREC)
+    Tm = _doubling_level(Tm, Akk, rr, cc, 4, PREC)
+    Tm = _doubling_level(Tm, Akk, rr, cc, 8, PREC)
+    Tm = _doubling_level(Tm, Akk, rr, cc, 16, PREC)
+    Tm = _doubling_level(Tm, Akk, rr, cc, 32, PREC)
+    return Tm
+
+
+@triton.jit
+def _doubling_level(Tm, Akk, rr, cc, S: tl.constexpr, PREC: tl.constexpr):
+    """T_2S = T_S - T_S (N_S T_S), N_S = Akk between the two S-halves of each 2S-block."""
+    Ns = tl.where(((rr // S) != (cc // S)) & ((rr // (2 * S)) == (cc // (2 * S))), Akk, 0.)
+    return Tm - tl.dot(Tm, tl.dot(Ns, Tm, input_precision=PREC), input_precision=PREC)
+
+
+@triton.jit
 def _unit_lower_inverse(Akk, C: tl.constexpr, PREC: tl.constexpr):
     """(I + Akk)^-1 for strictly lower triangular Akk [64,64] (fp32 in, fp32 out).
 
@@ -172,17 +203,23 @@ def _unit_lower_inverse(Akk, C: tl.constexpr, PREC: tl.constexpr):
 # intra-chunk kernel
 # ----------------------------------------------------------------------------------------------
 @triton.jit
-def _gate2d(g, tok, rmask, hv, cols, cmask, HV: tl.constexpr, K: tl.constexpr, C: tl.constexpr):
-    """In-chunk gate cumsum G [C, BK] and the 16-block ends E0..E3 (G at rows 15, 31, 47, 63)."""
-    m2 = rmask[:, None] & cmask[None, :]
-    gt = tl.load(g + (tok[:, None] * HV + hv) * K + cols[None, :], mask=m2, other=0.).to(tl.float32)
-    G = tl.cumsum(gt, 0)
+def _block_ends(G, C: tl.constexpr):
+    """The 16-block ends E0..E3 of the in-chunk gate cumsum G [C, BK] (G at rows 15, 31, 47, 63)."""
     r = tl.arange(0, C)
     E0 = tl.sum(tl.where(r[:, None] == 15, G, 0.), 0)
     E1 = tl.sum(tl.where(r[:, None] == 31, G, 0.), 0)
     E2 = tl.sum(tl.where(r[:, None] == 47, G, 0.), 0)
     E3 = tl.sum(tl.where(r[:, None] == 63, G, 0.), 0)
-    return G, E0, E1, E2, E3
+    return E0, E1, E2, E3
+
+
+@triton.jit
+def _gate2d(g, tok, rmask, hv, cols, cmask, HV: tl.constexpr, K: tl.constexpr, C: tl.constexpr):
+    """In-chunk gate cumsum G [C, BK] (fp32) and the chunk's total gate Gl [BK] (= G at row 63: rows
+    past the sequence end load g = 0)."""
+    m2 = rmask[:, None] & cmask[None, :]
+    gt = tl.load(g + (tok[:, None] * HV + hv) * K + cols[None, :], mask=m2, other=0.).to(tl.float32)
+    return tl.cumsum(gt, 0), tl.sum(gt, 0)
 
 
 @triton.jit
@@ -212,6 +249,26 @@ def _block_mult(i, blk, E0, E1, E2, UPPER: tl.constexpr):
     return tl.where(blk[:, None] == 0, m0[None, :],
                     tl.where(blk[:, None] == 1, m1[None, :],
                              tl.where(blk[:, None] == 2, m2[None, :], m3[None, :])))
+
+
+@triton.jit
+def _chunk_A(kt, qt, G, Akk, Aqk, A_LOWP: tl.constexpr, PREC: tl.constexpr):
+    """Accumulate one key block's Akk, Aqk (unmasked, unscaled) when the whole chunk's gate span in
+    this block is <= span_max: one anchor at the chunk start, left x e^G <= |x|, right k e^-G <=
+    e^span_max (no overflow in fp32 / bf16). Two dots instead of the eight of _fast_A."""
+    eL = tl.exp(G)
+    right = kt * tl.exp(-G)
+    if A_LOWP:
+        kL = (kt * eL).to(tl.bfloat16)
+        qL = (qt * eL).to(tl.bfloat16)
+        right = right.to(tl.bfloat16)
+    else:
+        kL = kt * eL
+        qL = qt * eL
+    rt = tl.trans(right)
+    Akk = tl.dot(kL, rt, Akk, input_precision=PREC)
+    Aqk = tl.dot(qL, rt, Aqk, input_precision=PREC)
+    return Akk, Aqk
 
 
 @triton.jit
@@ -289,7 +346,8 @@ def _kda_intra_kernel(q, k, v, g, beta, w, u, qg, kg, aqk, gam, tinv, flags,
                       H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
                       BK: tl.constexpr, BV: tl.constexpr, C: tl.constexpr,
                       IS_VARLEN: tl.constexpr, A_LOWP: tl.constexpr, PREC: tl.constexpr,
-                      STORE_T: tl.constexpr, SLOW: tl.constexpr):
+                      STORE_T: tl.constexpr, SLOW: tl.constexpr, INV_DOUBLING: tl.constexpr,
+                      ABL: tl.constexpr = 0):
     s = tl.program_id(0)
     hv = tl.program_id(1)
     hq = hv // (HV // H)
@@ -314,12 +372,27 @@ def _kda_intra_kernel(q, k, v, g, beta, w, u, qg, kg, aqk, gam, tinv, flags,
         m2 = rmask[:, None] & cmask[None, :]
         kt = tl.load(k + (tok[:, None] * H + hq) * K + cols[None, :], mask=m2, other=0.).to(tl.float32)
         qt = tl.load(q + (tok[:, None] * H + hq) * K + cols[None, :], mask=m2, other=0.).to(tl.float32)
-        G, E0, E1, E2, E3 = _gate2d(g, tok, rmask, hv, cols, cmask, HV, K, C)
+        G, Gl = _gate2d(g, tok, rmask, hv, cols, cmask, HV, K, C)
+        # qg, kg, gam need no T: stored here, while q, k and G are in registers
+        rowK = (hv64 * TT + tok) * K
+        tl.store(qg + rowK[:, None] + cols[None, :], (qt * tl.exp(G) * scale).to(qg.dtype.element_ty), mask=m2)
+        tl.store(kg + rowK[:, None] + cols[None, :],
+                 (kt * tl.exp(Gl[None, :] - G)).to(kg.dtype.element_ty), mask=m2)
+        tl.store(gam + (hv64 * NS + slot) * K + cols, tl.exp(Gl), mask=cmask & (eos > bos))
         if SLOW:
             a1, a2 = _slow_A(kt, qt, G, C, BK, PREC)
             Akk += a1
             Aqk += a2
+        elif ABL & 1:
+            if kb == 0:
+                Akk = tl.dot(kt, tl.trans(kt), Akk, input_precision=PREC)
+                Aqk = tl.dot(qt, tl.trans(kt), Aqk, input_precision=PREC)
+        elif tl.max(-Gl, 0) <= span_max:
+            Akk, Aqk = _chunk_A(kt, qt, G, Akk, Aqk, A_LOWP, PREC)
         else:
+            # some column of this key block decays by more than span_max over the chunk:
+            # anchor every 16-block (and flag the chunk for the slow path if a block alone does)
+            E0, E1, E2, E3 = _block_ends(G, C)
             Akk, Aqk = _fast_A(kt, qt, G, E0, E1, E2, Akk, Aqk, C, BK, A_LOWP, PREC)
             sp = tl.maximum(tl.maximum(-E0, E0 - E1), tl.maximum(E1 - E2, E2 - E3))
             span = tl.maximum(span, tl.max(sp, 0))
@@ -330,7 +403,13 @@ def _kda_intra_kernel(q, k, v, g, beta, w, u, qg, kg, aqk, gam, tinv, flags,
 
     Akk = tl.where(r[:, None] > r[None, :], Akk, 0.) * b[:, None]
     Aqk = tl.where(r[:, None] >= r[None, :], Aqk, 0.) * scale
-    Tm = _unit_lower_inverse(Akk, C, PREC)
+    if ABL & 2:
+        Tm = Akk
+    else:
+        if INV_DOUBLING:
+            Tm = _unit_lower_inverse_doubling(Akk, C, PREC)
+        else:
+            Tm = _unit_lower_inverse(Akk, C, PREC)
 
     rowC = (hv64 * TT + tok) * C
     cmC = rmask[:, None] & (r[None, :] < C)
@@ -338,24 +417,17 @@ def _kda_intra_kernel(q, k, v, g, beta, w, u, qg, kg, aqk, gam, tinv, flags,
     if STORE_T:
         tl.store(tinv + rowC[:, None] + r[None, :], Tm, mask=cmC)
 
-    for kb in range(0, (K + BK - 1) // BK):
+    for kb in range(0, ((K + BK - 1) // BK) if (ABL & 4) == 0 else 0):
         cols = kb * BK + tl.arange(0, BK)
         cmask = cols < K
         m2 = rmask[:, None] & cmask[None, :]
         kt = tl.load(k + (tok[:, None] * H + hq) * K + cols[None, :], mask=m2, other=0.).to(tl.float32)
-        qt = tl.load(q + (tok[:, None] * H + hq) * K + cols[None, :], mask=m2, other=0.).to(tl.float32)
-        G, E0, E1, E2, Gl = _gate2d(g, tok, rmask, hv, cols, cmask, HV, K, C)
-        eG = tl.exp(G)
-        Bk = kt * eG * b[:, None]
-        wt = tl.dot(Tm, Bk, input_precision=PREC)
+        G, Gl = _gate2d(g, tok, rmask, hv, cols, cmask, HV, K, C)
+        wt = tl.dot(Tm, kt * tl.exp(G) * b[:, None], input_precision=PREC)
         rowK = (hv64 * TT + tok) * K
         tl.store(w + rowK[:, None] + cols[None, :], wt.to(w.dtype.element_ty), mask=m2)
-        tl.store(qg + rowK[:, None] + cols[None, :], (qt * eG * scale).to(qg.dtype.element_ty), mask=m2)
-        tl.store(kg + rowK[:, None] + cols[None, :],
-                 (kt * tl.exp(Gl[None, :] - G)).to(kg.dtype.element_ty), mask=m2)
-        tl.store(gam + (hv64 * NS + slot) * K + cols, tl.exp(Gl), mask=cmask & (eos > bos))
 
-    for vb in range(0, (V + BV - 1) // BV):
+    for vb in range(0, ((V + BV - 1) // BV) if (ABL & 8) == 0 else 0):
         cv = vb * BV + tl.arange(0, BV)
         vm = rmask[:, None] & (cv < V)[None, :]
         vt = tl.load(v + (tok[:, None] * HV + hv) * V + cv[None, :], mask=vm, other=0.).to(tl.float32)
@@ -951,6 +1023,7 @@ def _intermediates(q, k, v, g, beta, scale, cu_seqlens, *, store_dtype, a_lowp, 
                 T, TT, NS, float(scale), float(_CFG["span_max"]),
                 H=H, HV=HV, K=K, V=V, BK=BK, BV=BV, C=CHUNK,
                 IS_VARLEN=cu_seqlens is not None, A_LOWP=a_lowp, PREC=prec, STORE_T=store_t, SLOW=slow,
+                INV_DOUBLING=_CFG["inverse"] == "doubling", ABL=_CFG.get("ablate", 0),
                 num_warps=_CFG["intra_warps"], num_stages=1, **({} if slow else extra))
     return dict(w=w, qg=qg, kg=kg, u=u, aqk=aqk, gam=gam, tinv=tinv, flags=flags, NS=NS, cchunk=cchunk,
                 cseq=cseq, cidx=cidx, TT=TT)

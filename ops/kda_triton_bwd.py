@@ -22,10 +22,10 @@ import torch
 import triton
 import triton.language as tl
 
-from .kda_triton import (CHUNK, _CFG, _gate2d, _anchor_rows, _block_mult, _blockdiag_from_2d, _seq_bounds,
+from .kda_triton import (CHUNK, _CFG, _gate2d, _block_ends, _anchor_rows, _block_mult, _blockdiag_from_2d, _seq_bounds,
                          _seq_span, _launch, _np2, _modes, _prep, _intermediates, _pass_forward)
 
-_CFG.setdefault("bwd_bk", 16)
+_CFG.setdefault("bwd_bk", 32)     # measured: 16 -> 32 cut kda_backward at T=8192 from 6.17 to 5.36 ms
 _CFG.setdefault("bwd_bv", 32)
 _CFG.setdefault("bwd_warps", 8)
 _CFG.setdefault("bwd_pass_bv", 32)
@@ -82,11 +82,27 @@ def _kda_pass_bwd_kernel(w, qg, kg, aqk, gam, do, dht, dh0, dhs, dubuf,
 
 
 @triton.jit
-def _fast_dA(kt, qt, G, E0, E1, E2, dAq, dAk, dAkb, C: tl.constexpr, BK: tl.constexpr,
+def _chunk_dA(kt, qt, G, dAq, dAk, dAqT, dAkbT, PREC: tl.constexpr):
+    """Gradients through Aqk / Akk for one key block whose whole-chunk gate span is <= span_max: one
+    anchor at the chunk start (the forward's _chunk_A): X = e^G (dA (k e^-G)), Y = e^-G (dA^T (x e^G)),
+    every operand <= e^span_max. Returns XQ, XK, YQ, YK as _fast_dA."""
+    eG = tl.exp(G)
+    eGi = tl.exp(-G)
+    kR = kt * eGi
+    XQ = tl.dot(dAq, kR, input_precision=PREC) * eG
+    XK = tl.dot(dAk, kR, input_precision=PREC) * eG
+    YQ = tl.dot(dAqT, qt * eG, input_precision=PREC) * eGi
+    YK = tl.dot(dAkbT, kt * eG, input_precision=PREC) * eGi
+    return XQ, XK, YQ, YK
+
+
+@triton.jit
+def _fast_dA(kt, qt, G, E0, E1, E2, dAq, dAk, dAqT, dAkbT, C: tl.constexpr, BK: tl.constexpr,
              PREC: tl.constexpr):
     """Gradients through Aqk / Akk when every 16-block's gate span is <= span_max.
     Left role  X[t] = sum_s dA[t,s] k_s e^(G_t - G_s): rows of block i, anchor E[i-1].
-    Right role Y[s] = sum_t dA[t,s] x_t e^(G_t - G_s): columns of block j, anchor E[j-1].
+    Right role Y[s] = sum_t dA[t,s] x_t e^(G_t - G_s): columns of block j, anchor E[j-1]
+    (dAqT, dAkbT: the transposed dAq, dAk * beta, so column blocks are row blocks there).
     Returns XQ (dAq, left), XK (dAk, left), YQ (dAq, right, x = q), YK (dAkb, right, x = k)."""
     r = tl.arange(0, C)
     blk = r // 16
@@ -106,9 +122,8 @@ def _fast_dA(kt, qt, G, E0, E1, E2, dAq, dAk, dAkb, C: tl.constexpr, BK: tl.cons
         XQ = tl.dot(tl.where(rsel, dAq, 0.), right, XQ, input_precision=PREC)
         XK = tl.dot(tl.where(rsel, dAk, 0.), right, XK, input_precision=PREC)
         lm = _block_mult(i, blk, E0, E1, E2, True)
-        csel = blk[None, :] == i
-        YQ = tl.dot(tl.trans(tl.where(csel, dAq, 0.)), qL * lm, YQ, input_precision=PREC)
-        YK = tl.dot(tl.trans(tl.where(csel, dAkb, 0.)), kL * lm, YK, input_precision=PREC)
+        YQ = tl.dot(tl.where(rsel, dAqT, 0.), qL * lm, YQ, input_precision=PREC)
+        YK = tl.dot(tl.where(rsel, dAkbT, 0.), kL * lm, YK, input_precision=PREC)
     return XQ * eL, XK * eL, YQ * eLi, YK * eLi
 
 
@@ -180,11 +195,11 @@ def _slow_dA(kt, qt, G, dAq, dAk, dAkb, C: tl.constexpr, BK: tl.constexpr, PREC:
 @triton.jit
 def _kda_chunk_bwd_kernel(q, k, v, g, beta, do, tinv, ubuf, dubuf, hs, dhs, flags,
                           dq, dk, dv, dg, dbeta,
-                          cu, cseq, cidx, T, TT, NS, scale,
+                          cu, cseq, cidx, T, TT, NS, scale, span_max,
                           H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
                           BK: tl.constexpr, BV: tl.constexpr, C: tl.constexpr,
                           IS_VARLEN: tl.constexpr, QK_PER_HV: tl.constexpr, PREC: tl.constexpr,
-                          SLOW: tl.constexpr):
+                          SLOW: tl.constexpr, ABL: tl.constexpr = 0):
     s = tl.program_id(0)
     hv = tl.program_id(1)
     hq = hv // (HV // H)
@@ -206,12 +221,13 @@ def _kda_chunk_bwd_kernel(q, k, v, g, beta, do, tinv, ubuf, dubuf, hs, dhs, flag
     b = tl.load(beta + tok * HV + hv, mask=rm, other=0.).to(tl.float32)
     rowC = (hv64 * TT + tok) * C
     Tm = tl.load(tinv + rowC[:, None] + r[None, :], mask=rm[:, None] & (r[None, :] < C), other=0.)
+    TmT = tl.trans(Tm)
 
     # ---- value side: dv, dbeta (v part), dAqk, dAkk
     dAq = tl.zeros([C, C], tl.float32)
     dAk = tl.zeros([C, C], tl.float32)
     db = tl.zeros([C], tl.float32)
-    for vb in range(0, NVB):
+    for vb in range(0, NVB if (ABL & 2) == 0 else 0):
         cv = vb * BV + tl.arange(0, BV)
         mv = rm[:, None] & (cv < V)[None, :]
         rowV = (hv64 * TT + tok) * V
@@ -219,15 +235,20 @@ def _kda_chunk_bwd_kernel(q, k, v, g, beta, do, tinv, ubuf, dubuf, hs, dhs, flag
         Ub = tl.load(ubuf + rowV[:, None] + cv[None, :], mask=mv, other=0.)
         dUb = tl.load(dubuf + rowV[:, None] + cv[None, :], mask=mv, other=0.)
         vt = tl.load(v + ((tok * HV + hv) * V)[:, None] + cv[None, :], mask=mv, other=0.).to(tl.float32)
-        dAq += tl.dot(dO, tl.trans(Ub), input_precision=PREC)
-        dBv = tl.dot(tl.trans(Tm), dUb, input_precision=PREC)
+        UbT = tl.trans(Ub)
+        dAq += tl.dot(dO, UbT, input_precision=PREC)
+        dBv = tl.dot(TmT, dUb, input_precision=PREC)
         tl.store(dv + ((tok * HV + hv) * V)[:, None] + cv[None, :],
                  (dBv * b[:, None]).to(dv.dtype.element_ty), mask=mv)
         db += tl.sum(dBv * vt, 1)
-        dAk += tl.dot(dBv, tl.trans(Ub), input_precision=PREC)
+        dAk += tl.dot(dBv, UbT, input_precision=PREC)
     dAq = tl.where(r[:, None] >= r[None, :], dAq, 0.) * scale
     dAk = -tl.where(r[:, None] > r[None, :], dAk, 0.)
     dAkb = dAk * b[:, None]
+    if not SLOW:
+        # transposed once here rather than per key block and anchor in _fast_dA / _chunk_dA
+        dAqT = tl.trans(dAq)
+        dAkbT = tl.trans(dAkb)
 
     # ---- key side, per key block
     for kb in range(0, (K + BK - 1) // BK):
@@ -238,9 +259,9 @@ def _kda_chunk_bwd_kernel(q, k, v, g, beta, do, tinv, ubuf, dubuf, hs, dhs, flag
         qt = tl.load(q + (tok[:, None] * H + hq) * K + cols[None, :], mask=m2, other=0.).to(tl.float32)
         dQg = tl.zeros([C, BK], tl.float32)
         dKg = tl.zeros([C, BK], tl.float32)
-        dBk = tl.zeros([C, BK], tl.float32)
+        dUh = tl.zeros([C, BK], tl.float32)
         dgm = tl.zeros([BK], tl.float32)
-        for vb in range(0, NVB):
+        for vb in range(0, NVB if (ABL & 4) == 0 else 0):
             cv = vb * BV + tl.arange(0, BV)
             vmask = cv < V
             mv = rm[:, None] & vmask[None, :]
@@ -252,13 +273,15 @@ def _kda_chunk_bwd_kernel(q, k, v, g, beta, do, tinv, ubuf, dubuf, hs, dhs, flag
             hm = cmask[:, None] & vmask[None, :]
             hb = tl.load(hs + hoff, mask=hm, other=0.)
             dhb = tl.load(dhs + hoff, mask=hm, other=0.)
-            dBv = tl.dot(tl.trans(Tm), dUb, input_precision=PREC)
-            dQg += tl.dot(dO, tl.trans(hb), input_precision=PREC)
+            hbT = tl.trans(hb)
+            dQg += tl.dot(dO, hbT, input_precision=PREC)
             dKg += tl.dot(Ub, tl.trans(dhb), input_precision=PREC)
-            dBk -= tl.dot(dBv, tl.trans(hb), input_precision=PREC)
+            dUh += tl.dot(dUb, hbT, input_precision=PREC)
             dgm += tl.sum(hb * dhb, 1)
+        # dBk = -dBv h^T = -T^T (dU h^T): one [C, C] x [C, BK] product per key block
+        dBk = -tl.dot(TmT, dUh, input_precision=PREC)
 
-        G, E0, E1, E2, Gl = _gate2d(g, tok, rm, hv, cols, cmask, HV, K, C)
+        G, Gl = _gate2d(g, tok, rm, hv, cols, cmask, HV, K, C)
         eG = tl.exp(G)
         kdec = tl.exp(Gl[None, :] - G)
         dqt = scale * eG * dQg
@@ -269,8 +292,16 @@ def _kda_chunk_bwd_kernel(q, k, v, g, beta, do, tinv, ubuf, dubuf, hs, dhs, flag
 
         if SLOW:
             XQ, XKr, YQ, YK = _slow_dA(kt, qt, G, dAq, dAk, dAkb, C, BK, PREC)
+        elif ABL & 1:
+            XQ = kt * 0.5
+            XKr = qt * 0.5
+            YQ = kt * 0.25
+            YK = qt * 0.25
+        elif tl.max(-Gl, 0) <= span_max:
+            XQ, XKr, YQ, YK = _chunk_dA(kt, qt, G, dAq, dAk, dAqT, dAkbT, PREC)
         else:
-            XQ, XKr, YQ, YK = _fast_dA(kt, qt, G, E0, E1, E2, dAq, dAk, dAkb, C, BK, PREC)
+            E0, E1, E2, E3 = _block_ends(G, C)
+            XQ, XKr, YQ, YK = _fast_dA(kt, qt, G, E0, E1, E2, dAq, dAk, dAqT, dAkbT, C, BK, PREC)
         XK = XKr * b[:, None]
         db += tl.sum(kt * XKr, 1)
         dqt += XQ
@@ -353,9 +384,9 @@ def kda_backward(q, k, v, g, beta, initial_state, scale, cu_seqlens, do, dfinal_
                 dq, dk, dv, dg, dbeta,
                 cu_seqlens if varlen else dummy,
                 inter["cseq"] if varlen else dummy, inter["cidx"] if varlen else dummy,
-                T, TT, NS, float(scale),
+                T, TT, NS, float(scale), float(_CFG["span_max"]),
                 H=H, HV=HV, K=K, V=V, BK=BK, BV=BV, C=CHUNK, IS_VARLEN=varlen, QK_PER_HV=per_hv,
-                PREC=prec, SLOW=slow, num_warps=_CFG["bwd_warps"], num_stages=1)
+                PREC=prec, SLOW=slow, ABL=_CFG.get("ablate_bwd", 0), num_warps=_CFG["bwd_warps"], num_stages=1)
     if per_hv:
         G = HV // H
         dq = dq.view(B, T, H, G, K).sum(3).to(q_dtype)

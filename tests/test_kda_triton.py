@@ -48,13 +48,20 @@ def kda_loop_fp64(q, k, v, g, beta, h0=None, scale=None, cu_seqlens=None):
     return o, torch.stack(states)
 
 
-def make(B, T, H, HV, K, V, dtype=torch.float32, gmin=-1.0, N=None, seed=0, device="cpu"):
+def make(B, T, H, HV, K, V, dtype=torch.float32, gmin=-1.0, N=None, seed=0, device="cpu", gmin_from=None,
+         gmin_hi=None):
+    """Random inputs; g uniform in [gmin, 0] per step, or [gmin_hi, 0] for key columns >= gmin_from.
+    Over a 64-token chunk the mean decay is 32 |gmin| nats: the kernels take the one-anchor path when a
+    key block's chunk decay is <= 60, the 16-block anchors above that, the exact slow path when one
+    16-block alone decays by more than 60 (gmin = -20)."""
     gen = torch.Generator().manual_seed(seed)
     rn = lambda *s: torch.randn(*s, generator=gen)
     q = torch.nn.functional.normalize(rn(B, T, H, K), dim=-1)
     k = torch.nn.functional.normalize(rn(B, T, H, K), dim=-1)
     v = rn(B, T, HV, V)
     g = torch.rand(B, T, HV, K, generator=gen) * gmin
+    if gmin_from is not None:
+        g[..., gmin_from:] *= gmin_hi / gmin
     beta = torch.rand(B, T, HV, generator=gen)
     h0 = rn(B if N is None else N, HV, K, V)
     return [x.to(device=device, dtype=dtype) for x in (q, k, v, g, beta)] + [h0.to(device)]
@@ -73,6 +80,11 @@ FWD_CASES = {
     "chunk_B2_T70_KneV": (dict(B=2, T=70, H=2, HV=2, K=32, V=16), None, True, "chunk", {}),
     "chunk_GVA_strong_decay": (dict(B=1, T=80, H=1, HV=2, K=16, V=32, gmin=-20.0), None, False, "chunk", {}),
     "chunk_mixed_decay": (dict(B=1, T=64, H=1, HV=1, K=16, V=16, gmin=-8.0, seed=3), None, True, "chunk", {}),
+    # chunk decay ~96 nats, 16-block decay ~24: the 16-block anchors, no slow path
+    "chunk_block_anchors": (dict(B=2, T=100, H=1, HV=1, K=16, V=16, gmin=-3.0, seed=4), None, True, "chunk", {}),
+    # key block 0 (columns < 32) mild decay (one anchor), key block 1 medium (16-block anchors)
+    "chunk_mixed_key_blocks": (dict(B=1, T=130, H=1, HV=1, K=48, V=16, gmin=-0.5, gmin_from=32, gmin_hi=-3.0),
+                               None, True, "chunk", {}),
     "chunk_varlen_GVA": (dict(B=1, T=150, H=1, HV=2, K=32, V=16, gmin=-2.0, N=3), [0, 10, 75, 150], True,
                          "chunk", {}),
     "chunk_segments": (dict(B=1, T=200, H=1, HV=1, K=16, V=16, gmin=-0.2), None, True, "seg3", {}),
@@ -96,6 +108,9 @@ BWD_CASES = {
     "bwd_varlen": (dict(B=1, T=90, H=1, HV=1, K=16, V=16, gmin=-1.5, N=2), [0, 7, 90], True, True),
     "bwd_multiblock_no_state": (dict(B=1, T=66, H=1, HV=1, K=48, V=40), None, False, False),
     "bwd_T1": (dict(B=2, T=1, H=1, HV=1, K=16, V=16), None, True, True),
+    "bwd_block_anchors": (dict(B=1, T=100, H=1, HV=1, K=16, V=16, gmin=-3.0, seed=4), None, True, True),
+    "bwd_mixed_key_blocks": (dict(B=1, T=70, H=1, HV=1, K=48, V=16, gmin=-0.5, gmin_from=16, gmin_hi=-3.0),
+                             None, True, True),
 }
 BWD_SPLIT = ("bwd_B2_GVA", "bwd_strong_decay", "bwd_varlen", "bwd_multiblock_no_state")
 BWD_CASES.update({n + "_split": BWD_CASES[n] for n in BWD_SPLIT})
@@ -154,6 +169,32 @@ def _interp_main():
     print("RESULT " + json.dumps(res))
 
 
+def _decays(kw, lo, hi):
+    """Largest whole-chunk and largest 16-block gate decay (nats) over columns [lo, hi) of a case."""
+    g = make(**kw)[3][..., lo:hi].double()
+    chunk, block = 0.0, 0.0
+    for s in range(0, g.shape[1], 64):
+        c = -g[:, s:s + 64]
+        chunk = max(chunk, c.sum(1).max().item())
+        for b in range(0, c.shape[1], 16):
+            block = max(block, c[:, b:b + 16].sum(1).max().item())
+    return chunk, block
+
+
+def test_cases_reach_each_gate_regime():
+    """The cases named for a gate regime are in it (span_max = 60 nats), so each kernel path is run."""
+    for kw in (FWD_CASES["chunk_block_anchors"][0], BWD_CASES["bwd_block_anchors"][0],
+               dict(GPU_FWD_BY_NAME["block_anchors_fp32"], dtype=torch.float32)):
+        chunk, block = _decays(kw, 0, kw["K"])
+        assert chunk > 60 and block <= 60, (chunk, block)
+    for kw in (FWD_CASES["chunk_mixed_key_blocks"][0], BWD_CASES["bwd_mixed_key_blocks"][0]):
+        assert _decays(kw, 0, kw["gmin_from"])[0] <= 60
+        chunk, block = _decays(kw, kw["gmin_from"], kw["K"])
+        assert chunk > 60 and block <= 60, (chunk, block)
+    chunk, block = _decays(FWD_CASES["chunk_GVA_strong_decay"][0], 0, 16)
+    assert block > 60
+
+
 @pytest.fixture(scope="module")
 def interp_results():
     env = dict(os.environ)
@@ -202,7 +243,8 @@ def test_chunk_table_no_sync_shapes():
 # ----------------------------------------------------------------------------------------------
 SM90_CONSTEXPRS = dict(H=4, HV=4, K=64, V=64, BK=32, BV=32, C=64, NSEG=1, USE_H0=True, STORE_O=True,
                        STORE_HT=True, STORE_H=False, STORE_U=False, LOWP=True, PREC="tf32", A_LOWP=True,
-                       STORE_T=False, SLOW=False, USE_DHT=True, STORE_DH0=True, QK_PER_HV=False)
+                       STORE_T=False, SLOW=False, USE_DHT=True, STORE_DH0=True, QK_PER_HV=False, ABL=0,
+                       INV_DOUBLING=True)
 SM90_KERNELS = [("kda_triton", "_kda_intra_kernel"), ("kda_triton", "_kda_pass_kernel"),
                 ("kda_triton", "_kda_recurrent_kernel"), ("kda_triton_bwd", "_kda_pass_bwd_kernel"),
                 ("kda_triton_bwd", "_kda_chunk_bwd_kernel")]
@@ -256,10 +298,14 @@ GPU_FWD = [
     ("GVA_KneV_fp32", dict(B=2, T=300, H=2, HV=4, K=64, V=32), None, torch.float32, 1e-4),
     ("K256_bf16", dict(B=1, T=200, H=2, HV=2, K=256, V=256), None, torch.bfloat16, 5e-3),
     ("strong_decay_fp32", dict(B=1, T=300, H=2, HV=2, K=128, V=128, gmin=-20.0), None, torch.float32, 1e-4),
+    ("block_anchors_fp32", dict(B=1, T=300, H=2, HV=2, K=128, V=128, gmin=-3.0), None, torch.float32, 1e-4),
+    ("mixed_key_blocks_bf16", dict(B=2, T=300, H=2, HV=2, K=128, V=128, gmin=-0.5, gmin_from=64, gmin_hi=-3.0),
+     None, torch.bfloat16, 5e-3),
     ("varlen_bf16", dict(B=1, T=1000, H=4, HV=4, K=128, V=128, N=4), [0, 1, 300, 999, 1000], torch.bfloat16, 5e-3),
     ("decode_B8_T1_bf16", dict(B=8, T=1, H=4, HV=4, K=128, V=128), None, torch.bfloat16, 5e-3),
     ("decode_T3_fp32", dict(B=2, T=3, H=4, HV=4, K=128, V=128), None, torch.float32, 1e-4),
 ]
+GPU_FWD_BY_NAME = {c[0]: c[1] for c in GPU_FWD}
 
 
 @pytest.mark.cuda
@@ -318,10 +364,13 @@ def test_gpu_split_intra_vs_fp64(impl, name, kw, cu, dtype, tol):
 
 
 @pytest.mark.cuda
-@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-4), (torch.bfloat16, 1e-2)])
-def test_gpu_backward_vs_autograd(dtype, tol):
+@pytest.mark.parametrize("dtype,tol,gate", [(torch.float32, 1e-4, {}), (torch.bfloat16, 5e-3, {}),
+                                            (torch.float32, 1e-4, dict(gmin=-0.5, gmin_from=32, gmin_hi=-3.0)),
+                                            (torch.float32, 1e-4, dict(gmin=-20.0))],
+                         ids=["fp32", "bf16", "fp32_mixed_key_blocks", "fp32_strong_decay"])
+def test_gpu_backward_vs_autograd(dtype, tol, gate):
     from kimi_compile.ops import kda_triton_bwd as ktb
-    q, k, v, g, beta, h0 = make(B=2, T=150, H=2, HV=4, K=64, V=64, dtype=dtype, device="cuda", N=None)
+    q, k, v, g, beta, h0 = make(B=2, T=150, H=2, HV=4, K=64, V=64, dtype=dtype, device="cuda", N=None, **gate)
     cu = None
     do = torch.randn(v.shape, device="cuda", dtype=dtype)
     dht = torch.randn_like(h0)
