@@ -8,7 +8,6 @@
 # compiling on the CPU). Measured on the H200 (run 6): the bench parts take about 5 minutes (kda 1.5, attn_res
 # 0.3, model 2, train 1.5), the CUDA tests about 8 minutes on one worker, so the whole does not fit one 10-minute
 # call: run ORDER=bench and ORDER=tests as two calls. MODEL_LAYERS=0 benchmarks the full 27-layer model.
-# ORDER=ablate runs bench/kda_ablate.py (where the KDA kernels' time goes).
 set -u
 REPO=$(cd "$(dirname "$0")/.." && pwd)
 OUTDIR=${1:-${OUT:-/tmp/kimi_out}}
@@ -25,9 +24,6 @@ bench() {
     # shellcheck disable=SC2086
     timeout -k 10 "${BENCH_S:-270}" python3 "$REPO/bench/run_all.py" --json "$OUTDIR/bench.json" \
         --parts ${PARTS:-kda attn_res model train} ${MODEL_LAYERS:+--model-layers "$MODEL_LAYERS"} 2>&1 | tee "$OUTDIR/bench.log"
-}
-ablate() {
-    timeout -k 10 "${ABLATE_S:-240}" python3 "$REPO/bench/kda_ablate.py" 2>&1 | tee "$OUTDIR/ablate.log"
 }
 tests() {
     # cheap files first; test_kda_triton compiles the most kernels

@@ -85,7 +85,7 @@ F32 = "*fp32"
 
 def configs():
     cfg = kt._CFG
-    common = dict(H=H, HV=HV, K=K, C=C, IS_VARLEN=False, ABL=0, INV_DOUBLING=cfg["inverse"] == "doubling")
+    common = dict(H=H, HV=HV, K=K, C=C, IS_VARLEN=False)
     rows = []
     # existing fused intra kernel (forward: bf16 A dots, tf32 inverse; maxnreg as configured)
     fz = kt._kda_intra_kernel

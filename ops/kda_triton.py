@@ -11,11 +11,13 @@ Returns o [B,T,HV,V] in v.dtype and a new float32 final_state [N,HV,K,V].
 Algorithm (chunk C = 64, sub-blocks of 16; docs/kda_kernels.md has the derivation and the floor):
 
 * ``_kda_intra_kernel`` (parallel over chunks x value heads): in-chunk gate cumsum G (fp32), the
-  matrices Akk = beta * (k e^G)(k e^-G)^T (strictly lower) and Aqk = scale * (q e^G)(k e^-G)^T (lower)
-  with every exponent anchored so no factor exceeds 1 (off-diagonal 16-blocks: anchor at the block
-  boundary; diagonal 16-blocks: anchor at the block start when the block's gate span is <= span_max,
-  else an exact per-column loop), T = (I + Akk)^-1 (16-block forward substitution + block Neumann
-  series), w = T (beta k e^G), u = T (beta v), qg = scale q e^G, kg = k e^(G_last - G), gam = e^G_last.
+  matrices Akk = beta * (k e^G)(k e^-G)^T (strictly lower) and Aqk = scale * (q e^G)(k e^-G)^T (lower),
+  per key block with exponents that cannot overflow: when the block's whole-chunk decay is <= span_max,
+  one anchor at the chunk start (left <= |x|, right <= e^span_max: two dots); otherwise anchors at the
+  16-block boundaries (left <= |x|, right <= e^span of a 16-block), and a chunk where one 16-block alone
+  decays by more than span_max is recomputed exactly (SLOW launch: per-column loop on the diagonal
+  blocks). T = (I + Akk)^-1 by block doubling (10 dots), w = T (beta k e^G), u = T (beta v),
+  qg = scale q e^G, kg = k e^(G_last - G), gam = e^G_last.
 * ``_kda_pass_kernel`` (sequential over chunks; parallel over sequences x heads x value blocks
   [x segments]): U = u - w h; o = qg h + Aqk U; h <- gam * h + kg^T U.
 * Long sequences at small batch: the sequence is cut into segments; ``_kda_seg_state_kernel`` runs
@@ -45,8 +47,6 @@ _CFG = {
     "seg_min_chunks": 16,    # a segment holds at least this many chunks
     "target_programs": 528,  # auto segments: aim for about this many pass programs (4 per SM)
     "span_max": 60.0,        # largest in-block gate span (nats) for the anchored diagonal path
-    "inverse": "doubling",   # (I + Akk)^-1 in the fused intra kernel: "doubling" (10 dots) or "subst"
-                             # (16-block forward substitution + block Neumann series)
     "intra_warps": 4,
     "intra_bk": 32,
     "intra_maxnreg": 168,    # register cap for the intra kernel (3 CTAs/SM instead of 2; measured faster)
@@ -145,7 +145,7 @@ def _blockdiag_from_2d(A, C: tl.constexpr):
 
 
 @triton.jit
-def _unit_lower_inverse_doubling(Akk, C: tl.constexpr, PREC: tl.constexpr):
+def _unit_lower_inverse(Akk, C: tl.constexpr, PREC: tl.constexpr):
     """(I + Akk)^-1 for strictly lower triangular Akk [C,C] (fp32 in, fp32 out) by block doubling.
 
     T_s = inverse of the block-diagonal part of I + Akk with s x s blocks. For a lower block-triangular
@@ -171,32 +171,6 @@ def _doubling_level(Tm, Akk, rr, cc, S: tl.constexpr, PREC: tl.constexpr):
     """T_2S = T_S - T_S (N_S T_S), N_S = Akk between the two S-halves of each 2S-block."""
     Ns = tl.where(((rr // S) != (cc // S)) & ((rr // (2 * S)) == (cc // (2 * S))), Akk, 0.)
     return Tm - tl.dot(Tm, tl.dot(Ns, Tm, input_precision=PREC), input_precision=PREC)
-
-
-@triton.jit
-def _unit_lower_inverse(Akk, C: tl.constexpr, PREC: tl.constexpr):
-    """(I + Akk)^-1 for strictly lower triangular Akk [64,64] (fp32 in, fp32 out).
-
-    Diagonal 16-blocks by forward substitution; then with D = blockdiag((I+A_ii)^-1), N the strictly
-    block-lower part and M = D N (block nilpotent, M^4 = 0): (I + A)^-1 = (I - M + M^2 - M^3) D."""
-    r16 = tl.arange(0, 16)
-    r = tl.arange(0, C)
-    A3 = _blockdiag_from_2d(Akk, C)
-    eye3 = tl.where(r16[None, :, None] == r16[None, None, :], 1., 0.) + tl.zeros([4, 16, 16], tl.float32)
-    Tb = eye3
-    for i in range(1, 16):
-        a_i = tl.sum(tl.where(r16[None, :, None] == i, A3, 0.), 1)          # [4,16] row i of each block
-        new = tl.where(r16[None, :] == i, 1., 0.) - tl.sum(a_i[:, :, None] * Tb, 1)   # [4,16]
-        Tb = tl.where(r16[None, :, None] == i, new[:, None, :], Tb)
-    D = _blockdiag_to_2d(Tb, C)
-    blk = r // 16
-    Nm = tl.where(blk[:, None] > blk[None, :], Akk, 0.)
-    eye = tl.where(r[:, None] == r[None, :], 1., 0.)
-    M = tl.dot(D, Nm, input_precision=PREC)
-    X = eye - M
-    X = eye - tl.dot(M, X, input_precision=PREC)
-    X = eye - tl.dot(M, X, input_precision=PREC)
-    return tl.dot(X, D, input_precision=PREC)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -346,8 +320,7 @@ def _kda_intra_kernel(q, k, v, g, beta, w, u, qg, kg, aqk, gam, tinv, flags,
                       H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
                       BK: tl.constexpr, BV: tl.constexpr, C: tl.constexpr,
                       IS_VARLEN: tl.constexpr, A_LOWP: tl.constexpr, PREC: tl.constexpr,
-                      STORE_T: tl.constexpr, SLOW: tl.constexpr, INV_DOUBLING: tl.constexpr,
-                      ABL: tl.constexpr = 0):
+                      STORE_T: tl.constexpr, SLOW: tl.constexpr):
     s = tl.program_id(0)
     hv = tl.program_id(1)
     hq = hv // (HV // H)
@@ -383,10 +356,6 @@ def _kda_intra_kernel(q, k, v, g, beta, w, u, qg, kg, aqk, gam, tinv, flags,
             a1, a2 = _slow_A(kt, qt, G, C, BK, PREC)
             Akk += a1
             Aqk += a2
-        elif ABL & 1:
-            if kb == 0:
-                Akk = tl.dot(kt, tl.trans(kt), Akk, input_precision=PREC)
-                Aqk = tl.dot(qt, tl.trans(kt), Aqk, input_precision=PREC)
         elif tl.max(-Gl, 0) <= span_max:
             Akk, Aqk = _chunk_A(kt, qt, G, Akk, Aqk, A_LOWP, PREC)
         else:
@@ -403,13 +372,7 @@ def _kda_intra_kernel(q, k, v, g, beta, w, u, qg, kg, aqk, gam, tinv, flags,
 
     Akk = tl.where(r[:, None] > r[None, :], Akk, 0.) * b[:, None]
     Aqk = tl.where(r[:, None] >= r[None, :], Aqk, 0.) * scale
-    if ABL & 2:
-        Tm = Akk
-    else:
-        if INV_DOUBLING:
-            Tm = _unit_lower_inverse_doubling(Akk, C, PREC)
-        else:
-            Tm = _unit_lower_inverse(Akk, C, PREC)
+    Tm = _unit_lower_inverse(Akk, C, PREC)
 
     rowC = (hv64 * TT + tok) * C
     cmC = rmask[:, None] & (r[None, :] < C)
@@ -417,7 +380,7 @@ def _kda_intra_kernel(q, k, v, g, beta, w, u, qg, kg, aqk, gam, tinv, flags,
     if STORE_T:
         tl.store(tinv + rowC[:, None] + r[None, :], Tm, mask=cmC)
 
-    for kb in range(0, ((K + BK - 1) // BK) if (ABL & 4) == 0 else 0):
+    for kb in range(0, (K + BK - 1) // BK):
         cols = kb * BK + tl.arange(0, BK)
         cmask = cols < K
         m2 = rmask[:, None] & cmask[None, :]
@@ -427,7 +390,7 @@ def _kda_intra_kernel(q, k, v, g, beta, w, u, qg, kg, aqk, gam, tinv, flags,
         rowK = (hv64 * TT + tok) * K
         tl.store(w + rowK[:, None] + cols[None, :], wt.to(w.dtype.element_ty), mask=m2)
 
-    for vb in range(0, ((V + BV - 1) // BV) if (ABL & 8) == 0 else 0):
+    for vb in range(0, (V + BV - 1) // BV):
         cv = vb * BV + tl.arange(0, BV)
         vm = rmask[:, None] & (cv < V)[None, :]
         vt = tl.load(v + (tok[:, None] * HV + hv) * V + cv[None, :], mask=vm, other=0.).to(tl.float32)
@@ -1023,7 +986,6 @@ def _intermediates(q, k, v, g, beta, scale, cu_seqlens, *, store_dtype, a_lowp, 
                 T, TT, NS, float(scale), float(_CFG["span_max"]),
                 H=H, HV=HV, K=K, V=V, BK=BK, BV=BV, C=CHUNK,
                 IS_VARLEN=cu_seqlens is not None, A_LOWP=a_lowp, PREC=prec, STORE_T=store_t, SLOW=slow,
-                INV_DOUBLING=_CFG["inverse"] == "doubling", ABL=_CFG.get("ablate", 0),
                 num_warps=_CFG["intra_warps"], num_stages=1, **({} if slow else extra))
     return dict(w=w, qg=qg, kg=kg, u=u, aqk=aqk, gam=gam, tinv=tinv, flags=flags, NS=NS, cchunk=cchunk,
                 cseq=cseq, cidx=cidx, TT=TT)

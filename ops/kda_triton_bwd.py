@@ -199,7 +199,7 @@ def _kda_chunk_bwd_kernel(q, k, v, g, beta, do, tinv, ubuf, dubuf, hs, dhs, flag
                           H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
                           BK: tl.constexpr, BV: tl.constexpr, C: tl.constexpr,
                           IS_VARLEN: tl.constexpr, QK_PER_HV: tl.constexpr, PREC: tl.constexpr,
-                          SLOW: tl.constexpr, ABL: tl.constexpr = 0):
+                          SLOW: tl.constexpr):
     s = tl.program_id(0)
     hv = tl.program_id(1)
     hq = hv // (HV // H)
@@ -227,7 +227,7 @@ def _kda_chunk_bwd_kernel(q, k, v, g, beta, do, tinv, ubuf, dubuf, hs, dhs, flag
     dAq = tl.zeros([C, C], tl.float32)
     dAk = tl.zeros([C, C], tl.float32)
     db = tl.zeros([C], tl.float32)
-    for vb in range(0, NVB if (ABL & 2) == 0 else 0):
+    for vb in range(0, NVB):
         cv = vb * BV + tl.arange(0, BV)
         mv = rm[:, None] & (cv < V)[None, :]
         rowV = (hv64 * TT + tok) * V
@@ -261,7 +261,7 @@ def _kda_chunk_bwd_kernel(q, k, v, g, beta, do, tinv, ubuf, dubuf, hs, dhs, flag
         dKg = tl.zeros([C, BK], tl.float32)
         dUh = tl.zeros([C, BK], tl.float32)
         dgm = tl.zeros([BK], tl.float32)
-        for vb in range(0, NVB if (ABL & 4) == 0 else 0):
+        for vb in range(0, NVB):
             cv = vb * BV + tl.arange(0, BV)
             vmask = cv < V
             mv = rm[:, None] & vmask[None, :]
@@ -292,11 +292,6 @@ def _kda_chunk_bwd_kernel(q, k, v, g, beta, do, tinv, ubuf, dubuf, hs, dhs, flag
 
         if SLOW:
             XQ, XKr, YQ, YK = _slow_dA(kt, qt, G, dAq, dAk, dAkb, C, BK, PREC)
-        elif ABL & 1:
-            XQ = kt * 0.5
-            XKr = qt * 0.5
-            YQ = kt * 0.25
-            YK = qt * 0.25
         elif tl.max(-Gl, 0) <= span_max:
             XQ, XKr, YQ, YK = _chunk_dA(kt, qt, G, dAq, dAk, dAqT, dAkbT, PREC)
         else:
@@ -386,7 +381,7 @@ def kda_backward(q, k, v, g, beta, initial_state, scale, cu_seqlens, do, dfinal_
                 inter["cseq"] if varlen else dummy, inter["cidx"] if varlen else dummy,
                 T, TT, NS, float(scale), float(_CFG["span_max"]),
                 H=H, HV=HV, K=K, V=V, BK=BK, BV=BV, C=CHUNK, IS_VARLEN=varlen, QK_PER_HV=per_hv,
-                PREC=prec, SLOW=slow, ABL=_CFG.get("ablate_bwd", 0), num_warps=_CFG["bwd_warps"], num_stages=1)
+                PREC=prec, SLOW=slow, num_warps=_CFG["bwd_warps"], num_stages=1)
     if per_hv:
         G = HV // H
         dq = dq.view(B, T, H, G, K).sum(3).to(q_dtype)
