@@ -177,92 +177,24 @@ def prefill_row(T, fla, check=True, B=1):
         chk.append(f"vs FLA {rel(o, fo):.1e}")
         f_ms = bench_ms(lambda: fla_chunk(q, k, v, g, beta, h0, scale))
     o_ms = bench_ms(ours)
-    flops = 2 * B * T * H * (64 * K * 4 + 64 * 64 * 2 + K * V * 4) + 2 * B * T * H * 64 * (K + V)
     nbytes = 5 * B * T * H * K * 2
     metric = f"{nbytes / o_ms / 1e6:.0f} GB/s io"
     del q, k, v, g, beta
     return _row(f"prefill fwd B={B} T={T}", f_ms, o_ms, metric, "; ".join(chk))
 
 
-INTRA_IMPLS = ("fused", "split", "split3")
-
-
-def _with_impl(impl, fn):
-    old = kt._CFG["intra_impl"]
-    kt._CFG["intra_impl"] = impl
-    try:
-        return fn()
-    finally:
-        kt._CFG["intra_impl"] = old
-
-
-def intra_compare_rows(fla, Ts=(4096, 16384, 65536), bwd_T=8192):
-    """Same-run comparison of the intra-stage implementations (_CFG["intra_impl"]): full forward and
-    the intra stage alone at each T, fwd+bwd at bwd_T; each row checks o against the fused path and
-    the float64 reference; a summary row names the fastest."""
+def intra_stage_rows(Ts=(4096, 16384, 65536)):
+    """The intra-chunk stage alone (_intermediates: both launches) beside the whole forward, per T."""
     rows = []
     scale = K ** -0.5
     for T in Ts:
         q, k, v, g, beta, h0 = make_inputs(1, T)
-        f_ms = bench_ms(lambda: fla_chunk(q, k, v, g, beta, h0, scale)) if fla is not None else None
-        ro = rh = None
-        if T <= 16384:
-            ro, rh = ref_fp64(q, k, v, g, beta, h0, scale)
-        o_ref, _ = _with_impl("fused", lambda: kt.kda_forward(q, k, v, g, beta, h0, scale, None))
-        best = None
-        for impl in INTRA_IMPLS:
-            def fwd():
-                return kt.kda_forward(q, k, v, g, beta, h0, scale, None)
-
-            def intra():
-                return kt._intermediates(q, k, v, g, beta, scale, None, store_dtype=torch.bfloat16,
-                                         a_lowp=True, prec="tf32", store_t=False)
-            try:
-                o, ht = _with_impl(impl, fwd)
-                torch.cuda.synchronize()
-                chk = f"o vs fused {rel(o, o_ref):.1e}"
-                if ro is not None:
-                    chk += f"; o {rel(o, ro):.1e} state {rel(ht, rh):.1e} vs fp64"
-                ms = _with_impl(impl, lambda: bench_ms(fwd))
-                i_ms = _with_impl(impl, lambda: bench_ms(intra))
-                rows.append(_row(f"prefill fwd B=1 T={T} intra={impl}", f_ms, ms, f"intra stage {i_ms:.3f} ms",
-                                 chk))
-                if best is None or ms < best[1]:
-                    best = (impl, ms)
-            except Exception as e:
-                rows.append(_row(f"prefill fwd B=1 T={T} intra={impl}", f_ms, None, "",
-                                 f"ERROR {type(e).__name__}: {e}"[:200]))
-            print(_fmt(rows[-1]), flush=True)
-        if best is not None:
-            rows.append(_row(f"FASTEST intra T={T}: {best[0]}", f_ms, best[1], "", ""))
-            print(_fmt(rows[-1]), flush=True)
-        del q, k, v, g, beta, h0, ro, rh, o_ref
-    if bwd_T:
-        q, k, v, g, beta, h0 = make_inputs(1, bwd_T)
-        do = torch.randn_like(v)
-        dht = torch.randn_like(h0)
-        best = None
-        ref = None
-        for impl in INTRA_IMPLS:
-            def fb():
-                kt.kda_forward(q, k, v, g, beta, h0, scale, None)
-                return ktb.kda_backward(q, k, v, g, beta, h0, scale, None, do, dht)
-            try:
-                gr = _with_impl(impl, fb)
-                if ref is None:
-                    ref = gr
-                chk = "vs fused " + " ".join(f"{n}={rel(a, b):.1e}" for n, a, b in
-                                             zip(["dq", "dk", "dv", "dg", "db", "dh0"], gr, ref))
-                ms = _with_impl(impl, lambda: bench_ms(fb))
-                rows.append(_row(f"fwd+bwd B=1 T={bwd_T} intra={impl}", None, ms, "", chk))
-                if best is None or ms < best[1]:
-                    best = (impl, ms)
-            except Exception as e:
-                rows.append(_row(f"fwd+bwd B=1 T={bwd_T} intra={impl}", None, None, "",
-                                 f"ERROR {type(e).__name__}: {e}"[:200]))
-            print(_fmt(rows[-1]), flush=True)
-        if best is not None:
-            rows.append(_row(f"FASTEST intra fwd+bwd T={bwd_T}: {best[0]}", None, best[1], "", ""))
+        fwd_ms = bench_ms(lambda: kt.kda_forward(q, k, v, g, beta, h0, scale, None))
+        i_ms = bench_ms(lambda: kt._intermediates(q, k, v, g, beta, scale, None, store_dtype=torch.bfloat16,
+                                                  a_lowp=True, prec="tf32", store_t=False))
+        rows.append(_row(f"intra stage B=1 T={T}", None, i_ms, f"whole forward {fwd_ms:.3f} ms", ""))
+        print(_fmt(rows[-1]), flush=True)
+        del q, k, v, g, beta, h0
     return rows
 
 
@@ -500,8 +432,7 @@ def run(sweep=False, checks=True, quick=False, extended=True, only=None):
     for B in ((256,) if quick else (1, 32, 256)):
         jobs.append((f"decode B={B}", decode_row, B, fla))
     jobs.append(("decode graph", decode_graph_row, fla))
-    jobs.append(("intra impls", intra_compare_rows, fla, (4096,) if quick else (4096, 16384, 65536),
-                 None if quick else 8192))
+    jobs.append(("intra stage", intra_stage_rows, (4096,) if quick else (4096, 16384, 65536)))
     if sweep:
         jobs.append(("sweep", sweep_rows, fla))
     jobs.append(("profile", profile_rows, fla))

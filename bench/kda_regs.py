@@ -98,25 +98,6 @@ def configs():
     ce = dict(common, V=V, BK=min(128, cfg["intra_bk"]), BV=64, A_LOWP=True, PREC="tf32", STORE_T=False,
               SLOW=False)
     rows.append(("fused _kda_intra_kernel SLOW=False no cap", fz, t, ce, cfg["intra_warps"], None))
-    # split: strips of A
-    fa = kt._kda_intra_a_kernel
-    t = _types(fa, dict(akk=F32, gam=F32, flags="*i32", cu=F32, cseq=F32, cidx=F32))
-    for bk in (32, 64):
-        for slow in (False, True):
-            ce = dict(common, BK=bk, A_LOWP=True, PREC="tf32", SLOW=slow)
-            rows.append((f"split _kda_intra_a_kernel BK={bk} SLOW={slow}", fa, t, ce, cfg["split_a_warps"], None))
-    fb = kt._kda_intra_b_kernel
-    t = _types(fb, dict(akk=F32, tinv=F32, cu=F32, cseq=F32, cidx=F32))
-    for st in (False, True):
-        ce = dict(common, V=V, BK=min(128, cfg["split_b_bk"]), BV=min(128, cfg["split_b_bv"]), PREC="tf32",
-                  STORE_T=st)
-        rows.append((f"split _kda_intra_b_kernel STORE_T={st}", fb, t, ce, cfg["split_b_warps"], None))
-    ce = dict(common, V=V, BK=64, BV=64, PREC="tf32", STORE_T=True, DO_WU=False)
-    rows.append(("split3 _kda_intra_b_kernel (inverse only, stores T)", fb, t, ce, cfg["split_b_warps"], None))
-    fw = kt._kda_intra_wu_kernel
-    t = _types(fw, dict(tinv=F32, cu=F32, cseq=F32, cidx=F32))
-    ce = dict(common, V=V, BK=min(128, cfg["wu_bk"]), BV=min(128, cfg["wu_bv"]), PREC="tf32")
-    rows.append(("split3 _kda_intra_wu_kernel", fw, t, ce, cfg["wu_warps"], None))
     # pass kernel (forward config)
     fp = kt._kda_pass_kernel
     t = _types(fp, dict(gam=F32, h0=F32, ht=F32, hseg=F32, hs=F32, ubuf=F32, cu=F32, cchunk=F32))

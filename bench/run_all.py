@@ -67,7 +67,7 @@ def main(argv=None):
     try:
         for part in a.parts:
             if part in ("kda", "train", "checks"):
-                only = {"kda": ["prefill", "decode"] + (["intra impls", "sweep"] if a.sweep else []),
+                only = {"kda": ["prefill", "decode"] + (["intra stage", "sweep"] if a.sweep else []),
                         "train": ["fwd+bwd"], "checks": ["checks"]}[part]
                 for r in bench_kda.run(sweep=a.sweep, quick=a.quick, only=only):  # bench_kda prints its rows
                     env = r.get("env", env)

@@ -95,13 +95,6 @@ FWD_CASES = {
     "recurrent_varlen": (dict(B=1, T=5, H=1, HV=2, K=32, V=16, N=2), [0, 2, 5], True, "auto", {}),
     "recurrent_strong_decay": (dict(B=1, T=9, H=2, HV=2, K=16, V=16, gmin=-20.0), None, False, "auto", {}),
 }
-# the split intra stage (_CFG["intra_impl"] = "split") on every chunked case
-SPLIT = {"intra_impl": "split"}
-FWD_CASES.update({n + "_split": (kw, cu, h0, path, dict(cfg, **SPLIT))
-                  for n, (kw, cu, h0, path, cfg) in list(FWD_CASES.items()) if path != "auto"})
-# "split3": the same strips of A, the inverse kernel storing T, a separate w / u kernel
-FWD_CASES.update({n + "_split3": (FWD_CASES[n][:4] + ({"intra_impl": "split3"},))
-                  for n in ("chunk_B2_T70_KneV", "chunk_B2_T100_strong_decay", "chunk_varlen_GVA")})
 BWD_CASES = {
     "bwd_B2_GVA": (dict(B=2, T=70, H=1, HV=2, K=32, V=16), None, True, True),
     "bwd_strong_decay": (dict(B=1, T=40, H=1, HV=1, K=16, V=32, gmin=-20.0), None, True, True),
@@ -112,9 +105,6 @@ BWD_CASES = {
     "bwd_mixed_key_blocks": (dict(B=1, T=70, H=1, HV=1, K=48, V=16, gmin=-0.5, gmin_from=16, gmin_hi=-3.0),
                              None, True, True),
 }
-BWD_SPLIT = ("bwd_B2_GVA", "bwd_strong_decay", "bwd_varlen", "bwd_multiblock_no_state")
-BWD_CASES.update({n + "_split": BWD_CASES[n] for n in BWD_SPLIT})
-BWD_CASES["bwd_strong_decay_split3"] = BWD_CASES["bwd_strong_decay"]
 
 
 def _interp_main():
@@ -126,7 +116,6 @@ def _interp_main():
     base = dict(kt._CFG)
     for name, (kw, cu, use_h0, path, cfg) in FWD_CASES.items():
         kt._CFG.update(base)
-        kt._CFG["intra_impl"] = "fused"
         kt._CFG.update(cfg)
         q, k, v, g, beta, h0 = make(**kw)
         cut = torch.tensor(cu, dtype=torch.int64) if cu else None
@@ -144,7 +133,6 @@ def _interp_main():
         res[name] = [rel(o, ro), rel(ht, rh), bool(torch.isfinite(o).all())]
     for name, (kw, cu, use_h0, use_dht) in BWD_CASES.items():
         kt._CFG.update(base)
-        kt._CFG["intra_impl"] = name.rsplit("_", 1)[1] if name.endswith(("_split", "_split3")) else "fused"
         q, k, v, g, beta, h0 = make(**kw)
         cut = torch.tensor(cu, dtype=torch.int64) if cu else None
         h0 = h0 if use_h0 else None
@@ -334,32 +322,6 @@ def test_gpu_forward_vs_fla():
     fo, fh = chunk_kda(q, k, v, g, beta, scale=128 ** -0.5, initial_state=h0.clone(), output_final_state=True)
     assert rel(fo, ro) < 2e-2 and rel(fh, rh) < 2e-2  # FLA itself against the same oracle: the comparison is sane
     assert rel(o, fo) < 1e-2 and rel(ht, fh) < 1e-2
-
-
-GPU_SPLIT = [("B4_T1000_bf16", dict(B=4, T=1000, H=4, HV=4, K=128, V=128), None, torch.bfloat16, 5e-3),
-             ("GVA_KneV_fp32", dict(B=2, T=300, H=2, HV=4, K=64, V=32), None, torch.float32, 1e-4),
-             ("strong_decay_fp32", dict(B=1, T=300, H=2, HV=2, K=128, V=128, gmin=-20.0), None, torch.float32, 1e-4),
-             ("varlen_bf16", dict(B=1, T=1000, H=4, HV=4, K=128, V=128, N=4), [0, 1, 300, 999, 1000],
-              torch.bfloat16, 5e-3)]
-
-
-@pytest.mark.cuda
-@pytest.mark.parametrize("impl", ["split", "split3"])
-@pytest.mark.parametrize("name,kw,cu,dtype,tol", GPU_SPLIT, ids=[c[0] for c in GPU_SPLIT])
-def test_gpu_split_intra_vs_fp64(impl, name, kw, cu, dtype, tol):
-    from kimi_compile.ops import kda_triton as kt
-    torch.backends.cuda.matmul.allow_tf32 = False
-    q, k, v, g, beta, h0 = make(dtype=dtype, device="cuda", **kw)
-    cut = torch.tensor(cu, dtype=torch.int64, device="cuda") if cu else None
-    scale = kw["K"] ** -0.5
-    old = kt._CFG["intra_impl"]
-    kt._CFG["intra_impl"] = impl
-    try:
-        o, ht = kt.kda_forward(q, k, v, g, beta, h0, scale, cut)
-    finally:
-        kt._CFG["intra_impl"] = old
-    ro, rh = kda_loop_fp64(q, k, v, g, beta, h0, scale, cut)
-    assert rel(o, ro) <= tol and rel(ht, rh) <= tol, (rel(o, ro), rel(ht, rh))
 
 
 @pytest.mark.cuda
