@@ -117,6 +117,28 @@ def _seq_span(n, cu, cchunk, T, C: tl.constexpr, IS_VARLEN: tl.constexpr):
 
 
 @triton.jit
+def _state_tile(pv, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr):
+    """Value block pv of a [K, V] fp32 state: key / value indices and masks, the tile's mask and its
+    offsets inside one state."""
+    rk = tl.arange(0, BK)
+    km = rk < K
+    cv = pv * BV + tl.arange(0, BV)
+    vm = cv < V
+    return rk, km, cv, vm, km[:, None] & vm[None, :], rk[:, None] * V + cv[None, :]
+
+
+@triton.jit
+def _load_state(ptr, idx, hoff, hm, USE: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr,
+                BV: tl.constexpr):
+    """State tile of state number idx (zeros when USE is False)."""
+    if USE:
+        h = tl.load(ptr + idx.to(tl.int64) * K * V + hoff, mask=hm, other=0.)
+    else:
+        h = tl.zeros([BK, BV], tl.float32)
+    return h
+
+
+@triton.jit
 def _blockdiag_to_2d(D3, C: tl.constexpr):
     """[4,16,16] diagonal blocks -> [64,64] block-diagonal matrix."""
     i4 = tl.arange(0, 4)
@@ -262,10 +284,9 @@ def _fast_A(kt, qt, G, E0, E1, E2, Akk, Aqk, C: tl.constexpr, BK: tl.constexpr,
 
 
 @triton.jit
-def _slow_A(kt, qt, G, C: tl.constexpr, BK: tl.constexpr, PREC: tl.constexpr):
-    """Exact Akk, Aqk (unmasked, unscaled) for any gate: off-diagonal blocks with both factors <= 1,
-    diagonal blocks by an explicit loop over the 16 columns (every exponent <= 0)."""
-    NEG_INF: tl.constexpr = float("-inf")
+def _slow_tiles(kt, qt, G, BK: tl.constexpr):
+    """The slow paths' [4, 16, BK] views: G3, its 16-block ends E [4, BK] and the previous block's end Ep
+    (0 for block 0), k3, q3, and the factors e^(G - Ep) <= 1 (left) and e^(E - G) <= 1 (right)."""
     i4 = tl.arange(0, 4)
     r16 = tl.arange(0, 16)
     G3 = tl.reshape(G, (4, 16, BK))
@@ -273,8 +294,17 @@ def _slow_A(kt, qt, G, C: tl.constexpr, BK: tl.constexpr, PREC: tl.constexpr):
     Ep = tl.sum(tl.where(i4[:, None, None] == i4[None, :, None] + 1, E[None, :, :], 0.), 1)
     k3 = tl.reshape(kt, (4, 16, BK))
     q3 = tl.reshape(qt, (4, 16, BK))
-    eL3 = tl.exp(G3 - Ep[:, None, :])
-    eR3 = tl.exp(E[:, None, :] - G3)
+    return G3, E, Ep, k3, q3, tl.exp(G3 - Ep[:, None, :]), tl.exp(E[:, None, :] - G3)
+
+
+@triton.jit
+def _slow_A(kt, qt, G, C: tl.constexpr, BK: tl.constexpr, PREC: tl.constexpr):
+    """Exact Akk, Aqk (unmasked, unscaled) for any gate: off-diagonal blocks with both factors <= 1,
+    diagonal blocks by an explicit loop over the 16 columns (every exponent <= 0)."""
+    NEG_INF: tl.constexpr = float("-inf")
+    i4 = tl.arange(0, 4)
+    r16 = tl.arange(0, 16)
+    G3, E, Ep, k3, q3, eL3, eR3 = _slow_tiles(kt, qt, G, BK)
     kL3 = k3 * eL3
     qL3 = q3 * eL3
     kR3 = k3 * eR3
@@ -409,18 +439,11 @@ def _kda_pass_kernel(w, u, qg, kg, aqk, gam, o, h0, ht, hseg, hs, ubuf,
     c_lo = sg * L
     c_hi = tl.minimum(c_lo + L, nt)
 
-    rk = tl.arange(0, BK)
-    km = rk < K
-    cv = pv * BV + tl.arange(0, BV)
-    vm = cv < V
-    hm = km[:, None] & vm[None, :]
-    hoff = rk[:, None] * V + cv[None, :]
+    rk, km, cv, vm, hm, hoff = _state_tile(pv, K, V, BK, BV)
     if NSEG > 1:
-        h = tl.load(hseg + (nh * NSEG + sg).to(tl.int64) * K * V + hoff, mask=hm, other=0.)
-    elif USE_H0:
-        h = tl.load(h0 + nh.to(tl.int64) * K * V + hoff, mask=hm, other=0.)
+        h = _load_state(hseg, nh * NSEG + sg, hoff, hm, True, K, V, BK, BV)
     else:
-        h = tl.zeros([BK, BV], tl.float32)
+        h = _load_state(h0, nh, hoff, hm, USE_H0, K, V, BK, BV)
     r = tl.arange(0, C)
     for c in range(c_lo, c_hi):
         tok = bos + c * C + r
@@ -525,16 +548,8 @@ def _kda_seg_combine_kernel(mseg, bseg, h0, ht, hseg,
                             NSEG: tl.constexpr, USE_H0: tl.constexpr, PREC: tl.constexpr):
     pv = tl.program_id(0)
     nh = tl.program_id(1)
-    rk = tl.arange(0, BK)
-    km = rk < K
-    cv = pv * BV + tl.arange(0, BV)
-    vm = cv < V
-    hm = km[:, None] & vm[None, :]
-    hoff = rk[:, None] * V + cv[None, :]
-    if USE_H0:
-        h = tl.load(h0 + nh.to(tl.int64) * K * V + hoff, mask=hm, other=0.)
-    else:
-        h = tl.zeros([BK, BV], tl.float32)
+    rk, km, cv, vm, hm, hoff = _state_tile(pv, K, V, BK, BV)
+    h = _load_state(h0, nh, hoff, hm, USE_H0, K, V, BK, BV)
     for sg in range(0, NSEG):
         base = (nh * NSEG + sg).to(tl.int64)
         tl.store(hseg + base * K * V + hoff, h, mask=hm)
@@ -569,6 +584,8 @@ def _kda_recurrent_kernel(q, k, v, g, beta, o, h0, ht, cu, T, scale,
     cv = pv * BV + tl.arange(0, BV)
     vm = cv < V
     hm = km[:, None] & vm[None, :]
+    # one int64 offset for the load and the store (written out, not _state_tile: keeps the measured
+    # decode kernel's address arithmetic as it was)
     hoff = nh.to(tl.int64) * K * V + rk[:, None] * V + cv[None, :]
     if USE_H0:
         h = tl.load(h0 + hoff, mask=hm, other=0.)

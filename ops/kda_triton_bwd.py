@@ -13,8 +13,9 @@ Stages (per chunk of 64 tokens; docs/kda_kernels.md has the derivation):
 3. ``_kda_pass_bwd_kernel`` runs the chunks in reverse: stores dh'_c (gradient of the chunk-end state),
    dU = Aqk^T dO + kg dh'_c, and dh_c = qg^T dO + gam dh'_c - w^T dU; the last one is dinitial_state.
 4. ``_kda_chunk_bwd_kernel`` (parallel over chunks x heads): dv, dbeta, dq, dk, dg from
-   dAqk = dO U^T, dBv = T^T dU, dAkk = -dBv U^T, dBk = -dBv h^T, dQg = dO h^T, dKg = U dh'^T,
-   dgam = sum_v h * dh', through the same anchored exponents as the forward.
+   dAqk = dO U^T, dBv = T^T dU, dAkk = -dBv U^T, dBk = -dBv h^T = -T^T (dU h^T), dQg = dO h^T,
+   dKg = U dh'^T, dgam = sum_v h * dh', through the same three exponent regimes as the forward (one
+   anchor per key block when its chunk decay is <= span_max, 16-block anchors, the slow exact path).
 """
 from __future__ import annotations
 
@@ -22,8 +23,9 @@ import torch
 import triton
 import triton.language as tl
 
-from .kda_triton import (CHUNK, _CFG, _gate2d, _block_ends, _anchor_rows, _block_mult, _blockdiag_from_2d, _seq_bounds,
-                         _seq_span, _launch, _np2, _modes, _prep, _intermediates, _pass_forward)
+from .kda_triton import (CHUNK, _CFG, _gate2d, _block_ends, _anchor_rows, _block_mult, _blockdiag_from_2d,
+                         _seq_bounds, _seq_span, _slow_tiles, _state_tile, _load_state, _launch, _np2, _modes,
+                         _prep, _intermediates, _pass_forward)
 
 _CFG.setdefault("bwd_bk", 32)     # measured: 16 -> 32 cut kda_backward at T=8192 from 6.17 to 5.36 ms
 _CFG.setdefault("bwd_bv", 32)
@@ -46,16 +48,8 @@ def _kda_pass_bwd_kernel(w, qg, kg, aqk, gam, do, dht, dh0, dhs, dubuf,
     hv64 = hv.to(tl.int64)
     bos, eos, slot0 = _seq_span(n, cu, cchunk, T, C, IS_VARLEN)
     nt = tl.cdiv(eos - bos, C)
-    rk = tl.arange(0, BK)
-    km = rk < K
-    cv = pv * BV + tl.arange(0, BV)
-    vm = cv < V
-    hm = km[:, None] & vm[None, :]
-    hoff = rk[:, None] * V + cv[None, :]
-    if USE_DHT:
-        dh = tl.load(dht + nh.to(tl.int64) * K * V + hoff, mask=hm, other=0.)
-    else:
-        dh = tl.zeros([BK, BV], tl.float32)
+    rk, km, cv, vm, hm, hoff = _state_tile(pv, K, V, BK, BV)
+    dh = _load_state(dht, nh, hoff, hm, USE_DHT, K, V, BK, BV)
     r = tl.arange(0, C)
     for i in range(0, nt):
         c = nt - 1 - i
@@ -136,13 +130,7 @@ def _slow_dA(kt, qt, G, dAq, dAk, dAkb, C: tl.constexpr, BK: tl.constexpr, PREC:
     blk = r // 16
     i4 = tl.arange(0, 4)
     r16 = tl.arange(0, 16)
-    G3 = tl.reshape(G, (4, 16, BK))
-    E = tl.sum(tl.where(r16[None, :, None] == 15, G3, 0.), 1)
-    Ep = tl.sum(tl.where(i4[:, None, None] == i4[None, :, None] + 1, E[None, :, :], 0.), 1)
-    k3 = tl.reshape(kt, (4, 16, BK))
-    q3 = tl.reshape(qt, (4, 16, BK))
-    eL3 = tl.exp(G3 - Ep[:, None, :])
-    eR3 = tl.exp(E[:, None, :] - G3)
+    G3, E, Ep, k3, q3, eL3, eR3 = _slow_tiles(kt, qt, G, BK)
     accXQ = tl.zeros([C, BK], tl.float32)
     accXK = tl.zeros([C, BK], tl.float32)
     kR3 = k3 * eR3
