@@ -2,6 +2,10 @@
 
     python bench/kda_regs.py            # prints one table row per kernel configuration
 
+The last column is an md5 of the PTX without its debug information (line records, DWARF sections): a
+refactor that leaves it unchanged for every row leaves the compiled kernels as they were measured (same
+Triton version assumed).
+
 Compiles each kernel with ``triton.compile(ASTSource(...), target=GPUTarget("cuda", 90, 32))`` at the
 bench shapes (H = HV = 32, K = V = 128, bf16 inputs, non-varlen), pointers marked 16-byte aligned like a
 real launch, then runs Triton's bundled ``ptxas -v`` on the PTX for registers and spill bytes; shared
@@ -9,6 +13,7 @@ memory is ``compiled.metadata.shared``. Numbers are those of this machine's Trit
 another Triton version: counts can differ by a few registers)."""
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 import subprocess
@@ -30,6 +35,14 @@ C = 64
 
 def _ptxas():
     return os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
+
+
+def _code_hash(ptx: str) -> str:
+    """md5 of the PTX code without debug information (.loc / .file lines, debug sections, temp labels)."""
+    body = ptx.split(".section\t.debug", 1)[0]
+    keep = [ln for ln in body.splitlines()
+            if not ln.strip().startswith((".loc", ".file", "//")) and "$L__tmp" not in ln]
+    return hashlib.md5("\n".join(keep).encode()).hexdigest()[:12]
 
 
 def compile_stats(fn, types: dict, constexprs: dict, num_warps: int, num_stages: int = 1, maxnreg=None):
@@ -61,7 +74,7 @@ def compile_stats(fn, types: dict, constexprs: dict, num_warps: int, num_stages:
     regs = re.findall(r"Used (\d+) registers", txt)
     spill_st = re.findall(r"(\d+) bytes spill stores", txt)
     spill_ld = re.findall(r"(\d+) bytes spill loads", txt)
-    return dict(regs=int(regs[-1]) if regs else None,
+    return dict(regs=int(regs[-1]) if regs else None, code=_code_hash(ptx),
                 spill=f"{spill_st[-1] if spill_st else '?'}/{spill_ld[-1] if spill_ld else '?'}",
                 shared=int(comp.metadata.shared), warps=num_warps, target=target)
 
@@ -110,25 +123,38 @@ def configs():
         t = _types(fc, dict(tinv=F32, ubuf=F32, dubuf=F32, hs=F32, dhs=F32, flags="*i32", cu=F32, cseq=F32,
                             cidx=F32, dq=F32, dk=F32, dg=F32, dbeta=F32, dv=F32))
         cexp = {n: None for n in fc.arg_names}
-        ce = dict(common, V=V, BK=min(128, cfg["bwd_bk"]), BV=min(128, cfg["bwd_bv"]), PREC="tf32", SLOW=False)
-        ce = {k: v for k, v in ce.items() if k in cexp}
-        rows.append(("_kda_chunk_bwd_kernel SLOW=False", fc, t, ce, cfg["bwd_warps"], None))
+        for slow in (False, True):
+            ce = dict(common, V=V, BK=min(128, cfg["bwd_bk"]), BV=min(128, cfg["bwd_bv"]), PREC="tf32", SLOW=slow)
+            ce = {k: v for k, v in ce.items() if k in cexp}
+            rows.append((f"_kda_chunk_bwd_kernel SLOW={slow}", fc, t, ce, cfg["bwd_warps"], None))
+    # backward reverse pass and the decode token loop
+    fr = ktb._kda_pass_bwd_kernel
+    t = _types(fr, dict(w=F32, qg=F32, kg=F32, aqk=F32, gam=F32, dht=F32, dh0=F32, dhs=F32, dubuf=F32, cu=F32,
+                        cchunk=F32))
+    ce = dict(H=H, HV=HV, K=K, V=V, BK=128, BV=cfg["bwd_pass_bv"], C=C, IS_VARLEN=False, USE_DHT=True,
+              STORE_DH0=True, PREC="tf32")
+    rows.append(("_kda_pass_bwd_kernel", fr, t, ce, cfg["bwd_pass_warps"], None))
+    fd = kt._kda_recurrent_kernel
+    t = _types(fd, dict(h0=F32, ht=F32, cu=F32))
+    ce = dict(H=H, HV=HV, K=K, V=V, BK=128, BV=cfg["decode_bv"], IS_VARLEN=False, USE_H0=True)
+    rows.append(("_kda_recurrent_kernel (decode)", fd, t, ce, cfg["decode_warps"], None))
     return rows
 
 
 def main():
     import triton as _t
     print(f"# offline sm_90 compile, triton {_t.__version__}; H=HV={H} K=V={K} bf16, non-varlen")
-    print("| kernel config | warps | registers | spill st/ld bytes | shared bytes | target |")
-    print("|---|---|---|---|---|---|")
+    print("| kernel config | warps | registers | spill st/ld bytes | shared bytes | target | PTX md5 (no debug) |")
+    print("|---|---|---|---|---|---|---|")
     for row in configs():
         name, fn, t, ce, warps, mx = row[:6]
         stages = row[6] if len(row) > 6 else 1
         try:
             s = compile_stats(fn, t, ce, warps, stages, mx)
-            print(f"| {name} | {warps} | {s['regs']} | {s['spill']} | {s['shared']} | {s['target']} |", flush=True)
+            print(f"| {name} | {warps} | {s['regs']} | {s['spill']} | {s['shared']} | {s['target']} | {s['code']} |",
+                  flush=True)
         except Exception as e:  # keep the other rows
-            print(f"| {name} | {warps} | error {type(e).__name__}: {str(e)[:200]} | | | |", flush=True)
+            print(f"| {name} | {warps} | error {type(e).__name__}: {str(e)[:200]} | | | | |", flush=True)
 
 
 if __name__ == "__main__":
