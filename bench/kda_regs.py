@@ -124,7 +124,8 @@ def configs():
                             cidx=F32, dq=F32, dk=F32, dg=F32, dbeta=F32, dv=F32))
         cexp = {n: None for n in fc.arg_names}
         for slow in (False, True):
-            ce = dict(common, V=V, BK=min(128, cfg["bwd_bk"]), BV=min(128, cfg["bwd_bv"]), PREC="tf32", SLOW=slow)
+            ce = dict(common, V=V, BK=min(128, cfg["bwd_bk"]), BV=min(128, cfg["bwd_bv"]), PREC="tf32", SLOW=slow,
+                      QK_PER_HV=False)
             ce = {k: v for k, v in ce.items() if k in cexp}
             rows.append((f"_kda_chunk_bwd_kernel SLOW={slow}", fc, t, ce, cfg["bwd_warps"], None))
     # backward reverse pass and the decode token loop

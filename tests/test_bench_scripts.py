@@ -41,3 +41,27 @@ def test_model_bench_tiny_eager():
     assert any(n.startswith("model prefill") for n in names) and any(n.startswith("model decode") for n in names)
     assert any("AttnRes" in n for n in names)
     assert all(r["ref_ms"] > 0 for r in rows)
+
+
+def test_kda_regs_rows_name_every_constexpr():
+    """Each row of bench/kda_regs.py gives every constexpr parameter of its kernel a value and a type to every
+    runtime one (a kernel that gains a parameter would otherwise fail to compile there)."""
+    import kda_regs
+    rows = kda_regs.configs()
+    assert len(rows) >= 8
+    for name, fn, types, consts, *_ in rows:
+        for p in fn.params:
+            if p.is_constexpr:
+                assert p.name in consts, (name, p.name)
+            else:
+                assert p.name in types, (name, p.name)
+
+
+def test_kda_regs_code_hash_ignores_debug_info_only():
+    import kda_regs
+    ptx = ("//\n.version 8.4\n.target sm_90a\n.entry k()\n{\n\t.loc\t1 10 5\n\tadd.s32 \t%r1, %r2, 1;\n"
+           "$L__tmp0:\n\tret;\n}\n\t.section\t.debug_info\n{\n.b8 1\n}\n")
+    moved = ptx.replace(".loc\t1 10 5", ".loc\t1 12 7").replace(".b8 1", ".b8 2")
+    changed = ptx.replace("add.s32 \t%r1, %r2, 1;", "add.s32 \t%r1, %r2, 2;")
+    assert kda_regs._code_hash(ptx) == kda_regs._code_hash(moved)
+    assert kda_regs._code_hash(ptx) != kda_regs._code_hash(changed)
