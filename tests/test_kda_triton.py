@@ -175,7 +175,8 @@ def test_cases_reach_each_gate_regime():
                dict(GPU_FWD_BY_NAME["block_anchors_fp32"], dtype=torch.float32)):
         chunk, block = _decays(kw, 0, kw["K"])
         assert chunk > 60 and block <= 60, (chunk, block)
-    for kw in (FWD_CASES["chunk_mixed_key_blocks"][0], BWD_CASES["bwd_mixed_key_blocks"][0]):
+    for kw in (FWD_CASES["chunk_mixed_key_blocks"][0], BWD_CASES["bwd_mixed_key_blocks"][0],
+               dict(GPU_FWD_BY_NAME["mixed_key_blocks_bf16"], dtype=torch.float32)):
         assert _decays(kw, 0, kw["gmin_from"])[0] <= 60
         chunk, block = _decays(kw, kw["gmin_from"], kw["K"])
         assert chunk > 60 and block <= 60, (chunk, block)
