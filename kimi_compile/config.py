@@ -343,8 +343,19 @@ def _mlp_types_from_freq(n_layers: int, n_experts: int | None, first_dense: int,
     return [SPARSE if (i >= first_dense and i % freq == 0) else DENSE for i in range(n_layers)]
 
 
-def _common_tokens(d: dict[str, Any]) -> dict[str, Any]:
-    return dict(bos_token_id=d.get("bos_token_id"), eos_token_id=d.get("eos_token_id"),
+def _shared_fields(d: dict[str, Any]) -> dict[str, Any]:
+    """Fields both families read from the same keys with the same defaults (MLA dims, tokens, dtype, ...)."""
+    return dict(hidden_act=str(_first(d, "hidden_act", default="silu")),
+                tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
+                initializer_range=float(_first(d, "initializer_range", default=0.02)),
+                kv_lora_rank=int(_first(d, "kv_lora_rank", default=512)),
+                qk_nope_head_dim=int(_first(d, "qk_nope_head_dim", default=128)),
+                qk_rope_head_dim=int(_first(d, "qk_rope_head_dim", default=64)),
+                v_head_dim=int(_first(d, "v_head_dim", default=128)),
+                attention_bias=bool(d.get("attention_bias", False)),
+                moe_combine_with_bias=bool(d.get("moe_combine_with_bias", False)),
+                attn_res_block_size=d.get("attn_res_block_size"),
+                bos_token_id=d.get("bos_token_id"), eos_token_id=d.get("eos_token_id"),
                 pad_token_id=d.get("pad_token_id"),
                 torch_dtype=_first(d, "dtype", "torch_dtype"),
                 quantization_config=d.get("quantization_config"))
@@ -401,9 +412,6 @@ def _parse_kimi_linear(d: dict[str, Any]) -> KimiConfig:
         intermediate_size=int(_first(d, "intermediate_size", default=9216)),
         num_hidden_layers=n_layers,
         rms_norm_eps=float(_first(d, "rms_norm_eps", default=1e-5)),
-        hidden_act=str(_first(d, "hidden_act", default="silu")),
-        tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
-        initializer_range=float(_first(d, "initializer_range", default=0.02)),
         layer_types=list(layer_types),
         mlp_layer_types=list(mlp_layer_types),
         linear_num_heads=int(_first(lac, "num_heads", default=_first(d, "linear_num_heads", default=32))),
@@ -412,11 +420,6 @@ def _parse_kimi_linear(d: dict[str, Any]) -> KimiConfig:
                                           default=_first(d, "linear_conv_kernel_dim", default=4))),
         num_attention_heads=n_heads,
         q_lora_rank=None if q_lora is None else int(q_lora),
-        kv_lora_rank=int(_first(d, "kv_lora_rank", default=512)),
-        qk_nope_head_dim=int(_first(d, "qk_nope_head_dim", default=128)),
-        qk_rope_head_dim=int(_first(d, "qk_rope_head_dim", default=64)),
-        v_head_dim=int(_first(d, "v_head_dim", default=128)),
-        attention_bias=bool(d.get("attention_bias", False)),
         use_rope=False,
         max_position_embeddings=int(_first(d, "model_max_length", "max_position_embeddings", default=1048576)),
         num_experts=int(n_experts or 0) or 1,
@@ -428,9 +431,7 @@ def _parse_kimi_linear(d: dict[str, Any]) -> KimiConfig:
         moe_router_activation=str(_first(d, "moe_router_activation_func", "scoring_func", default="sigmoid")),
         n_group=n_group,
         topk_group=topk_group,
-        moe_combine_with_bias=bool(d.get("moe_combine_with_bias", False)),
-        attn_res_block_size=d.get("attn_res_block_size"),
-        **_common_tokens(d),
+        **_shared_fields(d),
     )
 
 
@@ -486,18 +487,10 @@ def _parse_deepseek(d: dict[str, Any]) -> KimiConfig:
         intermediate_size=int(_first(d, "intermediate_size", default=18432)),
         num_hidden_layers=n_layers,
         rms_norm_eps=float(_first(d, "rms_norm_eps", default=1e-6)),
-        hidden_act=str(_first(d, "hidden_act", default="silu")),
-        tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
-        initializer_range=float(_first(d, "initializer_range", default=0.02)),
         layer_types=[FULL] * n_layers,
         mlp_layer_types=list(mlp_layer_types),
         num_attention_heads=n_heads,
         q_lora_rank=None if q_lora is None else int(q_lora),
-        kv_lora_rank=int(_first(d, "kv_lora_rank", default=512)),
-        qk_nope_head_dim=int(_first(d, "qk_nope_head_dim", default=128)),
-        qk_rope_head_dim=int(_first(d, "qk_rope_head_dim", default=64)),
-        v_head_dim=int(_first(d, "v_head_dim", default=128)),
-        attention_bias=bool(d.get("attention_bias", False)),
         use_rope=True,
         rope_theta=theta,
         rope_scaling=scaling,
@@ -512,10 +505,8 @@ def _parse_deepseek(d: dict[str, Any]) -> KimiConfig:
         moe_router_activation=str(_first(d, "scoring_func", default="sigmoid")),
         n_group=int(_first(d, "n_group", default=8)),
         topk_group=int(_first(d, "topk_group", default=4)),
-        moe_combine_with_bias=bool(d.get("moe_combine_with_bias", False)),
-        attn_res_block_size=d.get("attn_res_block_size"),
         num_nextn_predict_layers=int(_first(d, "num_nextn_predict_layers", "num_mtp_layers", default=0)),
-        **_common_tokens(d),
+        **_shared_fields(d),
     )
 
 
