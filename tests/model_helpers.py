@@ -2,6 +2,19 @@
 import torch
 
 
+def tiny_hf_kimi_linear_config(layer_types, **overrides):
+    """A small transformers KimiLinearConfig (64 wide, 8 experts, 2 KDA heads of 16) with these layer types."""
+    from transformers import KimiLinearConfig
+
+    kw = dict(vocab_size=256, hidden_size=64, intermediate_size=128, moe_intermediate_size=32,
+              num_hidden_layers=len(layer_types), num_attention_heads=4, num_key_value_heads=4, kv_lora_rank=32,
+              qk_rope_head_dim=8, qk_nope_head_dim=16, v_head_dim=16, num_local_experts=8, num_experts_per_tok=2,
+              linear_num_heads=2, linear_head_dim=16, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+              initializer_range=0.1, layer_types=list(layer_types))
+    kw.update(overrides)
+    return KimiLinearConfig(**kw)
+
+
 def ids_of(B, T, seed):
     return torch.randint(3, 256, (B, T), generator=torch.Generator().manual_seed(seed))
 

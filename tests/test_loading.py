@@ -11,6 +11,7 @@ from safetensors.torch import save_file
 
 import kimi_compile
 from kimi_compile import KimiForCausalLM, load_model, tiny_config
+from model_helpers import tiny_hf_kimi_linear_config
 
 transformers = pytest.importorskip("transformers")
 
@@ -29,15 +30,10 @@ def logits_of(model, seed=0, T=9):
 @pytest.fixture(scope="module")
 def hf_kimi(tmp_path_factory):
     """A transformers KimiLinearForCausalLM saved single-file and sharded (hub-style names)."""
-    from transformers import KimiLinearConfig, KimiLinearForCausalLM
+    from transformers import KimiLinearForCausalLM
 
     torch.manual_seed(0)
-    cfg = KimiLinearConfig(
-        vocab_size=256, hidden_size=64, intermediate_size=128, moe_intermediate_size=32, num_hidden_layers=4,
-        num_attention_heads=4, num_key_value_heads=4, kv_lora_rank=32, qk_rope_head_dim=8, qk_nope_head_dim=16,
-        v_head_dim=16, num_local_experts=8, num_experts_per_tok=2, linear_num_heads=2, linear_head_dim=16,
-        pad_token_id=0, bos_token_id=1, eos_token_id=2, initializer_range=0.1,
-        layer_types=["linear_attention", "full_attention", "linear_attention", "full_attention"])
+    cfg = tiny_hf_kimi_linear_config(["linear_attention", "full_attention", "linear_attention", "full_attention"])
     model = KimiLinearForCausalLM(cfg).eval()
     root = tmp_path_factory.mktemp("hf_kimi")
     model.save_pretrained(root / "single")

@@ -10,6 +10,7 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 import kimi_compile  # noqa: E402
+from model_helpers import tiny_hf_kimi_linear_config  # noqa: E402
 
 PROMPT_LENGTHS = [1, 6, 17, 70]  # 70 crosses the 64-token KDA chunk of both implementations
 
@@ -24,17 +25,12 @@ def _randomise_router_bias(model, seed):
 
 @pytest.fixture(scope="module")
 def kimi_linear_pair(tmp_path_factory):
-    from transformers import KimiLinearConfig, KimiLinearForCausalLM
+    from transformers import KimiLinearForCausalLM
 
     torch.manual_seed(0)
-    cfg = KimiLinearConfig(
-        vocab_size=256, hidden_size=64, intermediate_size=128, moe_intermediate_size=32, num_hidden_layers=6,
-        num_attention_heads=4, num_key_value_heads=4, kv_lora_rank=32, qk_rope_head_dim=8, qk_nope_head_dim=16,
-        v_head_dim=16, num_local_experts=8, num_experts_per_tok=2, linear_num_heads=2, linear_head_dim=16,
-        linear_conv_kernel_dim=4, pad_token_id=0, bos_token_id=1, eos_token_id=2,
-        layer_types=["linear_attention", "full_attention", "linear_attention", "linear_attention",
-                     "full_attention", "full_attention"],
-        first_k_dense_replace=2, initializer_range=0.1)
+    cfg = tiny_hf_kimi_linear_config(["linear_attention", "full_attention", "linear_attention", "linear_attention",
+                                      "full_attention", "full_attention"],
+                                     linear_conv_kernel_dim=4, first_k_dense_replace=2)
     ref = KimiLinearForCausalLM(cfg).eval()
     _randomise_router_bias(ref, 1)
     path = tmp_path_factory.mktemp("kimi_linear")
