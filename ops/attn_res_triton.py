@@ -20,6 +20,7 @@ how the tests check the kernels without a GPU.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 
 import torch
@@ -253,15 +254,7 @@ def _num_sms(index: int) -> int:
 def _device_guard(t: torch.Tensor):
     if t.device.type == "cuda":
         return torch.cuda.device(t.device)
-    return _NullCtx()
-
-
-class _NullCtx:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
+    return contextlib.nullcontext()
 
 
 # --------------------------------------------------------------------------------------------
