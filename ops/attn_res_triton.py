@@ -20,12 +20,13 @@ how the tests check the kernels without a GPU.
 
 from __future__ import annotations
 
-import contextlib
 import functools
 
 import torch
 import triton
 import triton.language as tl
+
+from ._device import device_guard
 
 __all__ = [
     "attn_res_fwd",
@@ -251,12 +252,6 @@ def _num_sms(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
 
 
-def _device_guard(t: torch.Tensor):
-    if t.device.type == "cuda":
-        return torch.cuda.device(t.device)
-    return contextlib.nullcontext()
-
-
 # --------------------------------------------------------------------------------------------
 # launchers (no validation: ops/attn_res.py does it)
 # --------------------------------------------------------------------------------------------
@@ -281,7 +276,7 @@ def _phase1_launch(sources, queries, eps, store_stats, block_r=None, num_warps=N
         return out, m, l
     BLOCK_R, BLOCK_D, warps, stages = kernel_config(D, block_r, num_warps, num_stages)
     grid = (triton.cdiv(R, BLOCK_R) * S,)
-    with _device_guard(x):
+    with device_guard(x):
         _attn_res_fwd_kernel[grid](
             x, q, out, m, l,
             R, D, N, S, R * D, float(eps),
@@ -332,7 +327,7 @@ def attn_res_bwd(
             if x.device.type == "cuda" else 8
     nprog = max(1, min(num_rb, int(max_programs)))
     dq_part = torch.empty((nprog, D), dtype=torch.float32, device=x.device)
-    with _device_guard(x):
+    with device_guard(x):
         _attn_res_bwd_kernel[(nprog,)](
             x, q, g, dx, dq_part,
             R, D, N, R * D, float(eps), num_rb,
@@ -362,7 +357,7 @@ def attn_res_merge_fwd(
         return h
     BLOCK_R, BLOCK_D, warps, _ = kernel_config(D, block_r, num_warps)
     grid = (triton.cdiv(R, BLOCK_R),)
-    with _device_guard(partial):
+    with device_guard(partial):
         _attn_res_merge_kernel[grid](
             out1.contiguous(), max1.contiguous(), sumexp1.contiguous(), partial.contiguous(),
             query.contiguous(), h,

@@ -35,6 +35,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from ._device import device_guard
+
 __all__ = ["short_conv_forward", "short_conv_launch_config", "short_conv_kernel", "short_conv_signature",
            "short_conv_constexprs", "short_conv_plugin_constexprs", "TRITON_DTYPES"]
 
@@ -194,24 +196,7 @@ def short_conv_forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], initia
     cfg = short_conv_launch_config(B, T, C, W)
     consts = short_conv_constexprs(C, W, activation, bias is not None, initial_state is not None,
                                    fp64=x.dtype == torch.float64)
-    with _device_of(x):
+    with device_guard(x):
         short_conv_kernel[cfg["grid"]](x_c, w_c, b_c, s_c, T, C, y, final_state, num_warps=cfg["num_warps"],
                                        **consts)
     return y, final_state
-
-
-class _device_of:
-    """``torch.cuda.device(t.device)`` for CUDA tensors, nothing otherwise (interpreter runs on CPU)."""
-
-    def __init__(self, t: Tensor) -> None:
-        self._ctx = torch.cuda.device(t.device) if t.is_cuda else None
-
-    def __enter__(self):
-        if self._ctx is not None:
-            self._ctx.__enter__()
-        return self
-
-    def __exit__(self, *exc):
-        if self._ctx is not None:
-            return self._ctx.__exit__(*exc)
-        return False
