@@ -120,7 +120,8 @@ def configs():
     # backward chunk kernel
     fc = getattr(ktb, "_kda_chunk_bwd_kernel", None)
     if fc is not None:
-        t = _types(fc, dict(tinv=F32, ubuf=F32, dubuf=F32, hs=F32, dhs=F32, flags="*i32", cu=F32, cseq=F32,
+        st = "*bf16" if cfg["bwd_state_lowp"] else F32  # h, dh', U, dU as the backward stores them
+        t = _types(fc, dict(tinv=F32, ubuf=st, dubuf=st, hs=st, dhs=st, flags="*i32", cu=F32, cseq=F32,
                             cidx=F32, dq=F32, dk=F32, dg=F32, dbeta=F32, dv=F32))
         cexp = {n: None for n in fc.arg_names}
         for slow in (False, True):
@@ -133,8 +134,24 @@ def configs():
     t = _types(fr, dict(w=F32, qg=F32, kg=F32, aqk=F32, gam=F32, dht=F32, dh0=F32, dhs=F32, dubuf=F32, cu=F32,
                         cchunk=F32))
     ce = dict(H=H, HV=HV, K=K, V=V, BK=128, BV=cfg["bwd_pass_bv"], C=C, IS_VARLEN=False, USE_DHT=True,
-              STORE_DH0=True, PREC="tf32")
-    rows.append(("_kda_pass_bwd_kernel", fr, t, ce, cfg["bwd_pass_warps"], None))
+              STORE_DH0=True, LOWP=False, PREC="tf32")
+    rows.append(("_kda_pass_bwd_kernel fp32 intermediates", fr, t, ce, cfg["bwd_pass_warps"], None))
+    t = _types(fr, dict(gam=F32, dht=F32, dh0=F32, dhs=F32, dubuf=F32, cu=F32, cchunk=F32))
+    for lowp in (False, True):
+        ce = dict(ce, LOWP=lowp)
+        rows.append((f"_kda_pass_bwd_kernel bf16 intermediates LOWP={lowp}", fr, t, ce, cfg["bwd_pass_warps"],
+                     None, 2))
+    # the forward pass as the backward runs it (h and U stored, no o)
+    fp = kt._kda_pass_kernel
+    ce = dict(H=H, HV=HV, K=K, V=V, BK=128, BV=cfg["bwd_fpass_bv"], C=C, NSEG=1, IS_VARLEN=False, USE_H0=True,
+              STORE_O=False, STORE_HT=True, STORE_H=True, STORE_U=True, LOWP=False, PREC="tf32")
+    t = _types(fp, dict(w=F32, u=F32, qg=F32, kg=F32, aqk=F32, gam=F32, h0=F32, ht=F32, hseg=F32, hs=F32,
+                        ubuf=F32, cu=F32, cchunk=F32))
+    rows.append(("_kda_pass_kernel in bwd, fp32 intermediates", fp, t, ce, cfg["pass_warps"], None,
+                 cfg["bwd_fpass_stages"] or 1))
+    t = _types(fp, dict(gam=F32, h0=F32, ht=F32, hseg=F32, hs=F32, ubuf=F32, cu=F32, cchunk=F32))
+    rows.append(("_kda_pass_kernel in bwd, bf16 intermediates", fp, t, dict(ce, LOWP=cfg["bwd_pass_lowp"]),
+                 cfg["pass_warps"], None, cfg["bwd_fpass_stages"] or 2))
     fd = kt._kda_recurrent_kernel
     t = _types(fd, dict(h0=F32, ht=F32, cu=F32))
     ce = dict(H=H, HV=HV, K=K, V=V, BK=128, BV=cfg["decode_bv"], IS_VARLEN=False, USE_H0=True)

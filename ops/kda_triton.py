@@ -50,7 +50,7 @@ _CFG = {
     "intra_warps": 4,
     "intra_bk": 32,
     "intra_maxnreg": 168,    # register cap for the intra kernel (3 CTAs/SM instead of 2; measured faster)
-    "pass_bv": 64,
+    "pass_bv": 32,           # 128 programs at B=1, H=32 (64: 1.615 / 6.308 ms, 32: 1.548 / 6.045 at T=16K / 64K)
     "pass_warps": 4,
     "pass_stages": 2,
     "decode_bv": 64,
@@ -683,14 +683,17 @@ def _num_segments(N, HV, V, T, K, varlen):
 
 
 def _pass_forward(inter, initial_state, o, N, HV, H, K, V, T, cu_seqlens, *, lowp, prec,
-                  store_o=True, hs=None, ubuf=None, nseg=1):
+                  store_o=True, hs=None, ubuf=None, nseg=1, bv=None, stages=None, warps=None):
+    """bv / stages / warps: value block, pipeline depth and warps at K <= 128 (default: pass_bv, pass_warps,
+    and pass_stages for 16-bit intermediates, one stage for float32 ones)."""
     dev = o.device if o is not None else inter["w"].device
     BK = _np2(K)
     es = inter["w"].element_size()
-    warps = _CFG["pass_warps"]
+    warps = warps or _CFG["pass_warps"]
     if K <= 128:
-        BV = min(_CFG["pass_bv"], _np2(V))
-        stages = _CFG["pass_stages"] if es == 2 else 1
+        BV = min(bv or _CFG["pass_bv"], _np2(V))
+        if stages is None:
+            stages = _CFG["pass_stages"] if es == 2 else 1
     else:  # K = 256: keep the [C, K] tiles of one stage inside shared memory
         BV = min(64 if es == 2 else 32, _np2(V))
         warps = 8 if es == 2 else 4

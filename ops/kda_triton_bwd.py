@@ -7,11 +7,13 @@ Entry point used by the op registration in ``ops/kda.py``::
 
 Stages (per chunk of 64 tokens; docs/kda_kernels.md has the derivation):
 
-1. ``_kda_intra_kernel`` (forward module) recomputes w, u, qg, kg, Aqk, gam and stores T = (I+Akk)^-1,
-   all in float32.
-2. ``_kda_pass_kernel`` recomputes the chunk-start states h_c and U = u - w h_c (stored, float32).
+1. ``_kda_intra_kernel`` (forward module) recomputes w, u, qg, kg, Aqk, gam and stores T = (I+Akk)^-1
+   (float32). w, u, qg, kg, Aqk are bf16 for bf16 inputs (float32 otherwise), as in the forward.
+2. ``_kda_pass_kernel`` recomputes the chunk-start states h_c and U = u - w h_c (stored: bf16 for bf16
+   inputs at K <= 128, else float32; the state itself is carried in float32).
 3. ``_kda_pass_bwd_kernel`` runs the chunks in reverse: stores dh'_c (gradient of the chunk-end state),
-   dU = Aqk^T dO + kg dh'_c, and dh_c = qg^T dO + gam dh'_c - w^T dU; the last one is dinitial_state.
+   dU = Aqk^T dO + kg dh'_c, and dh_c = qg^T dO + gam dh'_c - w^T dU; the last one is dinitial_state
+   (dh carried in float32, stored like h).
 4. ``_kda_chunk_bwd_kernel`` (parallel over chunks x heads): dv, dbeta, dq, dk, dg from
    dAqk = dO U^T, dBv = T^T dU, dAkk = -dBv U^T, dBk = -dBv h^T = -T^T (dU h^T), dQg = dO h^T,
    dKg = U dh'^T, dgam = sum_v h * dh', through the same three exponent regimes as the forward (one
@@ -27,11 +29,28 @@ from .kda_triton import (CHUNK, _CFG, _gate2d, _block_ends, _anchor_rows, _block
                          _seq_bounds, _seq_span, _slow_tiles, _state_tile, _load_state, _launch, _np2, _modes,
                          _prep, _intermediates, _pass_forward)
 
-_CFG.setdefault("bwd_bk", 32)     # measured: 16 -> 32 cut kda_backward at T=8192 from 6.17 to 5.36 ms
-_CFG.setdefault("bwd_bv", 32)
+# chunk kernel tiles. Measured at T=8192: BK 16 -> 32 cut kda_backward from 6.17 to 5.36 ms (session 3);
+# BK 32 / BV 32 -> 64 / 64 with bf16 states: 3.76 -> 3.40 ms (session 4 call 3)
+_CFG.setdefault("bwd_bk", 64)
+_CFG.setdefault("bwd_bv", 64)
 _CFG.setdefault("bwd_warps", 8)
 _CFG.setdefault("bwd_pass_bv", 32)
 _CFG.setdefault("bwd_pass_warps", 8)
+# bf16 inputs: w, u, qg, kg, Aqk (what the two sequential passes read) in bf16 instead of float32, their dots
+# on bf16 operands (h, dh' stay float32; only the dot operands are rounded), the recompute's Akk / Aqk dots
+# on bf16 operands. Measured (docs/benchmarks.md, session 4 call 1): kda_backward at T=8192 5.33 -> 3.68 ms,
+# gradient error vs float64 2.2e-3 -> 2.7e-3 (bound 5e-3). Two pipeline stages fit with bf16 tiles.
+_CFG.setdefault("bwd_store_lowp", True)
+_CFG.setdefault("bwd_a_lowp", True)
+_CFG.setdefault("bwd_pass_lowp", True)
+_CFG.setdefault("bwd_fpass_bv", 32)        # value block of the forward pass inside the backward (64: 5.33 ms,
+_CFG.setdefault("bwd_fpass_stages", 2)     # 32 with two stages: 5.06 ms with float32 intermediates)
+_CFG.setdefault("bwd_fpass_warps", 4)
+_CFG.setdefault("bwd_pass_stages", None)   # reverse pass; None: two stages for bf16 intermediates, else one
+# bf16 inputs: the chunk states h, dh' and U, dU stored in bf16 for the chunk kernel (the passes carry them in
+# float32). Measured: 3.55 -> 3.40 ms at T=8192 (BK 64 / BV 64); largest gradient error vs float64 3.0e-3 ->
+# 3.7e-3 at the GPU test's shape (bound 5e-3; FLA stores its chunk states in bf16 too)
+_CFG.setdefault("bwd_state_lowp", True)
 
 
 @triton.jit
@@ -40,7 +59,7 @@ def _kda_pass_bwd_kernel(w, qg, kg, aqk, gam, do, dht, dh0, dhs, dubuf,
                          H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
                          BK: tl.constexpr, BV: tl.constexpr, C: tl.constexpr,
                          IS_VARLEN: tl.constexpr, USE_DHT: tl.constexpr, STORE_DH0: tl.constexpr,
-                         PREC: tl.constexpr):
+                         LOWP: tl.constexpr, PREC: tl.constexpr):
     pv = tl.program_id(0)
     nh = tl.program_id(1)
     n = nh // HV
@@ -51,6 +70,8 @@ def _kda_pass_bwd_kernel(w, qg, kg, aqk, gam, do, dht, dh0, dhs, dubuf,
     rk, km, cv, vm, hm, hoff = _state_tile(pv, K, V, BK, BV)
     dh = _load_state(dht, nh, hoff, hm, USE_DHT, K, V, BK, BV)
     r = tl.arange(0, C)
+    # LOWP: bf16 dot operands (dh, dU rounded for the dots only; accumulation and dh stay fp32)
+    DT: tl.constexpr = tl.bfloat16 if LOWP else tl.float32
     for i in range(0, nt):
         c = nt - 1 - i
         tok = bos + c * C + r
@@ -60,17 +81,17 @@ def _kda_pass_bwd_kernel(w, qg, kg, aqk, gam, do, dht, dh0, dhs, dubuf,
         rowK = (hv64 * TT + tok) * K
         mk = rm[:, None] & km[None, :]
         mv = rm[:, None] & vm[None, :]
-        dO = tl.load(do + ((tok * HV + hv) * V)[:, None] + cv[None, :], mask=mv, other=0.).to(tl.float32)
+        dO = tl.load(do + ((tok * HV + hv) * V)[:, None] + cv[None, :], mask=mv, other=0.).to(DT)
         At = tl.load(aqk + ((hv64 * TT + tok) * C)[:, None] + r[None, :],
-                     mask=rm[:, None] & (r[None, :] < C), other=0.).to(tl.float32)
-        kgt = tl.load(kg + rowK[:, None] + rk[None, :], mask=mk, other=0.).to(tl.float32)
-        qgt = tl.load(qg + rowK[:, None] + rk[None, :], mask=mk, other=0.).to(tl.float32)
-        wt = tl.load(w + rowK[:, None] + rk[None, :], mask=mk, other=0.).to(tl.float32)
+                     mask=rm[:, None] & (r[None, :] < C), other=0.).to(DT)
+        kgt = tl.load(kg + rowK[:, None] + rk[None, :], mask=mk, other=0.).to(DT)
+        qgt = tl.load(qg + rowK[:, None] + rk[None, :], mask=mk, other=0.).to(DT)
+        wt = tl.load(w + rowK[:, None] + rk[None, :], mask=mk, other=0.).to(DT)
         gm = tl.load(gam + (hv64 * NS + slot) * K + rk, mask=km, other=0.)
-        dU = tl.dot(tl.trans(At), dO, input_precision=PREC) + tl.dot(kgt, dh, input_precision=PREC)
+        dU = tl.dot(tl.trans(At), dO, input_precision=PREC) + tl.dot(kgt, dh.to(DT), input_precision=PREC)
         tl.store(dubuf + ((hv64 * TT + tok) * V)[:, None] + cv[None, :], dU, mask=mv)
         dh = gm[:, None] * dh + tl.dot(tl.trans(qgt), dO, input_precision=PREC) \
-            - tl.dot(tl.trans(wt), dU, input_precision=PREC)
+            - tl.dot(tl.trans(wt), dU.to(DT), input_precision=PREC)
     if STORE_DH0:
         tl.store(dh0 + nh.to(tl.int64) * K * V + hoff, dh, mask=hm)
 
@@ -220,8 +241,8 @@ def _kda_chunk_bwd_kernel(q, k, v, g, beta, do, tinv, ubuf, dubuf, hs, dhs, flag
         mv = rm[:, None] & (cv < V)[None, :]
         rowV = (hv64 * TT + tok) * V
         dO = tl.load(do + ((tok * HV + hv) * V)[:, None] + cv[None, :], mask=mv, other=0.).to(tl.float32)
-        Ub = tl.load(ubuf + rowV[:, None] + cv[None, :], mask=mv, other=0.)
-        dUb = tl.load(dubuf + rowV[:, None] + cv[None, :], mask=mv, other=0.)
+        Ub = tl.load(ubuf + rowV[:, None] + cv[None, :], mask=mv, other=0.).to(tl.float32)
+        dUb = tl.load(dubuf + rowV[:, None] + cv[None, :], mask=mv, other=0.).to(tl.float32)
         vt = tl.load(v + ((tok * HV + hv) * V)[:, None] + cv[None, :], mask=mv, other=0.).to(tl.float32)
         UbT = tl.trans(Ub)
         dAq += tl.dot(dO, UbT, input_precision=PREC)
@@ -255,12 +276,12 @@ def _kda_chunk_bwd_kernel(q, k, v, g, beta, do, tinv, ubuf, dubuf, hs, dhs, flag
             mv = rm[:, None] & vmask[None, :]
             rowV = (hv64 * TT + tok) * V
             dO = tl.load(do + ((tok * HV + hv) * V)[:, None] + cv[None, :], mask=mv, other=0.).to(tl.float32)
-            Ub = tl.load(ubuf + rowV[:, None] + cv[None, :], mask=mv, other=0.)
-            dUb = tl.load(dubuf + rowV[:, None] + cv[None, :], mask=mv, other=0.)
+            Ub = tl.load(ubuf + rowV[:, None] + cv[None, :], mask=mv, other=0.).to(tl.float32)
+            dUb = tl.load(dubuf + rowV[:, None] + cv[None, :], mask=mv, other=0.).to(tl.float32)
             hoff = (hv64 * NS + slot) * K * V + cols[:, None] * V + cv[None, :]
             hm = cmask[:, None] & vmask[None, :]
-            hb = tl.load(hs + hoff, mask=hm, other=0.)
-            dhb = tl.load(dhs + hoff, mask=hm, other=0.)
+            hb = tl.load(hs + hoff, mask=hm, other=0.).to(tl.float32)
+            dhb = tl.load(dhs + hoff, mask=hm, other=0.).to(tl.float32)
             hbT = tl.trans(hb)
             dQg += tl.dot(dO, hbT, input_precision=PREC)
             dKg += tl.dot(Ub, tl.trans(dhb), input_precision=PREC)
@@ -319,7 +340,8 @@ def kda_backward(q, k, v, g, beta, initial_state, scale, cu_seqlens, do, dfinal_
     fp32, bf16 = _modes(q, k, v)
     prec = "ieee" if fp32 else "tf32"
     varlen = cu_seqlens is not None
-    store_dtype = torch.float32
+    store_dtype = torch.bfloat16 if (bf16 and _CFG["bwd_store_lowp"]) else torch.float32
+    pass_lowp = bf16 and _CFG["bwd_pass_lowp"] and K <= 128
     if K > 128:
         # the reverse pass holds [C, K] tiles of kg, qg, w in shared memory: float32 ones do not fit at K = 256
         if not bf16:
@@ -327,18 +349,27 @@ def kda_backward(q, k, v, g, beta, initial_state, scale, cu_seqlens, do, dfinal_
         store_dtype = torch.bfloat16
 
     inter = _intermediates(q, k, v, g, beta, scale, cu_seqlens, store_dtype=store_dtype,
-                           a_lowp=False, prec=prec, store_t=True)
+                           a_lowp=bf16 and _CFG["bwd_a_lowp"], prec=prec, store_t=True)
     NS = inter["NS"]
-    hs = torch.empty(HV, NS, K, V, device=dev, dtype=torch.float32)
-    ubuf = torch.empty(HV, TT, V, device=dev, dtype=torch.float32)
-    _pass_forward(inter, initial_state, None, N, HV, H, K, V, T, cu_seqlens, lowp=False, prec=prec,
-                  store_o=False, hs=hs, ubuf=ubuf, nseg=1)
+    lowp_inter = store_dtype == torch.bfloat16
+    # the passes keep h, dh' in float32 registers; state_dtype is only what they store for the chunk kernel
+    state_dtype = torch.bfloat16 if (lowp_inter and _CFG["bwd_state_lowp"] and K <= 128) else torch.float32
+    hs = torch.empty(HV, NS, K, V, device=dev, dtype=state_dtype)
+    ubuf = torch.empty(HV, TT, V, device=dev, dtype=state_dtype)
+    _pass_forward(inter, initial_state, None, N, HV, H, K, V, T, cu_seqlens, lowp=pass_lowp and lowp_inter,
+                  prec=prec, store_o=False, hs=hs, ubuf=ubuf, bv=_CFG["bwd_fpass_bv"],
+                  nseg=1,  # segments measured slower here (session 4 call 1: 5.45-6.20 ms against 5.06)
+                  stages=_CFG["bwd_fpass_stages"] if K <= 128 else None,
+                  warps=_CFG["bwd_fpass_warps"] if K <= 128 else None)
 
-    dhs = torch.empty(HV, NS, K, V, device=dev, dtype=torch.float32)
-    dubuf = torch.empty(HV, TT, V, device=dev, dtype=torch.float32)
+    dhs = torch.empty(HV, NS, K, V, device=dev, dtype=state_dtype)
+    dubuf = torch.empty(HV, TT, V, device=dev, dtype=state_dtype)
     dh0 = torch.empty(N, HV, K, V, device=dev, dtype=torch.float32) if initial_state is not None else None
     BKp = _np2(K)
     BVp = min(_CFG["bwd_pass_bv"], _np2(V))
+    rev_stages = 1
+    if K <= 128:
+        rev_stages = _CFG["bwd_pass_stages"] or (2 if lowp_inter else 1)
     dummy = inter["gam"]
     _launch(_kda_pass_bwd_kernel, (triton.cdiv(V, BVp), N * HV),
             inter["w"], inter["qg"], inter["kg"], inter["aqk"], inter["gam"], do,
@@ -346,8 +377,8 @@ def kda_backward(q, k, v, g, beta, initial_state, scale, cu_seqlens, do, dfinal_
             dhs, dubuf, cu_seqlens if varlen else dummy, inter["cchunk"] if varlen else dummy,
             T, TT, NS,
             H=H, HV=HV, K=K, V=V, BK=BKp, BV=BVp, C=CHUNK, IS_VARLEN=varlen,
-            USE_DHT=dfinal_state is not None, STORE_DH0=dh0 is not None, PREC=prec,
-            num_warps=_CFG["bwd_pass_warps"], num_stages=1)
+            USE_DHT=dfinal_state is not None, STORE_DH0=dh0 is not None, LOWP=pass_lowp and lowp_inter,
+            PREC=prec, num_warps=_CFG["bwd_pass_warps"], num_stages=rev_stages)
 
     per_hv = HV != H
     if per_hv:

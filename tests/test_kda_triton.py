@@ -96,14 +96,19 @@ FWD_CASES = {
     "recurrent_strong_decay": (dict(B=1, T=9, H=2, HV=2, K=16, V=16, gmin=-20.0), None, False, "auto", {}),
 }
 BWD_CASES = {
-    "bwd_B2_GVA": (dict(B=2, T=70, H=1, HV=2, K=32, V=16), None, True, True),
-    "bwd_strong_decay": (dict(B=1, T=40, H=1, HV=1, K=16, V=32, gmin=-20.0), None, True, True),
-    "bwd_varlen": (dict(B=1, T=90, H=1, HV=1, K=16, V=16, gmin=-1.5, N=2), [0, 7, 90], True, True),
-    "bwd_multiblock_no_state": (dict(B=1, T=66, H=1, HV=1, K=48, V=40), None, False, False),
-    "bwd_T1": (dict(B=2, T=1, H=1, HV=1, K=16, V=16), None, True, True),
-    "bwd_block_anchors": (dict(B=1, T=100, H=1, HV=1, K=16, V=16, gmin=-3.0, seed=4), None, True, True),
+    # name: (make kwargs, cu_seqlens, use h0, use dht, extra cfg)
+    "bwd_B2_GVA": (dict(B=2, T=70, H=1, HV=2, K=32, V=16), None, True, True, {}),
+    "bwd_strong_decay": (dict(B=1, T=40, H=1, HV=1, K=16, V=32, gmin=-20.0), None, True, True, {}),
+    "bwd_varlen": (dict(B=1, T=90, H=1, HV=1, K=16, V=16, gmin=-1.5, N=2), [0, 7, 90], True, True, {}),
+    # several key and value blocks in the chunk kernel and the passes
+    "bwd_multiblock_no_state": (dict(B=1, T=66, H=1, HV=1, K=48, V=40), None, False, False,
+                                dict(bwd_bk=16, bwd_bv=16, bwd_fpass_bv=16, bwd_pass_bv=16)),
+    "bwd_multiblock_default_tiles": (dict(B=1, T=70, H=1, HV=1, K=80, V=72), None, True, True, {}),
+    "bwd_T1": (dict(B=2, T=1, H=1, HV=1, K=16, V=16), None, True, True, {}),
+    "bwd_block_anchors": (dict(B=1, T=100, H=1, HV=1, K=16, V=16, gmin=-3.0, seed=4), None, True, True, {}),
+    # chunk-kernel key block 0 (columns < 16) mild decay (one anchor), blocks 1, 2 medium (16-block anchors)
     "bwd_mixed_key_blocks": (dict(B=1, T=70, H=1, HV=1, K=48, V=16, gmin=-0.5, gmin_from=16, gmin_hi=-3.0),
-                             None, True, True),
+                             None, True, True, dict(bwd_bk=16)),
 }
 
 
@@ -131,8 +136,9 @@ def _interp_main():
             o, ht = kt.kda_forward(q, k, v, g, beta, h0, scale, cut)
         ro, rh = kda_loop_fp64(q, k, v, g, beta, h0, scale, cut)
         res[name] = [rel(o, ro), rel(ht, rh), bool(torch.isfinite(o).all())]
-    for name, (kw, cu, use_h0, use_dht) in BWD_CASES.items():
+    for name, (kw, cu, use_h0, use_dht, cfg) in BWD_CASES.items():
         kt._CFG.update(base)
+        kt._CFG.update(cfg)
         q, k, v, g, beta, h0 = make(**kw)
         cut = torch.tensor(cu, dtype=torch.int64) if cu else None
         h0 = h0 if use_h0 else None
@@ -171,6 +177,7 @@ def _decays(kw, lo, hi):
 
 def test_cases_reach_each_gate_regime():
     """The cases named for a gate regime are in it (span_max = 60 nats), so each kernel path is run."""
+    from kimi_compile.ops import kda_triton as kt
     for kw in (FWD_CASES["chunk_block_anchors"][0], BWD_CASES["bwd_block_anchors"][0],
                dict(GPU_FWD_BY_NAME["block_anchors_fp32"], dtype=torch.float32)):
         chunk, block = _decays(kw, 0, kw["K"])
@@ -178,6 +185,10 @@ def test_cases_reach_each_gate_regime():
     for kw in (FWD_CASES["chunk_mixed_key_blocks"][0], BWD_CASES["bwd_mixed_key_blocks"][0],
                dict(GPU_FWD_BY_NAME["mixed_key_blocks_bf16"], dtype=torch.float32)):
         assert _decays(kw, 0, kw["gmin_from"])[0] <= 60
+        # the mild columns are whole key blocks of the kernel that runs the case
+        block_cols = BWD_CASES["bwd_mixed_key_blocks"][4]["bwd_bk"] if kw is BWD_CASES["bwd_mixed_key_blocks"][0] \
+            else kt._CFG["intra_bk"]
+        assert kw["gmin_from"] % block_cols == 0, (kw, block_cols)
         chunk, block = _decays(kw, kw["gmin_from"], kw["K"])
         assert chunk > 60 and block <= 60, (chunk, block)
     chunk, block = _decays(FWD_CASES["chunk_GVA_strong_decay"][0], 0, 16)
@@ -326,17 +337,26 @@ def test_gpu_forward_vs_fla():
 
 
 @pytest.mark.cuda
-@pytest.mark.parametrize("dtype,tol,gate", [(torch.float32, 1e-4, {}), (torch.bfloat16, 5e-3, {}),
-                                            (torch.float32, 1e-4, dict(gmin=-0.5, gmin_from=32, gmin_hi=-3.0)),
-                                            (torch.float32, 1e-4, dict(gmin=-20.0))],
-                         ids=["fp32", "bf16", "fp32_mixed_key_blocks", "fp32_strong_decay"])
-def test_gpu_backward_vs_autograd(dtype, tol, gate):
+@pytest.mark.parametrize("dtype,tol,gate,cfg", [
+    (torch.float32, 1e-4, {}, {}), (torch.bfloat16, 5e-3, {}, {}),
+    # chunk-kernel key block 0 (columns < 32) mild decay, block 1 medium: two regimes in one chunk
+    (torch.float32, 1e-4, dict(gmin=-0.5, gmin_from=32, gmin_hi=-3.0), dict(bwd_bk=32)),
+    (torch.float32, 1e-4, dict(gmin=-20.0), {})],
+    ids=["fp32", "bf16", "fp32_mixed_key_blocks", "fp32_strong_decay"])
+def test_gpu_backward_vs_autograd(dtype, tol, gate, cfg):
+    from kimi_compile.ops import kda_triton as kt
     from kimi_compile.ops import kda_triton_bwd as ktb
     q, k, v, g, beta, h0 = make(B=2, T=150, H=2, HV=4, K=64, V=64, dtype=dtype, device="cuda", N=None, **gate)
     cu = None
     do = torch.randn(v.shape, device="cuda", dtype=dtype)
     dht = torch.randn_like(h0)
-    out = ktb.kda_backward(q, k, v, g, beta, h0, 64 ** -0.5, cu, do, dht)
+    base = dict(kt._CFG)
+    kt._CFG.update(cfg)
+    try:
+        out = ktb.kda_backward(q, k, v, g, beta, h0, 64 ** -0.5, cu, do, dht)
+    finally:
+        kt._CFG.clear()
+        kt._CFG.update(base)
     xs = [x.double().requires_grad_(True) for x in (q, k, v, g, beta, h0)]
     ro, rh = kda_loop_fp64(*xs[:5], xs[5], 64 ** -0.5, cu)
     ref = torch.autograd.grad((ro * do.double()).sum() + (rh * dht.double()).sum(), xs)
