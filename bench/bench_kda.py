@@ -1,7 +1,8 @@
 """Benchmark and GPU check of the Triton kimi::kda kernels against flash-linear-attention (FLA).
 
     python bench/bench_kda.py            # the target workloads: timings, FLA ratios, correctness
-    python bench/bench_kda.py --sweep    # also time a few kernel configurations (for docs/kda_kernels.md)
+    python bench/bench_kda.py --sweep    # also forward-pass and backward configurations (docs/benchmarks.md)
+    python bench/bench_kda.py --sweep --only "bwd variants"   # one job (substrings of job names)
     python bench/bench_kda.py --json out.json
 
 ``run()`` returns the rows that bench/run_all.py prints. FLA (fla-core) is optional: without it the
@@ -317,7 +318,7 @@ def correctness_rows(extended=True):
         ro, rh = ref_fp64(*xs[:5], xs[5], kd ** -0.5, cut)
         ref = torch.autograd.grad((ro * do.double()).sum() + (rh * dht.double()).sum(), xs)
         errs = [rel(a, b) for a, b in zip(gr, ref)]
-        tol = 1e-4 if dt == torch.float32 else 1e-2
+        tol = 1e-4 if dt == torch.float32 else 5e-3  # the issue's bounds
         ok = "ok" if max(errs) <= tol else "FAIL"
         rows.append(_row(f"check {name}", None, None, "", f"{ok} " + " ".join(
             f"{n}={e:.1e}" for n, e in zip(["dq", "dk", "dv", "dg", "db", "dh0"], errs)) + f" (tol {tol:g})"))

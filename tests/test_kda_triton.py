@@ -182,13 +182,14 @@ def test_cases_reach_each_gate_regime():
                dict(GPU_FWD_BY_NAME["block_anchors_fp32"], dtype=torch.float32)):
         chunk, block = _decays(kw, 0, kw["K"])
         assert chunk > 60 and block <= 60, (chunk, block)
-    for kw in (FWD_CASES["chunk_mixed_key_blocks"][0], BWD_CASES["bwd_mixed_key_blocks"][0],
-               dict(GPU_FWD_BY_NAME["mixed_key_blocks_bf16"], dtype=torch.float32)):
+    gpu_bwd_mixed = {c[0]: c for c in GPU_BWD_CASES}["fp32_mixed_key_blocks"]
+    # (case, key-block width of the kernel that runs it): the mild columns are whole key blocks
+    for kw, block_cols in ((FWD_CASES["chunk_mixed_key_blocks"][0], kt._CFG["intra_bk"]),
+                           (dict(GPU_FWD_BY_NAME["mixed_key_blocks_bf16"], dtype=torch.float32), kt._CFG["intra_bk"]),
+                           (BWD_CASES["bwd_mixed_key_blocks"][0], BWD_CASES["bwd_mixed_key_blocks"][4]["bwd_bk"]),
+                           (gpu_bwd_mixed[1], gpu_bwd_mixed[5]["bwd_bk"])):
         assert _decays(kw, 0, kw["gmin_from"])[0] <= 60
-        # the mild columns are whole key blocks of the kernel that runs the case
-        block_cols = BWD_CASES["bwd_mixed_key_blocks"][4]["bwd_bk"] if kw is BWD_CASES["bwd_mixed_key_blocks"][0] \
-            else kt._CFG["intra_bk"]
-        assert kw["gmin_from"] % block_cols == 0, (kw, block_cols)
+        assert kw["gmin_from"] % block_cols == 0 and kw["K"] > block_cols, (kw, block_cols)
         chunk, block = _decays(kw, kw["gmin_from"], kw["K"])
         assert chunk > 60 and block <= 60, (chunk, block)
     chunk, block = _decays(FWD_CASES["chunk_GVA_strong_decay"][0], 0, 16)
@@ -336,33 +337,47 @@ def test_gpu_forward_vs_fla():
     assert rel(o, fo) < 1e-2 and rel(ht, fh) < 1e-2
 
 
-@pytest.mark.cuda
-@pytest.mark.parametrize("dtype,tol,gate,cfg", [
-    (torch.float32, 1e-4, {}, {}), (torch.bfloat16, 5e-3, {}, {}),
+GPU_BWD_SMALL = dict(B=2, T=150, H=2, HV=4, K=64, V=64)
+GPU_BWD_CASES = [
+    # name, make kwargs, cu_seqlens, dtype, tolerance (the issue's), kernel cfg
+    ("fp32", GPU_BWD_SMALL, None, torch.float32, 1e-4, {}),
+    ("bf16", GPU_BWD_SMALL, None, torch.bfloat16, 5e-3, {}),
     # chunk-kernel key block 0 (columns < 32) mild decay, block 1 medium: two regimes in one chunk
-    (torch.float32, 1e-4, dict(gmin=-0.5, gmin_from=32, gmin_hi=-3.0), dict(bwd_bk=32)),
-    (torch.float32, 1e-4, dict(gmin=-20.0), {})],
-    ids=["fp32", "bf16", "fp32_mixed_key_blocks", "fp32_strong_decay"])
-def test_gpu_backward_vs_autograd(dtype, tol, gate, cfg):
+    ("fp32_mixed_key_blocks", dict(GPU_BWD_SMALL, gmin=-0.5, gmin_from=32, gmin_hi=-3.0), None, torch.float32, 1e-4,
+     dict(bwd_bk=32)),
+    ("fp32_strong_decay", dict(GPU_BWD_SMALL, gmin=-20.0), None, torch.float32, 1e-4, {}),
+    # the B=4 T=1000 and varlen shapes at K = V = 128 (the default chunk-kernel tiles: two key blocks)
+    ("bf16_B4_T1000", dict(B=4, T=1000, H=4, HV=4, K=128, V=128), None, torch.bfloat16, 5e-3, {}),
+    ("bf16_varlen", dict(B=1, T=1000, H=4, HV=4, K=128, V=128, N=4), [0, 1, 300, 999, 1000], torch.bfloat16, 5e-3,
+     {}),
+    ("fp32_varlen", dict(B=1, T=1000, H=4, HV=4, K=128, V=128, N=4), [0, 1, 300, 999, 1000], torch.float32, 1e-4,
+     {}),
+]
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("name,kw,cu,dtype,tol,cfg", GPU_BWD_CASES, ids=[c[0] for c in GPU_BWD_CASES])
+def test_gpu_backward_vs_autograd(name, kw, cu, dtype, tol, cfg):
     from kimi_compile.ops import kda_triton as kt
     from kimi_compile.ops import kda_triton_bwd as ktb
-    q, k, v, g, beta, h0 = make(B=2, T=150, H=2, HV=4, K=64, V=64, dtype=dtype, device="cuda", N=None, **gate)
-    cu = None
+    q, k, v, g, beta, h0 = make(dtype=dtype, device="cuda", **kw)
+    cut = torch.tensor(cu, dtype=torch.int64, device="cuda") if cu is not None else None
+    scale = kw["K"] ** -0.5
     do = torch.randn(v.shape, device="cuda", dtype=dtype)
     dht = torch.randn_like(h0)
     base = dict(kt._CFG)
     kt._CFG.update(cfg)
     try:
-        out = ktb.kda_backward(q, k, v, g, beta, h0, 64 ** -0.5, cu, do, dht)
+        out = ktb.kda_backward(q, k, v, g, beta, h0, scale, cut, do, dht)
     finally:
         kt._CFG.clear()
         kt._CFG.update(base)
     xs = [x.double().requires_grad_(True) for x in (q, k, v, g, beta, h0)]
-    ro, rh = kda_loop_fp64(*xs[:5], xs[5], 64 ** -0.5, cu)
+    ro, rh = kda_loop_fp64(*xs[:5], xs[5], scale, cut)
     ref = torch.autograd.grad((ro * do.double()).sum() + (rh * dht.double()).sum(), xs)
     for n, a, b in zip(["dq", "dk", "dv", "dg", "dbeta", "dh0"], out, ref):
         assert a.dtype == (torch.float32 if n == "dh0" else dtype)
-        assert rel(a, b) <= tol, (n, rel(a, b))
+        assert rel(a, b) <= tol, (name, n, rel(a, b))
 
 
 def _op_inputs(B=2, T=100, dtype=torch.float32):
