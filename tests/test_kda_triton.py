@@ -352,6 +352,8 @@ GPU_BWD_CASES = [
      {}),
     ("fp32_varlen", dict(B=1, T=1000, H=4, HV=4, K=128, V=128, N=4), [0, 1, 300, 999, 1000], torch.float32, 1e-4,
      {}),
+    # K = 256: bf16 intermediates, float32 states and one pipeline stage in the passes (their tiles' size)
+    ("bf16_K256", dict(B=1, T=200, H=2, HV=2, K=256, V=256), None, torch.bfloat16, 5e-3, {}),
 ]
 
 
