@@ -445,6 +445,8 @@ def _kda_pass_kernel(w, u, qg, kg, aqk, gam, o, h0, ht, hseg, hs, ubuf,
     else:
         h = _load_state(h0, nh, hoff, hm, USE_H0, K, V, BK, BV)
     r = tl.arange(0, C)
+    # LOWP: bf16 dot operands (h, U rounded for the dots only; accumulation and h stay fp32)
+    DT: tl.constexpr = tl.bfloat16 if LOWP else tl.float32
     for c in range(c_lo, c_hi):
         tok = bos + c * C + r
         rm = tok < eos
@@ -457,29 +459,17 @@ def _kda_pass_kernel(w, u, qg, kg, aqk, gam, o, h0, ht, hseg, hs, ubuf,
         gm = tl.load(gam + (hv64 * NS + slot0 + c) * K + rk, mask=km, other=0.)
         if STORE_H:
             tl.store(hs + ((hv64 * NS + slot0 + c) * K * V) + hoff, h, mask=hm)
-        if LOWP:
-            hd = h.to(tl.bfloat16)
-            wt = wt.to(tl.bfloat16)
-            kgt = kgt.to(tl.bfloat16)
-        else:
-            hd = h
-            wt = wt.to(tl.float32)
-            kgt = kgt.to(tl.float32)
+        hd = h.to(DT)
+        wt = wt.to(DT)
+        kgt = kgt.to(DT)
         U = ut - tl.dot(wt, hd, input_precision=PREC)
-        if LOWP:
-            Ud = U.to(tl.bfloat16)
-        else:
-            Ud = U
+        Ud = U.to(DT)
         if STORE_O:
             qgt = tl.load(qg + rowK[:, None] + rk[None, :], mask=mk, other=0.)
             At = tl.load(aqk + ((hv64 * TT + tok) * C)[:, None] + r[None, :],
                          mask=rm[:, None] & (r[None, :] < C), other=0.)
-            if LOWP:
-                qgt = qgt.to(tl.bfloat16)
-                At = At.to(tl.bfloat16)
-            else:
-                qgt = qgt.to(tl.float32)
-                At = At.to(tl.float32)
+            qgt = qgt.to(DT)
+            At = At.to(DT)
             ot = tl.dot(qgt, hd, input_precision=PREC) + tl.dot(At, Ud, input_precision=PREC)
             tl.store(o + ((tok * HV + hv) * V)[:, None] + cv[None, :], ot.to(o.dtype.element_ty), mask=mv)
         if STORE_U:
@@ -520,6 +510,7 @@ def _kda_seg_state_kernel(w, u, kg, gam, mseg, bseg, T, TT, NS, L,
     colm = col < tl.where(is_m, K, V)
     X = tl.where((rk[:, None] == col[None, :]) & is_m, 1., 0.) + tl.zeros([BK, BV], tl.float32)
     r = tl.arange(0, C)
+    DT: tl.constexpr = tl.bfloat16 if LOWP else tl.float32  # dot operands, as in _kda_pass_kernel
     for c in range(c_lo, c_hi):
         tok = bos + c * C + r
         rm = tok < eos
@@ -530,12 +521,8 @@ def _kda_seg_state_kernel(w, u, kg, gam, mseg, bseg, T, TT, NS, L,
         ut = tl.load(u + ((hv64 * TT + tok) * V)[:, None] + col[None, :],
                      mask=rm[:, None] & colm[None, :] & (pb >= NKB), other=0.).to(tl.float32)
         gm = tl.load(gam + (hv64 * NS + slot0 + c) * K + rk, mask=km, other=0.)
-        if LOWP:
-            U = ut - tl.dot(wt.to(tl.bfloat16), X.to(tl.bfloat16), input_precision=PREC)
-            X = gm[:, None] * X + tl.dot(tl.trans(kgt.to(tl.bfloat16)), U.to(tl.bfloat16), input_precision=PREC)
-        else:
-            U = ut - tl.dot(wt.to(tl.float32), X, input_precision=PREC)
-            X = gm[:, None] * X + tl.dot(tl.trans(kgt.to(tl.float32)), U, input_precision=PREC)
+        U = ut - tl.dot(wt.to(DT), X.to(DT), input_precision=PREC)
+        X = gm[:, None] * X + tl.dot(tl.trans(kgt.to(DT)), U.to(DT), input_precision=PREC)
     base = (nh * NSEG + sg).to(tl.int64)
     sm = km[:, None] & colm[None, :]
     tl.store(mseg + base * K * K + rk[:, None] * K + col[None, :], X, mask=sm & is_m)

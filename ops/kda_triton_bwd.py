@@ -341,7 +341,6 @@ def kda_backward(q, k, v, g, beta, initial_state, scale, cu_seqlens, do, dfinal_
     prec = "ieee" if fp32 else "tf32"
     varlen = cu_seqlens is not None
     store_dtype = torch.bfloat16 if (bf16 and _CFG["bwd_store_lowp"]) else torch.float32
-    pass_lowp = bf16 and _CFG["bwd_pass_lowp"] and K <= 128
     if K > 128:
         # the reverse pass holds [C, K] tiles of kg, qg, w in shared memory: float32 ones do not fit at K = 256
         if not bf16:
@@ -352,15 +351,16 @@ def kda_backward(q, k, v, g, beta, initial_state, scale, cu_seqlens, do, dfinal_
                            a_lowp=bf16 and _CFG["bwd_a_lowp"], prec=prec, store_t=True)
     NS = inter["NS"]
     lowp_inter = store_dtype == torch.bfloat16
+    pass_lowp = lowp_inter and _CFG["bwd_pass_lowp"] and K <= 128
     # the passes keep h, dh' in float32 registers; state_dtype is only what they store for the chunk kernel
     state_dtype = torch.bfloat16 if (lowp_inter and _CFG["bwd_state_lowp"] and K <= 128) else torch.float32
     hs = torch.empty(HV, NS, K, V, device=dev, dtype=state_dtype)
     ubuf = torch.empty(HV, TT, V, device=dev, dtype=state_dtype)
-    _pass_forward(inter, initial_state, None, N, HV, H, K, V, T, cu_seqlens, lowp=pass_lowp and lowp_inter,
+    # bv / stages / warps apply at K <= 128 (_pass_forward keeps K = 256 to its own tiles)
+    _pass_forward(inter, initial_state, None, N, HV, H, K, V, T, cu_seqlens, lowp=pass_lowp,
                   prec=prec, store_o=False, hs=hs, ubuf=ubuf, bv=_CFG["bwd_fpass_bv"],
                   nseg=1,  # segments measured slower here (session 4 call 1: 5.45-6.20 ms against 5.06)
-                  stages=_CFG["bwd_fpass_stages"] if K <= 128 else None,
-                  warps=_CFG["bwd_fpass_warps"] if K <= 128 else None)
+                  stages=_CFG["bwd_fpass_stages"], warps=_CFG["bwd_fpass_warps"])
 
     dhs = torch.empty(HV, NS, K, V, device=dev, dtype=state_dtype)
     dubuf = torch.empty(HV, TT, V, device=dev, dtype=state_dtype)
@@ -377,7 +377,7 @@ def kda_backward(q, k, v, g, beta, initial_state, scale, cu_seqlens, do, dfinal_
             dhs, dubuf, cu_seqlens if varlen else dummy, inter["cchunk"] if varlen else dummy,
             T, TT, NS,
             H=H, HV=HV, K=K, V=V, BK=BKp, BV=BVp, C=CHUNK, IS_VARLEN=varlen,
-            USE_DHT=dfinal_state is not None, STORE_DH0=dh0 is not None, LOWP=pass_lowp and lowp_inter,
+            USE_DHT=dfinal_state is not None, STORE_DH0=dh0 is not None, LOWP=pass_lowp,
             PREC=prec, num_warps=_CFG["bwd_pass_warps"], num_stages=rev_stages)
 
     per_hv = HV != H
