@@ -100,17 +100,19 @@ def configs():
     cfg = kt._CFG
     common = dict(H=H, HV=HV, K=K, C=C, IS_VARLEN=False)
     rows = []
-    # existing fused intra kernel (forward: bf16 A dots, tf32 inverse; maxnreg as configured)
+    # fused intra kernel (forward: bf16 A dots, tf32 inverse), as configured, and the fourth session's config
     fz = kt._kda_intra_kernel
     t = _types(fz, dict(gam=F32, tinv=F32, flags="*i32", cu=F32, cseq=F32, cidx=F32))
     for slow in (False, True):
         ce = dict(common, V=V, BK=min(128, cfg["intra_bk"]), BV=64, A_LOWP=True, PREC="tf32", STORE_T=False,
-                  SLOW=slow)
+                  SLOW=slow, PREFETCH=cfg["intra_prefetch"])
         mx = None if slow else cfg["intra_maxnreg"]
-        rows.append((f"fused _kda_intra_kernel SLOW={slow} maxnreg={mx}", fz, t, ce, cfg["intra_warps"], mx))
+        rows.append((f"fused _kda_intra_kernel SLOW={slow} maxnreg={mx} prefetch={cfg['intra_prefetch']}", fz, t,
+                     ce, cfg["intra_warps"], mx))
     ce = dict(common, V=V, BK=min(128, cfg["intra_bk"]), BV=64, A_LOWP=True, PREC="tf32", STORE_T=False,
-              SLOW=False)
-    rows.append(("fused _kda_intra_kernel SLOW=False no cap", fz, t, ce, cfg["intra_warps"], None))
+              SLOW=False, PREFETCH=False)
+    rows.append(("fused _kda_intra_kernel SLOW=False maxnreg=168 prefetch=False (session 4)", fz, t, ce,
+                 cfg["intra_warps"], 168))
     # pass kernel (forward config)
     fp = kt._kda_pass_kernel
     t = _types(fp, dict(gam=F32, h0=F32, ht=F32, hseg=F32, hs=F32, ubuf=F32, cu=F32, cchunk=F32))

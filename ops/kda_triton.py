@@ -17,7 +17,8 @@ Algorithm (chunk C = 64, sub-blocks of 16; docs/kda_kernels.md has the derivatio
   16-block boundaries (left <= |x|, right <= e^span of a 16-block), and a chunk where one 16-block alone
   decays by more than span_max is recomputed exactly (SLOW launch: per-column loop on the diagonal
   blocks). T = (I + Akk)^-1 by block doubling (10 dots), w = T (beta k e^G), u = T (beta v),
-  qg = scale q e^G, kg = k e^(G_last - G), gam = e^G_last.
+  qg = scale q e^G, kg = k e^(G_last - G), gam = e^G_last. Each loop over key / value blocks issues the next
+  block's loads before computing the current one (PREFETCH: global-load waits were the largest stall, ncu).
 * ``_kda_pass_kernel`` (sequential over chunks; parallel over sequences x heads x value blocks
   [x segments]): U = u - w h; o = qg h + Aqk U; h <- gam * h + kg^T U.
 * Long sequences at small batch: the sequence is cut into segments; ``_kda_seg_state_kernel`` runs
@@ -49,7 +50,8 @@ _CFG = {
     "span_max": 60.0,        # largest in-block gate span (nats) for the anchored diagonal path
     "intra_warps": 4,
     "intra_bk": 32,
-    "intra_maxnreg": 168,    # register cap for the intra kernel (3 CTAs/SM instead of 2; measured faster)
+    "intra_maxnreg": None,   # register cap: 168 (3 CTAs/SM) was faster without prefetch; with it, it spills
+    "intra_prefetch": True,  # issue the next key / value block's loads before computing the current one
     "pass_bv": 32,           # 128 programs at B=1, H=32 (64: 1.615 / 6.308 ms, 32: 1.548 / 6.045 at T=16K / 64K)
     "pass_warps": 4,
     "pass_stages": 2,
@@ -338,7 +340,7 @@ def _kda_intra_kernel(q, k, v, g, beta, w, u, qg, kg, aqk, gam, tinv, flags,
                       H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
                       BK: tl.constexpr, BV: tl.constexpr, C: tl.constexpr,
                       IS_VARLEN: tl.constexpr, A_LOWP: tl.constexpr, PREC: tl.constexpr,
-                      STORE_T: tl.constexpr, SLOW: tl.constexpr):
+                      STORE_T: tl.constexpr, SLOW: tl.constexpr, PREFETCH: tl.constexpr):
     s = tl.program_id(0)
     hv = tl.program_id(1)
     hq = hv // (HV // H)
@@ -357,13 +359,33 @@ def _kda_intra_kernel(q, k, v, g, beta, w, u, qg, kg, aqk, gam, tinv, flags,
     Akk = tl.zeros([C, C], tl.float32)
     Aqk = tl.zeros([C, C], tl.float32)
     span = tl.zeros([1], tl.float32)
+    kp = k + (tok[:, None] * H + hq) * K
+    qp = q + (tok[:, None] * H + hq) * K
+    gp = g + (tok[:, None] * HV + hv) * K
+    if PREFETCH:  # loads of key block kb + 1 are in flight while block kb is computed
+        c0 = tl.arange(0, BK)
+        m0 = rmask[:, None] & (c0 < K)[None, :]
+        kn = tl.load(kp + c0[None, :], mask=m0, other=0.)
+        qn = tl.load(qp + c0[None, :], mask=m0, other=0.)
+        gn = tl.load(gp + c0[None, :], mask=m0, other=0.)
     for kb in range(0, (K + BK - 1) // BK):
         cols = kb * BK + tl.arange(0, BK)
         cmask = cols < K
         m2 = rmask[:, None] & cmask[None, :]
-        kt = tl.load(k + (tok[:, None] * H + hq) * K + cols[None, :], mask=m2, other=0.).to(tl.float32)
-        qt = tl.load(q + (tok[:, None] * H + hq) * K + cols[None, :], mask=m2, other=0.).to(tl.float32)
-        G, Gl = _gate2d(g, tok, rmask, hv, cols, cmask, HV, K, C)
+        if PREFETCH:
+            kt = kn.to(tl.float32)
+            qt = qn.to(tl.float32)
+            gt = gn.to(tl.float32)
+            mn = rmask[:, None] & ((cols + BK) < K)[None, :]  # all false after the last block: no traffic
+            kn = tl.load(kp + (cols + BK)[None, :], mask=mn, other=0.)
+            qn = tl.load(qp + (cols + BK)[None, :], mask=mn, other=0.)
+            gn = tl.load(gp + (cols + BK)[None, :], mask=mn, other=0.)
+            G = tl.cumsum(gt, 0)
+            Gl = tl.sum(gt, 0)
+        else:
+            kt = tl.load(k + (tok[:, None] * H + hq) * K + cols[None, :], mask=m2, other=0.).to(tl.float32)
+            qt = tl.load(q + (tok[:, None] * H + hq) * K + cols[None, :], mask=m2, other=0.).to(tl.float32)
+            G, Gl = _gate2d(g, tok, rmask, hv, cols, cmask, HV, K, C)
         # qg, kg, gam need no T: stored here, while q, k and G are in registers
         rowK = (hv64 * TT + tok) * K
         tl.store(qg + rowK[:, None] + cols[None, :], (qt * tl.exp(G) * scale).to(qg.dtype.element_ty), mask=m2)
@@ -398,20 +420,39 @@ def _kda_intra_kernel(q, k, v, g, beta, w, u, qg, kg, aqk, gam, tinv, flags,
     if STORE_T:
         tl.store(tinv + rowC[:, None] + r[None, :], Tm, mask=cmC)
 
+    if PREFETCH:
+        kn = tl.load(kp + c0[None, :], mask=m0, other=0.)
+        gn = tl.load(gp + c0[None, :], mask=m0, other=0.)
     for kb in range(0, (K + BK - 1) // BK):
         cols = kb * BK + tl.arange(0, BK)
         cmask = cols < K
         m2 = rmask[:, None] & cmask[None, :]
-        kt = tl.load(k + (tok[:, None] * H + hq) * K + cols[None, :], mask=m2, other=0.).to(tl.float32)
-        G, Gl = _gate2d(g, tok, rmask, hv, cols, cmask, HV, K, C)
+        if PREFETCH:
+            kt = kn.to(tl.float32)
+            gt = gn.to(tl.float32)
+            mn = rmask[:, None] & ((cols + BK) < K)[None, :]
+            kn = tl.load(kp + (cols + BK)[None, :], mask=mn, other=0.)
+            gn = tl.load(gp + (cols + BK)[None, :], mask=mn, other=0.)
+            G = tl.cumsum(gt, 0)
+        else:
+            kt = tl.load(k + (tok[:, None] * H + hq) * K + cols[None, :], mask=m2, other=0.).to(tl.float32)
+            G, Gl = _gate2d(g, tok, rmask, hv, cols, cmask, HV, K, C)
         wt = tl.dot(Tm, kt * tl.exp(G) * b[:, None], input_precision=PREC)
         rowK = (hv64 * TT + tok) * K
         tl.store(w + rowK[:, None] + cols[None, :], wt.to(w.dtype.element_ty), mask=m2)
 
+    vp = v + (tok[:, None] * HV + hv) * V
+    if PREFETCH:
+        cv0 = tl.arange(0, BV)
+        vn = tl.load(vp + cv0[None, :], mask=rmask[:, None] & (cv0 < V)[None, :], other=0.)
     for vb in range(0, (V + BV - 1) // BV):
         cv = vb * BV + tl.arange(0, BV)
         vm = rmask[:, None] & (cv < V)[None, :]
-        vt = tl.load(v + (tok[:, None] * HV + hv) * V + cv[None, :], mask=vm, other=0.).to(tl.float32)
+        if PREFETCH:
+            vt = vn.to(tl.float32)
+            vn = tl.load(vp + (cv + BV)[None, :], mask=rmask[:, None] & ((cv + BV) < V)[None, :], other=0.)
+        else:
+            vt = tl.load(v + (tok[:, None] * HV + hv) * V + cv[None, :], mask=vm, other=0.).to(tl.float32)
         ut = tl.dot(Tm, vt * b[:, None], input_precision=PREC)
         tl.store(u + ((hv64 * TT + tok) * V)[:, None] + cv[None, :], ut.to(u.dtype.element_ty), mask=vm)
 
@@ -651,6 +692,7 @@ def _intermediates(q, k, v, g, beta, scale, cu_seqlens, *, store_dtype, a_lowp, 
                 T, TT, NS, float(scale), float(_CFG["span_max"]),
                 H=H, HV=HV, K=K, V=V, BK=BK, BV=BV, C=CHUNK,
                 IS_VARLEN=cu_seqlens is not None, A_LOWP=a_lowp, PREC=prec, STORE_T=store_t, SLOW=slow,
+                PREFETCH=_CFG["intra_prefetch"],
                 num_warps=_CFG["intra_warps"], num_stages=1, **({} if slow else extra))
     return dict(w=w, qg=qg, kg=kg, u=u, aqk=aqk, gam=gam, tinv=tinv, flags=flags, NS=NS, cchunk=cchunk,
                 cseq=cseq, cidx=cidx, TT=TT)
