@@ -353,6 +353,42 @@ def sweep_rows(fla):
     return rows
 
 
+INTRA_VARIANTS = [  # relative to the defaults in ops/kda_triton.py (_CFG)
+    ("default", {}),
+    ("no prefetch, cap 168 (session 4)", dict(intra_prefetch=False, intra_maxnreg=168)),
+    ("cap 168", dict(intra_maxnreg=168)),
+    ("no prefetch", dict(intra_prefetch=False)),
+]
+
+
+def intra_variant_rows(fla, variants=None, Ts=(16384, 65536)):
+    """Intra-chunk stage configurations: time at B=1 (bf16, H=32) and the largest relative distance of
+    its intermediates (w, u, qg, kg, Aqk) from the default configuration's."""
+    rows = []
+    base = dict(kt._CFG)
+    scale = K ** -0.5
+    names = ("w", "u", "qg", "kg", "aqk", "gam")
+    for T in Ts:
+        q, k, v, g, beta, h0 = make_inputs(1, T)
+        stage = lambda: kt._intermediates(q, k, v, g, beta, scale, None, store_dtype=torch.bfloat16,
+                                          a_lowp=True, prec="tf32", store_t=False)
+        ref = stage()
+        for name, cfg in (variants or INTRA_VARIANTS):
+            kt._CFG.update(base)
+            kt._CFG.update(cfg)
+            try:
+                out = stage()
+                dist = max(rel(out[n], ref[n]) for n in names)
+                ms = bench_ms(stage)
+                rows.append(_row(f"intra T={T} {name}", None, ms, "", f"vs default {dist:.1e}"))
+            except Exception as e:
+                rows.append(_row(f"intra T={T} {name}", None, None, "", f"error {type(e).__name__}: {e}"[:160]))
+            print(_fmt(rows[-1]), flush=True)
+        kt._CFG.update(base)
+        del q, k, v, g, beta, h0, ref
+    return rows
+
+
 # relative to the defaults in ops/kda_triton_bwd.py
 _FP32_BWD = dict(bwd_store_lowp=False, bwd_pass_lowp=False, bwd_a_lowp=False)
 BWD_VARIANTS = [
@@ -481,6 +517,7 @@ def run(sweep=False, checks=True, quick=False, extended=True, only=None):
     if sweep:
         jobs.append(("sweep", sweep_rows, fla))
         jobs.append(("bwd variants", bwd_variant_rows, fla))
+        jobs.append(("intra variants", intra_variant_rows, fla))
     jobs.append(("profile", profile_rows, fla))
     jobs.append(("fwd+bwd T=8192", fwdbwd_row, 8192, fla))
     if checks:

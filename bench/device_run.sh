@@ -4,7 +4,8 @@
 #   bash bench/device_run.sh [OUTDIR]
 # BENCH_S / TEST_S bound each part in seconds; PARTS picks the bench parts (run_all.py --parts; default: all but
 # the correctness "checks" rows, which the CUDA tests cover); ORDER="tests" or "bench" runs one half; TESTS
-# overrides the CUDA test files; TEST_WORKERS sets pytest-xdist workers (default 4: most test time is Triton
+# overrides the CUDA test files; ORDER="ncu_profile" profiles the forward's kernels with Nsight Compute (NCU_S
+# bounds it); TEST_WORKERS sets pytest-xdist workers (default 4: most test time is Triton
 # compiling on the CPU). Measured on the H200 (run 6): the bench parts take about 5 minutes (kda 1.5, attn_res
 # 0.3, model 2, train 1.5; run 8: train took over 3 minutes on a cold machine, FLA's backward autotuning, and 45 s
 # warm), the CUDA tests about 8 minutes on one worker, so the whole does not fit one 10-minute
@@ -33,5 +34,19 @@ tests() {
     for f in $files; do paths+=("$REPO/$f"); done
     timeout -k 10 "${TEST_S:-150}" python3 -m pytest -m cuda -n "${TEST_WORKERS:-4}" -v -rfE --durations=15 -p no:cacheprovider \
         --rootdir "$REPO" -c "$REPO/pyproject.toml" "${paths[@]}" 2>&1 | tee "$OUTDIR/pytest_cuda.log"
+}
+ncu_profile() {
+    # hardware counters + per-instruction stall samples of the forward's kernels at T=16384 (bench_kda's ncu job);
+    # NCU_KERNELS is a regex of kernel names, NCU_COUNT how many launches (default 3: the intra kernel, its SLOW
+    # relaunch, the pass). Exports: details (text) and the SASS / source pages (csv; each source line's row is
+    # followed by its SASS rows, so sum the line rows or the SASS rows, not both).
+    local rep="$OUTDIR/fwd_t16384"
+    timeout -k 10 "${NCU_S:-240}" ncu --clock-control none --set full --import-source yes -f -o "$rep" \
+        -k "regex:${NCU_KERNELS:-_kda_intra_kernel|_kda_pass_kernel}" -c "${NCU_COUNT:-3}" \
+        python3 "$REPO/bench/bench_kda.py" --only ncu > "$OUTDIR/ncu_run.log" 2>&1
+    ncu -i "$rep.ncu-rep" --page details > "$OUTDIR/ncu_details.txt" 2>&1
+    ncu -i "$rep.ncu-rep" --page source --csv --print-source sass > "$OUTDIR/ncu_sass.csv" 2>&1
+    ncu -i "$rep.ncu-rep" --page source --csv --print-source cuda,sass > "$OUTDIR/ncu_src_sass.csv" 2>&1
+    tail -3 "$OUTDIR/ncu_run.log"; grep -E "Duration|Registers Per|Achieved Occupancy|Issue Slots Busy|Compute \(SM\) Throughput|Memory Throughput" "$OUTDIR/ncu_details.txt"
 }
 for step in ${ORDER:-bench tests}; do "$step"; done

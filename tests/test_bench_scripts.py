@@ -65,3 +65,27 @@ def test_kda_regs_code_hash_ignores_debug_info_only():
     changed = ptx.replace("add.s32 \t%r1, %r2, 1;", "add.s32 \t%r1, %r2, 2;")
     assert kda_regs._code_hash(ptx) == kda_regs._code_hash(moved)
     assert kda_regs._code_hash(ptx) != kda_regs._code_hash(changed)
+
+
+def test_ncu_lines_sums_line_rows_and_sass_rows_apart(tmp_path):
+    """Nsight Compute's source page lists each line's row and then its SASS rows, both with samples: the
+    summary must count each sample once per view (a line's 7 samples are its two instructions' 3 + 4)."""
+    import ncu_lines
+    head = ('"Line No","Source","Address","Source","Warp Stall Sampling (All Samples)",'
+            '"Instructions Executed","stall_long_sb","stall_wait","stall_long_sb (Not Issued)"')
+    csv_text = "\n".join([
+        '"File Path","/x/kda_triton.py"', '"Function Name","_kda_intra_kernel"', head,
+        '"10","gt = tl.load(g)","-","-","7","200","6","1","5"',
+        '"","","0x10","      LDG.E.U16 R2, [R4]","3","100","3","0","3"',
+        '"","","0x20","      @P0 PRMT R3, R2, 0x5410, R2","4","100","3","1","2"',
+        '"11","G = tl.cumsum(gt, 0)","-","-","1","50","0","1","0"',
+        '"","","0x30","      SHFL.UP PT, R5, R3, 0x1, RZ","1","50","0","1","0"',
+    ])
+    p = tmp_path / "src.csv"
+    p.write_text(csv_text + "\n")
+    lines, line_stalls, line_inst, text, opcodes, op_stalls = ncu_lines.summarize(str(p))
+    assert lines == {("kda_triton.py", "10"): 7, ("kda_triton.py", "11"): 1}
+    assert opcodes == {"LDG": 3, "PRMT": 4, "SHFL": 1}
+    assert line_stalls[("kda_triton.py", "10")] == {"long_sb": 6, "wait": 1}
+    assert line_inst[("kda_triton.py", "10")] == 200 and text[("kda_triton.py", "11")] == "G = tl.cumsum(gt, 0)"
+    assert op_stalls["PRMT"] == {"long_sb": 3, "wait": 1}
