@@ -382,7 +382,7 @@ def _kda_intra_kernel(q, k, v, g, beta, w, u, qg, kg, aqk, gam, tinv, flags,
             gn = tl.load(gp + (cols + BK)[None, :], mask=mn, other=0.)
             G = tl.cumsum(gt, 0)
             Gl = tl.sum(gt, 0)
-        else:
+        else:  # the fourth session's loads, as written then (its PTX is unchanged: bench/kda_regs.py)
             kt = tl.load(k + (tok[:, None] * H + hq) * K + cols[None, :], mask=m2, other=0.).to(tl.float32)
             qt = tl.load(q + (tok[:, None] * H + hq) * K + cols[None, :], mask=m2, other=0.).to(tl.float32)
             G, Gl = _gate2d(g, tok, rmask, hv, cols, cmask, HV, K, C)

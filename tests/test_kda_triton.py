@@ -89,6 +89,9 @@ FWD_CASES = {
                          "chunk", {}),
     "chunk_segments": (dict(B=1, T=200, H=1, HV=1, K=16, V=16, gmin=-0.2), None, True, "seg3", {}),
     "chunk_multiblock_K48_V80": (dict(B=1, T=70, H=1, HV=1, K=48, V=80), None, True, "chunk", {}),
+    # the intra kernel's loads without prefetching (the fourth session's kernel, kept as a measured variant)
+    "chunk_multiblock_no_prefetch": (dict(B=1, T=70, H=1, HV=1, K=48, V=80, seed=2), None, True, "chunk",
+                                     dict(intra_prefetch=False)),
     "chunk_B2_T100_strong_decay": (dict(B=2, T=100, H=1, HV=1, K=16, V=16, gmin=-20.0, seed=5), None, True,
                                    "chunk", {}),
     "recurrent_T1": (dict(B=3, T=1, H=1, HV=2, K=16, V=32), None, True, "auto", {}),
