@@ -325,6 +325,22 @@ def correctness_rows(extended=True):
     return rows
 
 
+def _variant_row(label, cfg, base, measure):
+    """One configuration's row: measure() -> (ms, check) runs with _CFG = base updated by cfg; an error becomes
+    the row's check; base is restored afterwards."""
+    kt._CFG.update(base)
+    kt._CFG.update(cfg)
+    try:
+        ms, check = measure()
+        row = _row(label, None, ms, "", check)
+    except Exception as e:
+        row = _row(label, None, None, "", f"error {type(e).__name__}: {e}"[:160])
+    finally:
+        kt._CFG.update(base)
+    print(_fmt(row), flush=True)
+    return row
+
+
 def sweep_rows(fla):
     """Forward pass configurations at long T (time, and the output's distance from the default's)."""
     rows = []
@@ -336,19 +352,15 @@ def sweep_rows(fla):
              ("pass bv32 seg auto", dict(pass_bv=32, segments=-1))]
     for T in (16384, 65536):
         q, k, v, g, beta, h0 = make_inputs(1, T)
-        o0, h0_ = kt.kda_forward(q, k, v, g, beta, h0, scale, None)
+        fwd = lambda: kt.kda_forward(q, k, v, g, beta, h0, scale, None)
+        o0, h0_ = fwd()
+
+        def measure():
+            o, ht = fwd()
+            return bench_ms(fwd), f"vs default o {rel(o, o0):.1e} state {rel(ht, h0_):.1e}"
+
         for name, cfg in tries:
-            kt._CFG.update(base)
-            kt._CFG.update(cfg)
-            try:
-                o, ht = kt.kda_forward(q, k, v, g, beta, h0, scale, None)
-                ms = bench_ms(lambda: kt.kda_forward(q, k, v, g, beta, h0, scale, None))
-                rows.append(_row(f"sweep T={T} {name}", None, ms, "",
-                                 f"vs default o {rel(o, o0):.1e} state {rel(ht, h0_):.1e}"))
-            except Exception as e:
-                rows.append(_row(f"sweep T={T} {name}", None, None, "", f"error {type(e).__name__}: {e}"[:120]))
-            print(_fmt(rows[-1]), flush=True)
-        kt._CFG.update(base)
+            rows.append(_variant_row(f"sweep T={T} {name}", cfg, base, measure))
         del q, k, v, g, beta, h0, o0, h0_
     return rows
 
@@ -373,18 +385,13 @@ def intra_variant_rows(fla, variants=None, Ts=(16384, 65536)):
         stage = lambda: kt._intermediates(q, k, v, g, beta, scale, None, store_dtype=torch.bfloat16,
                                           a_lowp=True, prec="tf32", store_t=False)
         ref = stage()
+
+        def measure():
+            out = stage()
+            return bench_ms(stage), f"vs default {max(rel(out[n], ref[n]) for n in names):.1e}"
+
         for name, cfg in (variants or INTRA_VARIANTS):
-            kt._CFG.update(base)
-            kt._CFG.update(cfg)
-            try:
-                out = stage()
-                dist = max(rel(out[n], ref[n]) for n in names)
-                ms = bench_ms(stage)
-                rows.append(_row(f"intra T={T} {name}", None, ms, "", f"vs default {dist:.1e}"))
-            except Exception as e:
-                rows.append(_row(f"intra T={T} {name}", None, None, "", f"error {type(e).__name__}: {e}"[:160]))
-            print(_fmt(rows[-1]), flush=True)
-        kt._CFG.update(base)
+            rows.append(_variant_row(f"intra T={T} {name}", cfg, base, measure))
         del q, k, v, g, beta, h0, ref
     return rows
 
@@ -421,23 +428,18 @@ def bwd_variant_rows(fla, variants=BWD_VARIANTS):
         ref = torch.autograd.grad((ro * sdo.double()).sum() + (rh * sdht.double()).sum(), x64)
         cases.append((xs, sdo, sdht, ref))
         del ro, rh, x64
+    def measure():
+        errs = []
+        for xs, sdo, sdht, ref in cases:
+            gr = ktb.kda_backward(*xs, xs[0].shape[-1] ** -0.5, None, sdo, sdht)
+            errs.append([rel(a, b) for a, b in zip(gr, ref)])
+        ms = bench_ms(lambda: ktb.kda_backward(q, k, v, g, beta, h0, scale, None, do, dht))
+        return ms, (f"max {max(errs[0]):.1e} / {max(errs[1]):.1e}; B=2 T=1000: "
+                    + " ".join(f"{n}={e:.1e}" for n, e in zip(["dq", "dk", "dv", "dg", "db", "dh0"], errs[0]))
+                    + " vs fp64")
+
     for name, cfg in variants:
-        kt._CFG.update(base)
-        kt._CFG.update(cfg)
-        try:
-            errs = []
-            for xs, sdo, sdht, ref in cases:
-                gr = ktb.kda_backward(*xs, xs[0].shape[-1] ** -0.5, None, sdo, sdht)
-                errs.append([rel(a, b) for a, b in zip(gr, ref)])
-            ms = bench_ms(lambda: ktb.kda_backward(q, k, v, g, beta, h0, scale, None, do, dht))
-            rows.append(_row(f"bwd T=8192 {name}", None, ms, "",
-                             f"max {max(errs[0]):.1e} / {max(errs[1]):.1e}; B=2 T=1000: " + " ".join(
-                                 f"{n}={e:.1e}" for n, e in zip(["dq", "dk", "dv", "dg", "db", "dh0"], errs[0]))
-                             + " vs fp64"))
-        except Exception as e:
-            rows.append(_row(f"bwd T=8192 {name}", None, None, "", f"error {type(e).__name__}: {e}"[:160]))
-        print(_fmt(rows[-1]), flush=True)
-    kt._CFG.update(base)
+        rows.append(_variant_row(f"bwd T=8192 {name}", cfg, base, measure))
     return rows
 
 

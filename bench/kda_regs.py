@@ -103,16 +103,14 @@ def configs():
     # fused intra kernel (forward: bf16 A dots, tf32 inverse), as configured, and the fourth session's config
     fz = kt._kda_intra_kernel
     t = _types(fz, dict(gam=F32, tinv=F32, flags="*i32", cu=F32, cseq=F32, cidx=F32))
+    ci = dict(common, V=V, BK=min(128, cfg["intra_bk"]), BV=64, A_LOWP=True, PREC="tf32", STORE_T=False,
+              PREFETCH=cfg["intra_prefetch"])
     for slow in (False, True):
-        ce = dict(common, V=V, BK=min(128, cfg["intra_bk"]), BV=64, A_LOWP=True, PREC="tf32", STORE_T=False,
-                  SLOW=slow, PREFETCH=cfg["intra_prefetch"])
         mx = None if slow else cfg["intra_maxnreg"]
         rows.append((f"fused _kda_intra_kernel SLOW={slow} maxnreg={mx} prefetch={cfg['intra_prefetch']}", fz, t,
-                     ce, cfg["intra_warps"], mx))
-    ce = dict(common, V=V, BK=min(128, cfg["intra_bk"]), BV=64, A_LOWP=True, PREC="tf32", STORE_T=False,
-              SLOW=False, PREFETCH=False)
-    rows.append(("fused _kda_intra_kernel SLOW=False maxnreg=168 prefetch=False (session 4)", fz, t, ce,
-                 cfg["intra_warps"], 168))
+                     dict(ci, SLOW=slow), cfg["intra_warps"], mx))
+    rows.append(("fused _kda_intra_kernel SLOW=False maxnreg=168 prefetch=False (session 4)", fz, t,
+                 dict(ci, SLOW=False, PREFETCH=False), cfg["intra_warps"], 168))
     # pass kernel (forward config)
     fp = kt._kda_pass_kernel
     t = _types(fp, dict(gam=F32, h0=F32, ht=F32, hseg=F32, hs=F32, ubuf=F32, cu=F32, cchunk=F32))
@@ -125,11 +123,9 @@ def configs():
         st = "*bf16" if cfg["bwd_state_lowp"] else F32  # h, dh', U, dU as the backward stores them
         t = _types(fc, dict(tinv=F32, ubuf=st, dubuf=st, hs=st, dhs=st, flags="*i32", cu=F32, cseq=F32,
                             cidx=F32, dq=F32, dk=F32, dg=F32, dbeta=F32, dv=F32))
-        cexp = {n: None for n in fc.arg_names}
         for slow in (False, True):
             ce = dict(common, V=V, BK=min(128, cfg["bwd_bk"]), BV=min(128, cfg["bwd_bv"]), PREC="tf32", SLOW=slow,
                       QK_PER_HV=False)
-            ce = {k: v for k, v in ce.items() if k in cexp}
             rows.append((f"_kda_chunk_bwd_kernel SLOW={slow}", fc, t, ce, cfg["bwd_warps"], None))
     # backward reverse pass and the decode token loop
     fr = ktb._kda_pass_bwd_kernel
