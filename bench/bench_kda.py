@@ -346,10 +346,9 @@ def sweep_rows(fla):
     rows = []
     base = dict(kt._CFG)
     scale = K ** -0.5
-    tries = [("default", {}), ("pass bv32", dict(pass_bv=32)), ("pass bv64 w8", dict(pass_warps=8)),
-             ("pass bv32 w8", dict(pass_bv=32, pass_warps=8)),
-             ("seg auto", dict(segments=-1)), ("seg 4", dict(segments=4)), ("seg 8", dict(segments=8)),
-             ("pass bv32 seg auto", dict(pass_bv=32, segments=-1))]
+    tries = [("default", {}), ("pass 2 stages (session 5)", dict(pass_stages=2)),
+             ("pass bv64 3 stages", dict(pass_bv=64)), ("pass 3 stages 8 warps", dict(pass_warps=8)),
+             ("seg auto", dict(segments=-1))]
     for T in (16384, 65536):
         q, k, v, g, beta, h0 = make_inputs(1, T)
         fwd = lambda: kt.kda_forward(q, k, v, g, beta, h0, scale, None)
@@ -367,9 +366,8 @@ def sweep_rows(fla):
 
 INTRA_VARIANTS = [  # relative to the defaults in ops/kda_triton.py (_CFG)
     ("default", {}),
-    ("no prefetch, cap 168 (session 4)", dict(intra_prefetch=False, intra_maxnreg=168)),
-    ("cap 168", dict(intra_maxnreg=168)),
-    ("no prefetch", dict(intra_prefetch=False)),
+    ("SLOW relaunch: one program per chunk slot (session 5)", dict(intra_slow_group=1)),
+    ("no prefetch, cap 168 (session 4)", dict(intra_prefetch=False, intra_maxnreg=168, intra_slow_group=1)),
 ]
 
 
@@ -398,15 +396,12 @@ def intra_variant_rows(fla, variants=None, Ts=(16384, 65536)):
 
 # relative to the defaults in ops/kda_triton_bwd.py
 _FP32_BWD = dict(bwd_store_lowp=False, bwd_pass_lowp=False, bwd_a_lowp=False)
-BWD_VARIANTS = [
+BWD_VARIANTS = [  # defaults: bf16 intermediates and states, chunk BK 64 / BV 64, passes 4 / 3 stages
     ("default", {}),
-    ("fp32 intermediates (fpass bv32 2 stages)", _FP32_BWD),
-    ("fp32 intermediates, fpass bv64 1 stage (session 3)", dict(_FP32_BWD, bwd_fpass_bv=64, bwd_fpass_stages=1)),
-    ("chunk bk64", dict(bwd_bk=64)),
-    ("chunk bk64 bv64", dict(bwd_bk=64, bwd_bv=64)),
-    ("bf16 states h dh U dU", dict(bwd_state_lowp=True)),
-    ("bf16 states, chunk bk64", dict(bwd_state_lowp=True, bwd_bk=64)),
-    ("bf16 states, chunk bk64 bv64", dict(bwd_state_lowp=True, bwd_bk=64, bwd_bv=64)),
+    ("passes 2 / 2 stages (session 5)", dict(bwd_fpass_stages=2, bwd_pass_stages=2)),
+    ("fp32 intermediates", _FP32_BWD),
+    ("fp32 states h dh U dU", dict(bwd_state_lowp=False)),
+    ("chunk bk32 bv32", dict(bwd_bk=32, bwd_bv=32)),
 ]
 
 

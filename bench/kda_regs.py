@@ -107,10 +107,11 @@ def configs():
               PREFETCH=cfg["intra_prefetch"])
     for slow in (False, True):
         mx = None if slow else cfg["intra_maxnreg"]
-        rows.append((f"fused _kda_intra_kernel SLOW={slow} maxnreg={mx} prefetch={cfg['intra_prefetch']}", fz, t,
-                     dict(ci, SLOW=slow), cfg["intra_warps"], mx))
+        grp = cfg["intra_slow_group"] if slow else 1
+        rows.append((f"fused _kda_intra_kernel SLOW={slow} maxnreg={mx} prefetch={cfg['intra_prefetch']}"
+                     + (f" group={grp}" if slow else ""), fz, t, dict(ci, SLOW=slow, GROUP=grp), cfg["intra_warps"], mx))
     rows.append(("fused _kda_intra_kernel SLOW=False maxnreg=168 prefetch=False (session 4)", fz, t,
-                 dict(ci, SLOW=False, PREFETCH=False), cfg["intra_warps"], 168))
+                 dict(ci, SLOW=False, PREFETCH=False, GROUP=1), cfg["intra_warps"], 168))
     # pass kernel (forward config)
     fp = kt._kda_pass_kernel
     t = _types(fp, dict(gam=F32, h0=F32, ht=F32, hseg=F32, hs=F32, ubuf=F32, cu=F32, cchunk=F32))
@@ -138,7 +139,7 @@ def configs():
     for lowp in (False, True):
         ce = dict(ce, LOWP=lowp)
         rows.append((f"_kda_pass_bwd_kernel bf16 intermediates LOWP={lowp}", fr, t, ce, cfg["bwd_pass_warps"],
-                     None, 2))
+                     None, cfg["bwd_pass_stages"] or 3))
     # the forward pass as the backward runs it (h and U stored, no o)
     fp = kt._kda_pass_kernel
     ce = dict(H=H, HV=HV, K=K, V=V, BK=128, BV=cfg["bwd_fpass_bv"], C=C, NSEG=1, IS_VARLEN=False, USE_H0=True,
@@ -146,10 +147,10 @@ def configs():
     t = _types(fp, dict(w=F32, u=F32, qg=F32, kg=F32, aqk=F32, gam=F32, h0=F32, ht=F32, hseg=F32, hs=F32,
                         ubuf=F32, cu=F32, cchunk=F32))
     rows.append(("_kda_pass_kernel in bwd, fp32 intermediates", fp, t, ce, cfg["pass_warps"], None,
-                 cfg["bwd_fpass_stages"] or 1))
+                 min(2, cfg["bwd_fpass_stages"])))  # what fit_stages leaves of the depth on an H200
     t = _types(fp, dict(gam=F32, h0=F32, ht=F32, hseg=F32, hs=F32, ubuf=F32, cu=F32, cchunk=F32))
     rows.append(("_kda_pass_kernel in bwd, bf16 intermediates", fp, t, dict(ce, LOWP=cfg["bwd_pass_lowp"]),
-                 cfg["pass_warps"], None, cfg["bwd_fpass_stages"] or 2))
+                 cfg["pass_warps"], None, cfg["bwd_fpass_stages"]))
     fd = kt._kda_recurrent_kernel
     t = _types(fd, dict(h0=F32, ht=F32, cu=F32))
     ce = dict(H=H, HV=HV, K=K, V=V, BK=128, BV=cfg["decode_bv"], IS_VARLEN=False, USE_H0=True)

@@ -15,12 +15,13 @@ Algorithm (chunk C = 64, sub-blocks of 16; docs/kda_kernels.md has the derivatio
   per key block with exponents that cannot overflow: when the block's whole-chunk decay is <= span_max,
   one anchor at the chunk start (left <= |x|, right <= e^span_max: two dots); otherwise anchors at the
   16-block boundaries (left <= |x|, right <= e^span of a 16-block), and a chunk where one 16-block alone
-  decays by more than span_max is recomputed exactly (SLOW launch: per-column loop on the diagonal
-  blocks). T = (I + Akk)^-1 by block doubling (10 dots), w = T (beta k e^G), u = T (beta v),
+  decays by more than span_max is recomputed exactly (SLOW relaunch: per-column loop on the diagonal
+  blocks; each of its programs checks the flags of up to 8 chunk slots with one load). T = (I + Akk)^-1 by block doubling (10 dots), w = T (beta k e^G), u = T (beta v),
   qg = scale q e^G, kg = k e^(G_last - G), gam = e^G_last. Each loop over key / value blocks issues the next
   block's loads before computing the current one (PREFETCH: global-load waits were the largest stall, ncu).
 * ``_kda_pass_kernel`` (sequential over chunks; parallel over sequences x heads x value blocks
-  [x segments]): U = u - w h; o = qg h + Aqk U; h <- gam * h + kg^T U.
+  [x segments]): U = u - w h; o = qg h + Aqk U; h <- gam * h + kg^T U. Three pipeline stages: the
+  next two chunks' tiles load while one is computed (fewer where shared memory is smaller: fit_stages).
 * Long sequences at small batch: the sequence is cut into segments; ``_kda_seg_state_kernel`` runs
   every segment from a zero state and also carries the segment's K x K transition matrix,
   ``_kda_seg_combine_kernel`` chains the segments (h_s+1 = M_s h_s + b_s), then the pass kernel runs
@@ -29,6 +30,7 @@ Algorithm (chunk C = 64, sub-blocks of 16; docs/kda_kernels.md has the derivatio
 """
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -52,9 +54,12 @@ _CFG = {
     "intra_bk": 32,
     "intra_maxnreg": None,   # register cap: 168 (3 CTAs/SM) was faster without prefetch; with it, it spills
     "intra_prefetch": True,  # issue the next key / value block's loads before computing the current one
+    "intra_slow_group": 8,   # chunk slots per program of the SLOW relaunch (1: one program per slot, as before)
+    "intra_slow_min_programs": 2048,
     "pass_bv": 32,           # 128 programs at B=1, H=32 (64: 1.615 / 6.308 ms, 32: 1.548 / 6.045 at T=16K / 64K)
     "pass_warps": 4,
-    "pass_stages": 2,
+    "pass_stages": 3,        # loads of the next two chunks in flight (2: 1.513 / 5.942 ms, 3: 1.373 / 5.335 at
+                             # T=16K / 64K, docs/benchmarks.md run 10); fewer where shared memory is smaller
     "decode_bv": 64,
     "decode_warps": 4,
 }
@@ -340,15 +345,41 @@ def _kda_intra_kernel(q, k, v, g, beta, w, u, qg, kg, aqk, gam, tinv, flags,
                       H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
                       BK: tl.constexpr, BV: tl.constexpr, C: tl.constexpr,
                       IS_VARLEN: tl.constexpr, A_LOWP: tl.constexpr, PREC: tl.constexpr,
-                      STORE_T: tl.constexpr, SLOW: tl.constexpr, PREFETCH: tl.constexpr):
-    s = tl.program_id(0)
+                      STORE_T: tl.constexpr, SLOW: tl.constexpr, PREFETCH: tl.constexpr,
+                      GROUP: tl.constexpr):
+    """Fast launch (SLOW=False): grid (NS, HV), one chunk slot per program. SLOW relaunch: grid
+    (cdiv(NS, GROUP), HV); a program reads the flags of its GROUP slots at once and recomputes the flagged
+    ones (usually none: a program per slot cost one dependent flag load per slot and head)."""
     hv = tl.program_id(1)
+    if SLOW:
+        s0 = tl.program_id(0) * GROUP
+        sg = s0 + tl.arange(0, GROUP)
+        fl = tl.load(flags + hv.to(tl.int64) * NS + sg, mask=sg < NS, other=0)
+        if tl.max(fl, 0) != 0:
+            for i in range(GROUP):
+                if s0 + i < NS:
+                    if tl.load(flags + hv.to(tl.int64) * NS + s0 + i) != 0:
+                        _intra_chunk(s0 + i, hv, q, k, v, g, beta, w, u, qg, kg, aqk, gam, tinv, flags,
+                                     cu, cseq, cidx, T, TT, NS, scale, span_max, H, HV, K, V, BK, BV, C,
+                                     IS_VARLEN, A_LOWP, PREC, STORE_T, SLOW, PREFETCH)
+    else:
+        _intra_chunk(tl.program_id(0), hv, q, k, v, g, beta, w, u, qg, kg, aqk, gam, tinv, flags,
+                     cu, cseq, cidx, T, TT, NS, scale, span_max, H, HV, K, V, BK, BV, C,
+                     IS_VARLEN, A_LOWP, PREC, STORE_T, SLOW, PREFETCH)
+
+
+@triton.jit
+def _intra_chunk(s, hv, q, k, v, g, beta, w, u, qg, kg, aqk, gam, tinv, flags,
+                 cu, cseq, cidx, T, TT, NS, scale, span_max,
+                 H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
+                 BK: tl.constexpr, BV: tl.constexpr, C: tl.constexpr,
+                 IS_VARLEN: tl.constexpr, A_LOWP: tl.constexpr, PREC: tl.constexpr,
+                 STORE_T: tl.constexpr, SLOW: tl.constexpr, PREFETCH: tl.constexpr):
+    """One chunk slot s of value head hv (the fast path flags the chunk and stops where a 16-block's gate
+    span exceeds span_max)."""
     hq = hv // (HV // H)
     hv64 = hv.to(tl.int64)
     slot = s.to(tl.int64)
-    if SLOW:
-        if tl.load(flags + hv64 * NS + slot) == 0:
-            return
     bos, eos, c = _seq_bounds(s, cu, cseq, cidx, T, C, IS_VARLEN)
     r = tl.arange(0, C)
     tok = bos + c * C + r
@@ -662,6 +693,14 @@ def _chunk_table(cu_seqlens, TT):
     return cseq, cidx, cchunk, NS
 
 
+def _slow_group(NS, HV):
+    """Chunk slots per program of the SLOW relaunch (a power of two): up to intra_slow_group, keeping at least
+    intra_slow_min_programs programs so that a launch where every chunk is flagged (g near -20 per step) still
+    fills the GPU."""
+    fit = triton.next_power_of_2(NS * HV // _CFG["intra_slow_min_programs"] + 1) // 2
+    return max(1, min(_CFG["intra_slow_group"], fit))
+
+
 def _intermediates(q, k, v, g, beta, scale, cu_seqlens, *, store_dtype, a_lowp, prec, store_t):
     """Run the intra-chunk kernel. Returns a dict of intermediates (head-major layouts)."""
     B, T, H, K = q.shape
@@ -685,14 +724,15 @@ def _intermediates(q, k, v, g, beta, scale, cu_seqlens, *, store_dtype, a_lowp, 
     BV = min(_np2(V), 64)
     dummy = cu_seqlens if cu_seqlens is not None else gam
     extra = {} if _CFG["intra_maxnreg"] is None else {"maxnreg": _CFG["intra_maxnreg"]}
+    group = _slow_group(NS, HV)
     for slow in (False, True):
-        _launch(_kda_intra_kernel, (NS, HV),
+        _launch(_kda_intra_kernel, (triton.cdiv(NS, group) if slow else NS, HV),
                 q, k, v, g, beta, w, u, qg, kg, aqk, gam, tinv if store_t else gam, flags,
                 dummy, cseq if cseq is not None else dummy, cidx if cidx is not None else dummy,
                 T, TT, NS, float(scale), float(_CFG["span_max"]),
                 H=H, HV=HV, K=K, V=V, BK=BK, BV=BV, C=CHUNK,
                 IS_VARLEN=cu_seqlens is not None, A_LOWP=a_lowp, PREC=prec, STORE_T=store_t, SLOW=slow,
-                PREFETCH=_CFG["intra_prefetch"],
+                PREFETCH=_CFG["intra_prefetch"], GROUP=group if slow else 1,
                 num_warps=_CFG["intra_warps"], num_stages=1, **({} if slow else extra))
     return dict(w=w, qg=qg, kg=kg, u=u, aqk=aqk, gam=gam, tinv=tinv, flags=flags, NS=NS, cchunk=cchunk,
                 cseq=cseq, cidx=cidx, TT=TT)
@@ -711,6 +751,23 @@ def _num_segments(N, HV, V, T, K, varlen):
     return max(1, min(want, nt // _CFG["seg_min_chunks"]))
 
 
+@functools.lru_cache(maxsize=None)
+def _smem_per_block(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).shared_memory_per_block_optin
+
+
+def fit_stages(stages: int, stage_bytes: int, device: torch.device, fixed_bytes: int = 16384) -> int:
+    """The largest pipeline depth <= stages whose buffers (stage_bytes each, plus fixed_bytes for the kernel's
+    other shared tiles) fit one block's shared memory on this device: the pass's three stages take ~190 KB,
+    which H100 / H200 (227 KB) hold and an A100 (163 KB) does not. Host-side query, cached; no sync."""
+    if device.type != "cuda" or not torch.cuda.is_available():
+        return stages
+    limit = _smem_per_block(device.index if device.index is not None else torch.cuda.current_device())
+    while stages > 1 and stages * stage_bytes + fixed_bytes > limit:
+        stages -= 1
+    return stages
+
+
 def _pass_forward(inter, initial_state, o, N, HV, H, K, V, T, cu_seqlens, *, lowp, prec,
                   store_o=True, hs=None, ubuf=None, nseg=1, bv=None, stages=None, warps=None):
     """bv / stages / warps: value block, pipeline depth and warps at K <= 128 (default: pass_bv, pass_warps,
@@ -723,6 +780,9 @@ def _pass_forward(inter, initial_state, o, N, HV, H, K, V, T, cu_seqlens, *, low
         BV = min(bv or _CFG["pass_bv"], _np2(V))
         if stages is None:
             stages = _CFG["pass_stages"] if es == 2 else 1
+        # per stage: w, kg [, qg, Aqk] and u tiles
+        stage_bytes = es * (CHUNK * BK * (3 if store_o else 2) + (CHUNK * CHUNK if store_o else 0) + CHUNK * BV)
+        stages = fit_stages(stages, stage_bytes, dev)
     else:  # K = 256: keep the [C, K] tiles of one stage inside shared memory
         BV = min(64 if es == 2 else 32, _np2(V))
         warps = 8 if es == 2 else 4

@@ -27,7 +27,7 @@ import triton.language as tl
 
 from .kda_triton import (CHUNK, _CFG, _gate2d, _block_ends, _anchor_rows, _block_mult, _blockdiag_from_2d,
                          _seq_bounds, _seq_span, _slow_tiles, _state_tile, _load_state, _launch, _np2, _modes,
-                         _prep, _intermediates, _pass_forward)
+                         _prep, _intermediates, _pass_forward, fit_stages)
 
 # chunk kernel tiles. Measured at T=8192: BK 16 -> 32 cut kda_backward from 6.17 to 5.36 ms (session 3);
 # BK 32 / BV 32 -> 64 / 64 with bf16 states: 3.76 -> 3.40 ms (session 4 call 3)
@@ -43,10 +43,15 @@ _CFG.setdefault("bwd_pass_warps", 8)
 _CFG.setdefault("bwd_store_lowp", True)
 _CFG.setdefault("bwd_a_lowp", True)
 _CFG.setdefault("bwd_pass_lowp", True)
-_CFG.setdefault("bwd_fpass_bv", 32)        # value block of the forward pass inside the backward (64: 5.33 ms,
-_CFG.setdefault("bwd_fpass_stages", 2)     # 32 with two stages: 5.06 ms with float32 intermediates)
+# Forward pass inside the backward: value block 32 (64: 5.33 ms, 32 with two stages: 5.06 ms with float32
+# intermediates). Pipeline depths (run 10, T=8192): forward pass 4 stages (156 KB with bf16 tiles), reverse pass
+# 3 (196 KB): kda_backward 3.405 -> 3.267 ms against 2 / 2. fit_stages lowers a depth that does not fit the
+# device's shared memory (float32 intermediates: the forward pass gets 2 on an H200); the reverse pass keeps one
+# stage for float32 intermediates (bwd_pass_stages None).
+_CFG.setdefault("bwd_fpass_bv", 32)
+_CFG.setdefault("bwd_fpass_stages", 4)
 _CFG.setdefault("bwd_fpass_warps", 4)
-_CFG.setdefault("bwd_pass_stages", None)   # reverse pass; None: two stages for bf16 intermediates, else one
+_CFG.setdefault("bwd_pass_stages", None)
 # bf16 inputs: the chunk states h, dh' and U, dU stored in bf16 for the chunk kernel (the passes carry them in
 # float32). Measured: 3.55 -> 3.40 ms at T=8192 (BK 64 / BV 64); largest gradient error vs float64 3.0e-3 ->
 # 3.7e-3 at the GPU test's shape (bound 5e-3; FLA stores its chunk states in bf16 too)
@@ -369,7 +374,10 @@ def kda_backward(q, k, v, g, beta, initial_state, scale, cu_seqlens, do, dfinal_
     BVp = min(_CFG["bwd_pass_bv"], _np2(V))
     rev_stages = 1
     if K <= 128:
-        rev_stages = _CFG["bwd_pass_stages"] or (2 if lowp_inter else 1)
+        rev_stages = _CFG["bwd_pass_stages"] or (3 if lowp_inter else 1)
+        es = inter["w"].element_size()  # per stage: w, qg, kg, Aqk and the dO tile
+        rev_stages = fit_stages(rev_stages, es * (3 * CHUNK * BKp + CHUNK * CHUNK) + do.element_size() * CHUNK * BVp,
+                                dev)
     dummy = inter["gam"]
     _launch(_kda_pass_bwd_kernel, (triton.cdiv(V, BVp), N * HV),
             inter["w"], inter["qg"], inter["kg"], inter["aqk"], inter["gam"], do,

@@ -94,6 +94,13 @@ FWD_CASES = {
                                      dict(intra_prefetch=False)),
     "chunk_B2_T100_strong_decay": (dict(B=2, T=100, H=1, HV=1, K=16, V=16, gmin=-20.0, seed=5), None, True,
                                    "chunk", {}),
+    # the SLOW relaunch with 4 chunk slots per program (on the GPU from NS x HV >= 4096): every chunk flagged,
+    # and 6 of the 20 (chunk, head) pairs flagged (16-block decays around 60 nats); 5 slots a sequence, 10 a
+    # head, the last group of each head partial
+    "chunk_slow_grouped_all": (dict(B=2, T=300, H=1, HV=2, K=16, V=16, gmin=-20.0, seed=6), None, True, "chunk",
+                               dict(intra_slow_group=4, intra_slow_min_programs=1)),
+    "chunk_slow_grouped_some": (dict(B=2, T=300, H=1, HV=2, K=16, V=16, gmin=-5.5, seed=8), None, True, "chunk",
+                                dict(intra_slow_group=4, intra_slow_min_programs=1)),
     # float16 inputs: float32 intermediates, o rounded to float16 (relative 2^-11 a value)
     "chunk_fp16_GVA": (dict(B=2, T=70, H=1, HV=2, K=32, V=16, dtype=torch.float16), None, True, "chunk", {}),
     "recurrent_fp16": (dict(B=2, T=9, H=1, HV=1, K=16, V=16, dtype=torch.float16), None, True, "auto", {}),
@@ -112,6 +119,8 @@ BWD_CASES = {
     "bwd_multiblock_default_tiles": (dict(B=1, T=70, H=1, HV=1, K=80, V=72), None, True, True, {}),
     "bwd_T1": (dict(B=2, T=1, H=1, HV=1, K=16, V=16), None, True, True, {}),
     "bwd_fp16": (dict(B=1, T=70, H=1, HV=2, K=32, V=16, dtype=torch.float16), None, True, True, {}),
+    "bwd_strong_decay_grouped": (dict(B=2, T=140, H=1, HV=1, K=16, V=16, gmin=-20.0, seed=9), None, True, True,
+                                 dict(intra_slow_group=4, intra_slow_min_programs=1)),
     "bwd_block_anchors": (dict(B=1, T=100, H=1, HV=1, K=16, V=16, gmin=-3.0, seed=4), None, True, True, {}),
     # chunk-kernel key block 0 (columns < 16) mild decay (one anchor), blocks 1, 2 medium (16-block anchors)
     "bwd_mixed_key_blocks": (dict(B=1, T=70, H=1, HV=1, K=48, V=16, gmin=-0.5, gmin_from=16, gmin_hi=-3.0),
@@ -201,6 +210,17 @@ def test_cases_reach_each_gate_regime():
         assert chunk > 60 and block <= 60, (chunk, block)
     chunk, block = _decays(FWD_CASES["chunk_GVA_strong_decay"][0], 0, 16)
     assert block > 60
+    # the grouped SLOW relaunch cases: every (chunk, head) flagged / a proper subset flagged
+    for name, want in (("chunk_slow_grouped_all", "all"), ("chunk_slow_grouped_some", "some")):
+        kw = FWD_CASES[name][0]
+        g = -make(**kw)[3].double()  # [B, T, HV, K]
+        flagged = []
+        for s0 in range(0, kw["T"], 64):
+            blocks = [g[:, b:min(b + 16, kw["T"])].sum(1) for b in range(s0, min(s0 + 64, kw["T"]), 16)]
+            flagged.append(torch.stack(blocks).amax(dim=(0, 3)) > 60)  # [B, HV]
+        flagged = torch.stack(flagged)
+        n, total = int(flagged.sum()), flagged.numel()
+        assert (n == total) if want == "all" else (0 < n < total), (name, n, total)
 
 
 @pytest.fixture(scope="module")
@@ -241,6 +261,19 @@ def test_dispatch_by_shape():
     assert not kt.use_recurrent(1, 5000, 3, True)
 
 
+def test_pipeline_depth_fits_shared_memory(monkeypatch):
+    """The passes' pipeline depth is lowered where one block's shared memory is smaller (A100: 163 KB) and kept
+    where it fits (H100 / H200: 227 KB); CPU tensors (the interpreter) keep the configured depth."""
+    from kimi_compile.ops import kda_triton as kt
+    fwd_stage = 2 * (64 * 128 * 3 + 64 * 64 + 64 * 32)  # the forward pass at K = 128, BV = 32, bf16: 60 KB
+    assert kt.fit_stages(3, fwd_stage, torch.device("cpu")) == 3
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    for smem, want in ((227 * 1024, 3), (163 * 1024, 2), (100 * 1024, 1)):
+        monkeypatch.setattr(kt, "_smem_per_block", lambda index, smem=smem: smem)
+        assert kt.fit_stages(3, fwd_stage, torch.device("cuda", 0)) == want, smem
+    assert kt.fit_stages(4, 4 * (64 * 128 * 2 + 64 * 32), torch.device("cuda", 0)) == 1  # float32 tiles
+
+
 def test_chunk_table_no_sync_shapes():
     """Varlen chunk slots are computed with device ops only; check their content on CPU."""
     from kimi_compile.ops import kda_triton as kt
@@ -258,7 +291,7 @@ def test_chunk_table_no_sync_shapes():
 SM90_CONSTEXPRS = dict(H=4, HV=4, K=64, V=64, BK=32, BV=32, C=64, NSEG=1, USE_H0=True, STORE_O=True,
                        STORE_HT=True, STORE_H=False, STORE_U=False, LOWP=True, PREC="tf32", A_LOWP=True,
                        STORE_T=False, SLOW=False, USE_DHT=True, STORE_DH0=True, QK_PER_HV=False,
-                       PREFETCH=True)
+                       PREFETCH=True, GROUP=1)
 SM90_KERNELS = [("kda_triton", "_kda_intra_kernel"), ("kda_triton", "_kda_pass_kernel"),
                 ("kda_triton", "_kda_recurrent_kernel"), ("kda_triton_bwd", "_kda_pass_bwd_kernel"),
                 ("kda_triton_bwd", "_kda_chunk_bwd_kernel")]
