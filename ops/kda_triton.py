@@ -16,9 +16,10 @@ Algorithm (chunk C = 64, sub-blocks of 16; docs/kda_kernels.md has the derivatio
   one anchor at the chunk start (left <= |x|, right <= e^span_max: two dots); otherwise anchors at the
   16-block boundaries (left <= |x|, right <= e^span of a 16-block), and a chunk where one 16-block alone
   decays by more than span_max is recomputed exactly (SLOW relaunch: per-column loop on the diagonal
-  blocks; each of its programs checks the flags of up to 8 chunk slots with one load). T = (I + Akk)^-1 by block doubling (10 dots), w = T (beta k e^G), u = T (beta v),
-  qg = scale q e^G, kg = k e^(G_last - G), gam = e^G_last. Each loop over key / value blocks issues the next
-  block's loads before computing the current one (PREFETCH: global-load waits were the largest stall, ncu).
+  blocks; each of its programs checks the flags of up to 8 chunk slots with one load).
+  T = (I + Akk)^-1 by block doubling (10 dots), w = T (beta k e^G), u = T (beta v), qg = scale q e^G,
+  kg = k e^(G_last - G), gam = e^G_last. Each loop over key / value blocks issues the next block's loads
+  before computing the current one (PREFETCH: global-load waits were the largest stall, ncu).
 * ``_kda_pass_kernel`` (sequential over chunks; parallel over sequences x heads x value blocks
   [x segments]): U = u - w h; o = qg h + Aqk U; h <- gam * h + kg^T U. Three pipeline stages: the
   next two chunks' tiles load while one is computed (fewer where shared memory is smaller: fit_stages).

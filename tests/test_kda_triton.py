@@ -271,7 +271,7 @@ def test_pipeline_depth_fits_shared_memory(monkeypatch):
     for smem, want in ((227 * 1024, 3), (163 * 1024, 2), (100 * 1024, 1)):
         monkeypatch.setattr(kt, "_smem_per_block", lambda index, smem=smem: smem)
         assert kt.fit_stages(3, fwd_stage, torch.device("cuda", 0)) == want, smem
-    assert kt.fit_stages(4, 4 * (64 * 128 * 2 + 64 * 32), torch.device("cuda", 0)) == 1  # float32 tiles
+    assert kt.fit_stages(4, 4 * (64 * 128 * 2 + 64 * 32), torch.device("cuda", 0)) == 1  # float32 tiles, 100 KB
 
 
 def test_chunk_table_no_sync_shapes():
@@ -303,6 +303,16 @@ def test_kernels_compile_for_sm90(module, kernel, is_varlen):
     """Compile the chunked and token-loop kernels ahead of time for an H100/H200 (Triton's own compiler and
     ptxas, no GPU), fixed-length and varlen; integer arguments i32, pointers 16-byte aligned as at a launch.
     Small tiles: this catches what only the compiler rejects; resources at the real tiles are bench/kda_regs.py's."""
+    _compile_sm90(module, kernel, is_varlen)
+
+
+@pytest.mark.parametrize("is_varlen", [False, True])
+def test_intra_slow_relaunch_compiles_for_sm90(is_varlen):
+    """The SLOW relaunch of the intra kernel with 4 chunk slots per program (its loop over the group)."""
+    _compile_sm90("kda_triton", "_kda_intra_kernel", is_varlen, dict(SLOW=True, GROUP=4))
+
+
+def _compile_sm90(module, kernel, is_varlen, overrides=None):
     import importlib
 
     import triton
@@ -310,8 +320,8 @@ def test_kernels_compile_for_sm90(module, kernel, is_varlen):
     from triton.compiler import ASTSource
 
     fn = getattr(importlib.import_module(f"kimi_compile.ops.{module}"), kernel)
-    consts = {p.name: (is_varlen if p.name == "IS_VARLEN" else SM90_CONSTEXPRS[p.name])
-              for p in fn.params if p.is_constexpr}
+    table = dict(SM90_CONSTEXPRS, **(overrides or {}))
+    consts = {p.name: (is_varlen if p.name == "IS_VARLEN" else table[p.name]) for p in fn.params if p.is_constexpr}
     ints, floats = {"T", "TT", "NS", "L"}, {"scale", "span_max"}
     sig, hints = {}, {}
     for i, p in enumerate(fn.params):
