@@ -412,12 +412,12 @@ def _intra_chunk(s, hv, q, k, v, g, beta, w, u, qg, kg, aqk, gam, tinv, flags,
             kn = tl.load(kp + (cols + BK)[None, :], mask=mn, other=0.)
             qn = tl.load(qp + (cols + BK)[None, :], mask=mn, other=0.)
             gn = tl.load(gp + (cols + BK)[None, :], mask=mn, other=0.)
-            G = tl.cumsum(gt, 0)
-            Gl = tl.sum(gt, 0)
-        else:  # the fourth session's loads, as written then (its PTX is unchanged: bench/kda_regs.py)
-            kt = tl.load(k + (tok[:, None] * H + hq) * K + cols[None, :], mask=m2, other=0.).to(tl.float32)
-            qt = tl.load(q + (tok[:, None] * H + hq) * K + cols[None, :], mask=m2, other=0.).to(tl.float32)
-            G, Gl = _gate2d(g, tok, rmask, hv, cols, cmask, HV, K, C)
+        else:
+            kt = tl.load(kp + cols[None, :], mask=m2, other=0.).to(tl.float32)
+            qt = tl.load(qp + cols[None, :], mask=m2, other=0.).to(tl.float32)
+            gt = tl.load(gp + cols[None, :], mask=m2, other=0.).to(tl.float32)
+        G = tl.cumsum(gt, 0)
+        Gl = tl.sum(gt, 0)
         # qg, kg, gam need no T: stored here, while q, k and G are in registers
         rowK = (hv64 * TT + tok) * K
         tl.store(qg + rowK[:, None] + cols[None, :], (qt * tl.exp(G) * scale).to(qg.dtype.element_ty), mask=m2)
@@ -465,10 +465,10 @@ def _intra_chunk(s, hv, q, k, v, g, beta, w, u, qg, kg, aqk, gam, tinv, flags,
             mn = rmask[:, None] & ((cols + BK) < K)[None, :]
             kn = tl.load(kp + (cols + BK)[None, :], mask=mn, other=0.)
             gn = tl.load(gp + (cols + BK)[None, :], mask=mn, other=0.)
-            G = tl.cumsum(gt, 0)
         else:
-            kt = tl.load(k + (tok[:, None] * H + hq) * K + cols[None, :], mask=m2, other=0.).to(tl.float32)
-            G, Gl = _gate2d(g, tok, rmask, hv, cols, cmask, HV, K, C)
+            kt = tl.load(kp + cols[None, :], mask=m2, other=0.).to(tl.float32)
+            gt = tl.load(gp + cols[None, :], mask=m2, other=0.).to(tl.float32)
+        G = tl.cumsum(gt, 0)
         wt = tl.dot(Tm, kt * tl.exp(G) * b[:, None], input_precision=PREC)
         rowK = (hv64 * TT + tok) * K
         tl.store(w + rowK[:, None] + cols[None, :], wt.to(w.dtype.element_ty), mask=m2)
@@ -484,7 +484,7 @@ def _intra_chunk(s, hv, q, k, v, g, beta, w, u, qg, kg, aqk, gam, tinv, flags,
             vt = vn.to(tl.float32)
             vn = tl.load(vp + (cv + BV)[None, :], mask=rmask[:, None] & ((cv + BV) < V)[None, :], other=0.)
         else:
-            vt = tl.load(v + (tok[:, None] * HV + hv) * V + cv[None, :], mask=vm, other=0.).to(tl.float32)
+            vt = tl.load(vp + cv[None, :], mask=vm, other=0.).to(tl.float32)
         ut = tl.dot(Tm, vt * b[:, None], input_precision=PREC)
         tl.store(u + ((hv64 * TT + tok) * V)[:, None] + cv[None, :], ut.to(u.dtype.element_ty), mask=vm)
 
