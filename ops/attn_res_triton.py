@@ -20,13 +20,11 @@ how the tests check the kernels without a GPU.
 
 from __future__ import annotations
 
-import functools
-
 import torch
 import triton
 import triton.language as tl
 
-from ._device import device_guard
+from ._device import device_guard, device_properties
 
 __all__ = [
     "attn_res_fwd",
@@ -247,11 +245,6 @@ def kernel_config(D: int, block_r: int | None = None, num_warps: int | None = No
     return int(block_r), int(block_d), int(num_warps), int(num_stages)
 
 
-@functools.lru_cache(maxsize=None)
-def _num_sms(index: int) -> int:
-    return torch.cuda.get_device_properties(index).multi_processor_count
-
-
 # --------------------------------------------------------------------------------------------
 # launchers (no validation: ops/attn_res.py does it)
 # --------------------------------------------------------------------------------------------
@@ -323,8 +316,7 @@ def attn_res_bwd(
     BLOCK_R, BLOCK_D, warps, stages = kernel_config(D, block_r, num_warps, num_stages)
     num_rb = triton.cdiv(R, BLOCK_R)
     if max_programs is None:
-        max_programs = 4 * _num_sms(x.device.index if x.device.index is not None else torch.cuda.current_device()) \
-            if x.device.type == "cuda" else 8
+        max_programs = 4 * device_properties(x.device).multi_processor_count if x.device.type == "cuda" else 8
     nprog = max(1, min(num_rb, int(max_programs)))
     dq_part = torch.empty((nprog, D), dtype=torch.float32, device=x.device)
     with device_guard(x):

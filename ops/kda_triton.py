@@ -31,12 +31,13 @@ Algorithm (chunk C = 64, sub-blocks of 16; docs/kda_kernels.md has the derivatio
 """
 from __future__ import annotations
 
-import functools
 import os
 
 import torch
 import triton
 import triton.language as tl
+
+from ._device import device_properties
 
 CHUNK = 64
 
@@ -752,18 +753,13 @@ def _num_segments(N, HV, V, T, K, varlen):
     return max(1, min(want, nt // _CFG["seg_min_chunks"]))
 
 
-@functools.lru_cache(maxsize=None)
-def _smem_per_block(device_index: int) -> int:
-    return torch.cuda.get_device_properties(device_index).shared_memory_per_block_optin
-
-
 def fit_stages(stages: int, stage_bytes: int, device: torch.device, fixed_bytes: int = 16384) -> int:
     """The largest pipeline depth <= stages whose buffers (stage_bytes each, plus fixed_bytes for the kernel's
     other shared tiles) fit one block's shared memory on this device: the pass's three stages take ~190 KB,
     which H100 / H200 (227 KB) hold and an A100 (163 KB) does not. Host-side query, cached; no sync."""
     if device.type != "cuda" or not torch.cuda.is_available():
         return stages
-    limit = _smem_per_block(device.index if device.index is not None else torch.cuda.current_device())
+    limit = device_properties(device).shared_memory_per_block_optin
     while stages > 1 and stages * stage_bytes + fixed_bytes > limit:
         stages -= 1
     return stages

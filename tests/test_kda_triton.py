@@ -264,12 +264,15 @@ def test_dispatch_by_shape():
 def test_pipeline_depth_fits_shared_memory(monkeypatch):
     """The passes' pipeline depth is lowered where one block's shared memory is smaller (A100: 163 KB) and kept
     where it fits (H100 / H200: 227 KB); CPU tensors (the interpreter) keep the configured depth."""
+    import types
+
     from kimi_compile.ops import kda_triton as kt
     fwd_stage = 2 * (64 * 128 * 3 + 64 * 64 + 64 * 32)  # the forward pass at K = 128, BV = 32, bf16: 60 KB
     assert kt.fit_stages(3, fwd_stage, torch.device("cpu")) == 3
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     for smem, want in ((227 * 1024, 3), (163 * 1024, 2), (100 * 1024, 1)):
-        monkeypatch.setattr(kt, "_smem_per_block", lambda index, smem=smem: smem)
+        monkeypatch.setattr(kt, "device_properties",
+                            lambda device, smem=smem: types.SimpleNamespace(shared_memory_per_block_optin=smem))
         assert kt.fit_stages(3, fwd_stage, torch.device("cuda", 0)) == want, smem
     assert kt.fit_stages(4, 4 * (64 * 128 * 2 + 64 * 32), torch.device("cuda", 0)) == 1  # float32 tiles, 100 KB
 
