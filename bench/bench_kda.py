@@ -185,9 +185,9 @@ def prefill_row(T, fla, check=True, B=1):
 
 
 def _forward_intermediates(q, k, v, g, beta, scale):
-    """The intra stage as the bf16 forward runs it (with the Aqk fold when pass_fold is on)."""
+    """The intra stage as the bf16 forward runs it."""
     return kt._intermediates(q, k, v, g, beta, scale, None, store_dtype=torch.bfloat16, a_lowp=True, prec="tf32",
-                             store_t=False, fold=kt._CFG["pass_fold"], fold_lowp=kt._CFG["pass_lowp"])
+                             store_t=False)
 
 
 def intra_stage_rows(Ts=(4096, 16384, 65536)):
@@ -351,8 +351,7 @@ def sweep_rows(fla):
     rows = []
     base = dict(kt._CFG)
     scale = K ** -0.5
-    tries = [("default", {}), ("intra: w / u loops' first loads early", dict(intra_prefetch=2)),
-             ("Aqk fold, stacked dot: [U; o] = [u; ou] - [w; Aqk w - qg] h", dict(pass_fold=True)),
+    tries = [("default", {}), ("intra: no early first loads of the w / u loops (session 6)", dict(intra_prefetch=1)),
              ("pass 2 stages", dict(pass_stages=2)), ("pass bv64", dict(pass_bv=64))]
     for T in (16384, 65536):
         q, k, v, g, beta, h0 = make_inputs(1, T)
@@ -371,8 +370,7 @@ def sweep_rows(fla):
 
 INTRA_VARIANTS = [  # relative to the defaults in ops/kda_triton.py (_CFG)
     ("default", {}),
-    ("w / u loops' first loads early", dict(intra_prefetch=2)),
-    ("Aqk fold (qg <- Aqk w - qg, ou = Aqk u)", dict(pass_fold=True)),
+    ("no early first loads of the w / u loops (session 6)", dict(intra_prefetch=1)),
     ("SLOW relaunch: one program per chunk slot (session 5)", dict(intra_slow_group=1)),
     ("no prefetch, cap 168 (session 4)", dict(intra_prefetch=False, intra_maxnreg=168, intra_slow_group=1)),
 ]
@@ -380,11 +378,11 @@ INTRA_VARIANTS = [  # relative to the defaults in ops/kda_triton.py (_CFG)
 
 def intra_variant_rows(fla, variants=None, Ts=(16384, 65536)):
     """Intra-chunk stage configurations: time at B=1 (bf16, H=32) and the largest relative distance of
-    its intermediates (w, u, qg, kg, Aqk or ou) from the default configuration's (where both have them)."""
+    its intermediates (w, u, qg, kg, Aqk) from the default configuration's."""
     rows = []
     base = dict(kt._CFG)
     scale = K ** -0.5
-    names = ("w", "u", "qg", "kg", "aqk", "ou", "gam")
+    names = ("w", "u", "qg", "kg", "aqk", "gam")
     for T in Ts:
         q, k, v, g, beta, h0 = make_inputs(1, T)
         stage = lambda: _forward_intermediates(q, k, v, g, beta, scale)
@@ -392,9 +390,7 @@ def intra_variant_rows(fla, variants=None, Ts=(16384, 65536)):
 
         def measure():
             out = stage()
-            same = [n for n in names if out[n] is not None and ref[n] is not None
-                    and (n != "qg" or out["fold"] == ref["fold"])]  # qg means Aqk w - qg under the fold
-            return bench_ms(stage), (f"vs default {max(rel(out[n], ref[n]) for n in same):.1e}" if same else "")
+            return bench_ms(stage), f"vs default {max(rel(out[n], ref[n]) for n in names):.1e}"
 
         for name, cfg in (variants or INTRA_VARIANTS):
             rows.append(_variant_row(f"intra T={T} {name}", cfg, base, measure))

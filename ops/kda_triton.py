@@ -19,7 +19,8 @@ Algorithm (chunk C = 64, sub-blocks of 16; docs/kda_kernels.md has the derivatio
   blocks; each of its programs checks the flags of up to 8 chunk slots with one load).
   T = (I + Akk)^-1 by block doubling (10 dots), w = T (beta k e^G), u = T (beta v), qg = scale q e^G,
   kg = k e^(G_last - G), gam = e^G_last. Each loop over key / value blocks issues the next block's loads
-  before computing the current one (PREFETCH: global-load waits were the largest stall, ncu).
+  before computing the current one (PREFETCH: global-load waits were the largest stall, ncu), and the w and
+  u loops' first tiles load during the inverse and the w loop (PREFETCH=2).
 * ``_kda_pass_kernel`` (sequential over chunks; parallel over sequences x heads x value blocks
   [x segments]): U = u - w h; o = qg h + Aqk U; h <- gam * h + kg^T U. Three pipeline stages: the
   next two chunks' tiles load while one is computed (fewer where shared memory is smaller: fit_stages).
@@ -56,15 +57,13 @@ _CFG = {
     "intra_bk": 32,
     "intra_maxnreg": None,   # register cap: 168 (3 CTAs/SM) was faster without prefetch; with it, it spills
     "intra_prefetch": 2,     # 1: issue the next key / value block's loads before computing the current one;
-                             # 2: also the w and u loops' first loads before the inverse / the w loop (-1.4 %)
+                             # 2: also the w and u loops' first loads before the inverse / the w loop (-1.3 %)
     "intra_slow_group": 8,   # chunk slots per program of the SLOW relaunch (1: one program per slot, as before)
     "intra_slow_min_programs": 2048,
     "pass_bv": 32,           # 128 programs at B=1, H=32 (64: 1.615 / 6.308 ms, 32: 1.548 / 6.045 at T=16K / 64K)
     "pass_warps": 4,
     "pass_stages": 3,        # loads of the next two chunks in flight (2: 1.513 / 5.942 ms, 3: 1.373 / 5.335 at
                              # T=16K / 64K, docs/benchmarks.md run 10); fewer where shared memory is smaller
-    "pass_fold": False,      # forward: Aqk folded into qg and ou by the intra kernel (the pass: o = ou - qg h)
-    "pass_stack": True,      # ... and [U; o] = [u; ou] - [w; qg] h as one [2C, K] x [K, BV] dot
     "decode_bv": 64,
     "decode_warps": 4,
 }
@@ -345,13 +344,13 @@ def _slow_A(kt, qt, G, C: tl.constexpr, BK: tl.constexpr, PREC: tl.constexpr):
 
 
 @triton.jit
-def _kda_intra_kernel(q, k, v, g, beta, w, u, qg, kg, aqk, ou, gam, tinv, flags,
+def _kda_intra_kernel(q, k, v, g, beta, w, u, qg, kg, aqk, gam, tinv, flags,
                       cu, cseq, cidx, T, TT, NS, scale, span_max,
                       H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
                       BK: tl.constexpr, BV: tl.constexpr, C: tl.constexpr,
                       IS_VARLEN: tl.constexpr, A_LOWP: tl.constexpr, PREC: tl.constexpr,
                       STORE_T: tl.constexpr, SLOW: tl.constexpr, PREFETCH: tl.constexpr,
-                      GROUP: tl.constexpr, FOLD: tl.constexpr, FOLD_LOWP: tl.constexpr):
+                      GROUP: tl.constexpr):
     """Fast launch (SLOW=False): grid (NS, HV), one chunk slot per program. SLOW relaunch: grid
     (cdiv(NS, GROUP), HV); a program reads the flags of its GROUP slots at once and recomputes the flagged
     ones (usually none: a program per slot cost one dependent flag load per slot and head)."""
@@ -364,26 +363,24 @@ def _kda_intra_kernel(q, k, v, g, beta, w, u, qg, kg, aqk, ou, gam, tinv, flags,
             for i in range(GROUP):
                 if s0 + i < NS:
                     if tl.load(flags + hv.to(tl.int64) * NS + s0 + i) != 0:
-                        _intra_chunk(s0 + i, hv, q, k, v, g, beta, w, u, qg, kg, aqk, ou, gam, tinv, flags,
+                        _intra_chunk(s0 + i, hv, q, k, v, g, beta, w, u, qg, kg, aqk, gam, tinv, flags,
                                      cu, cseq, cidx, T, TT, NS, scale, span_max, H, HV, K, V, BK, BV, C,
-                                     IS_VARLEN, A_LOWP, PREC, STORE_T, SLOW, PREFETCH, FOLD, FOLD_LOWP)
+                                     IS_VARLEN, A_LOWP, PREC, STORE_T, SLOW, PREFETCH)
     else:
-        _intra_chunk(tl.program_id(0), hv, q, k, v, g, beta, w, u, qg, kg, aqk, ou, gam, tinv, flags,
+        _intra_chunk(tl.program_id(0), hv, q, k, v, g, beta, w, u, qg, kg, aqk, gam, tinv, flags,
                      cu, cseq, cidx, T, TT, NS, scale, span_max, H, HV, K, V, BK, BV, C,
-                     IS_VARLEN, A_LOWP, PREC, STORE_T, SLOW, PREFETCH, FOLD, FOLD_LOWP)
+                     IS_VARLEN, A_LOWP, PREC, STORE_T, SLOW, PREFETCH)
 
 
 @triton.jit
-def _intra_chunk(s, hv, q, k, v, g, beta, w, u, qg, kg, aqk, ou, gam, tinv, flags,
+def _intra_chunk(s, hv, q, k, v, g, beta, w, u, qg, kg, aqk, gam, tinv, flags,
                  cu, cseq, cidx, T, TT, NS, scale, span_max,
                  H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
                  BK: tl.constexpr, BV: tl.constexpr, C: tl.constexpr,
                  IS_VARLEN: tl.constexpr, A_LOWP: tl.constexpr, PREC: tl.constexpr,
-                 STORE_T: tl.constexpr, SLOW: tl.constexpr, PREFETCH: tl.constexpr,
-                 FOLD: tl.constexpr, FOLD_LOWP: tl.constexpr):
+                 STORE_T: tl.constexpr, SLOW: tl.constexpr, PREFETCH: tl.constexpr):
     """One chunk slot s of value head hv (the fast path flags the chunk and stops where a 16-block's gate
-    span exceeds span_max). FOLD (forward only): Aqk is folded into the intermediates instead of stored,
-    qg holds Aqk w - scale q e^G and ou = Aqk u, so that the pass computes o = ou - qg h (see the pass)."""
+    span exceeds span_max)."""
     hq = hv // (HV // H)
     hv64 = hv.to(tl.int64)
     slot = s.to(tl.int64)
@@ -414,14 +411,11 @@ def _intra_chunk(s, hv, q, k, v, g, beta, w, u, qg, kg, aqk, ou, gam, tinv, flag
             kt = kn.to(tl.float32)
             qt = qn.to(tl.float32)
             gt = gn.to(tl.float32)
-            if PREFETCH == 2:  # the last block loads block 0 again: the w loop's first tiles, in flight during the inverse
+            if PREFETCH == 2:  # the last block loads block 0 again: the w loop's first tiles, during the inverse
                 cn = (cols + BK) % (((K + BK - 1) // BK) * BK)
                 mn = rmask[:, None] & (cn < K)[None, :]
                 kn = tl.load(kp + cn[None, :], mask=mn, other=0.)
-                if FOLD:
-                    qn = tl.load(qp + cn[None, :], mask=mn, other=0.)
-                else:  # the w loop needs no q
-                    qn = tl.load(qp + cn[None, :], mask=mn & ((cols + BK) < K)[None, :], other=0.)
+                qn = tl.load(qp + cn[None, :], mask=mn & ((cols + BK) < K)[None, :], other=0.)  # no q in the w loop
                 gn = tl.load(gp + cn[None, :], mask=mn, other=0.)
             else:
                 mn = rmask[:, None] & ((cols + BK) < K)[None, :]  # all false after the last block: no traffic
@@ -436,9 +430,7 @@ def _intra_chunk(s, hv, q, k, v, g, beta, w, u, qg, kg, aqk, ou, gam, tinv, flag
         Gl = tl.sum(gt, 0)
         # qg, kg, gam need no T: stored here, while q, k and G are in registers
         rowK = (hv64 * TT + tok) * K
-        if not FOLD:
-            tl.store(qg + rowK[:, None] + cols[None, :], (qt * tl.exp(G) * scale).to(qg.dtype.element_ty),
-                     mask=m2)
+        tl.store(qg + rowK[:, None] + cols[None, :], (qt * tl.exp(G) * scale).to(qg.dtype.element_ty), mask=m2)
         tl.store(kg + rowK[:, None] + cols[None, :],
                  (kt * tl.exp(Gl[None, :] - G)).to(kg.dtype.element_ty), mask=m2)
         tl.store(gam + (hv64 * NS + slot) * K + cols, tl.exp(Gl), mask=cmask & (eos > bos))
@@ -466,20 +458,13 @@ def _intra_chunk(s, hv, q, k, v, g, beta, w, u, qg, kg, aqk, ou, gam, tinv, flag
 
     rowC = (hv64 * TT + tok) * C
     cmC = rmask[:, None] & (r[None, :] < C)
-    # FOLD: Aqk stays in registers (in the pass's operand type) for the w and u loops
-    FDT: tl.constexpr = tl.bfloat16 if FOLD_LOWP else tl.float32
-    if FOLD:
-        Aq = Aqk.to(FDT)
-    else:
-        tl.store(aqk + rowC[:, None] + r[None, :], Aqk.to(aqk.dtype.element_ty), mask=cmC)
+    tl.store(aqk + rowC[:, None] + r[None, :], Aqk.to(aqk.dtype.element_ty), mask=cmC)
     if STORE_T:
         tl.store(tinv + rowC[:, None] + r[None, :], Tm, mask=cmC)
 
     if PREFETCH == 1:
         kn = tl.load(kp + c0[None, :], mask=m0, other=0.)
         gn = tl.load(gp + c0[None, :], mask=m0, other=0.)
-        if FOLD:
-            qn = tl.load(qp + c0[None, :], mask=m0, other=0.)
     vp = v + (tok[:, None] * HV + hv) * V
     if PREFETCH == 2:  # the u loop's first tile, in flight during the w loop
         cv0 = tl.arange(0, BV)
@@ -494,25 +479,13 @@ def _intra_chunk(s, hv, q, k, v, g, beta, w, u, qg, kg, aqk, ou, gam, tinv, flag
             mn = rmask[:, None] & ((cols + BK) < K)[None, :]
             kn = tl.load(kp + (cols + BK)[None, :], mask=mn, other=0.)
             gn = tl.load(gp + (cols + BK)[None, :], mask=mn, other=0.)
-            if FOLD:
-                qt = qn.to(tl.float32)
-                qn = tl.load(qp + (cols + BK)[None, :], mask=mn, other=0.)
         else:
             kt = tl.load(kp + cols[None, :], mask=m2, other=0.).to(tl.float32)
             gt = tl.load(gp + cols[None, :], mask=m2, other=0.).to(tl.float32)
-            if FOLD:
-                qt = tl.load(qp + cols[None, :], mask=m2, other=0.).to(tl.float32)
         G = tl.cumsum(gt, 0)
+        wt = tl.dot(Tm, kt * tl.exp(G) * b[:, None], input_precision=PREC)
         rowK = (hv64 * TT + tok) * K
-        if FOLD:  # and Aqk w - qg: the part of the pass's o product Aqk U = Aqk (u - w h) that does not need h
-            eG = tl.exp(G)
-            wt = tl.dot(Tm, kt * eG * b[:, None], input_precision=PREC).to(w.dtype.element_ty)
-            tl.store(w + rowK[:, None] + cols[None, :], wt, mask=m2)
-            nq = tl.dot(Aq, wt.to(FDT), input_precision=PREC) - qt * eG * scale
-            tl.store(qg + rowK[:, None] + cols[None, :], nq.to(qg.dtype.element_ty), mask=m2)
-        else:
-            wt = tl.dot(Tm, kt * tl.exp(G) * b[:, None], input_precision=PREC)
-            tl.store(w + rowK[:, None] + cols[None, :], wt.to(w.dtype.element_ty), mask=m2)
+        tl.store(w + rowK[:, None] + cols[None, :], wt.to(w.dtype.element_ty), mask=m2)
 
     if PREFETCH == 1:
         cv0 = tl.arange(0, BV)
@@ -527,26 +500,19 @@ def _intra_chunk(s, hv, q, k, v, g, beta, w, u, qg, kg, aqk, ou, gam, tinv, flag
             vt = tl.load(vp + cv[None, :], mask=vm, other=0.).to(tl.float32)
         ut = tl.dot(Tm, vt * b[:, None], input_precision=PREC)
         tl.store(u + ((hv64 * TT + tok) * V)[:, None] + cv[None, :], ut.to(u.dtype.element_ty), mask=vm)
-        if FOLD:  # and Aqk u: the part of o that depends on no state
-            ot = tl.dot(Aq, ut.to(u.dtype.element_ty).to(FDT), input_precision=PREC)
-            tl.store(ou + ((hv64 * TT + tok) * V)[:, None] + cv[None, :], ot.to(ou.dtype.element_ty), mask=vm)
 
 
 # ----------------------------------------------------------------------------------------------
 # chunk-to-chunk pass
 # ----------------------------------------------------------------------------------------------
 @triton.jit
-def _kda_pass_kernel(w, u, qg, kg, aqk, ou, gam, o, h0, ht, hseg, hs, ubuf,
+def _kda_pass_kernel(w, u, qg, kg, aqk, gam, o, h0, ht, hseg, hs, ubuf,
                      cu, cchunk, T, TT, NS, L,
                      H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
                      BK: tl.constexpr, BV: tl.constexpr, C: tl.constexpr, NSEG: tl.constexpr,
                      IS_VARLEN: tl.constexpr, USE_H0: tl.constexpr, STORE_O: tl.constexpr,
                      STORE_HT: tl.constexpr, STORE_H: tl.constexpr, STORE_U: tl.constexpr,
-                     LOWP: tl.constexpr, PREC: tl.constexpr, FOLD: tl.constexpr, STACK: tl.constexpr):
-    """Per chunk: U = u - w h; o = qg h + Aqk U; h <- gam * h + kg^T U (four dots, each waited for).
-    FOLD (intra kernel's FOLD: qg holds Aqk w - scale q e^G, ou = Aqk u, no Aqk): o = ou - qg h, three dots;
-    STACK: the rows of w and qg are loaded as one [2C, BK] tile and those of u and ou as one [2C, BV] tile,
-    so that [U; o] = [u; ou] - [w; qg] h is one dot (two dots a step: the state's chain)."""
+                     LOWP: tl.constexpr, PREC: tl.constexpr):
     pv = tl.program_id(0)
     pid = tl.program_id(1)
     nh = pid // NSEG
@@ -567,47 +533,24 @@ def _kda_pass_kernel(w, u, qg, kg, aqk, ou, gam, o, h0, ht, hseg, hs, ubuf,
     r = tl.arange(0, C)
     # LOWP: bf16 dot operands (h, U rounded for the dots only; accumulation and h stay fp32)
     DT: tl.constexpr = tl.bfloat16 if LOWP else tl.float32
-    r2 = tl.arange(0, 2 * C)
-    top = r2 < C
     for c in range(c_lo, c_hi):
         tok = bos + c * C + r
         rm = tok < eos
         rowK = (hv64 * TT + tok) * K
         mk = rm[:, None] & km[None, :]
         mv = rm[:, None] & vm[None, :]
-        if not STACK:
-            wt = tl.load(w + rowK[:, None] + rk[None, :], mask=mk, other=0.)
+        wt = tl.load(w + rowK[:, None] + rk[None, :], mask=mk, other=0.)
         kgt = tl.load(kg + rowK[:, None] + rk[None, :], mask=mk, other=0.)
-        if not STACK:
-            ut = tl.load(u + ((hv64 * TT + tok) * V)[:, None] + cv[None, :], mask=mv, other=0.).to(tl.float32)
+        ut = tl.load(u + ((hv64 * TT + tok) * V)[:, None] + cv[None, :], mask=mv, other=0.).to(tl.float32)
         gm = tl.load(gam + (hv64 * NS + slot0 + c) * K + rk, mask=km, other=0.)
         if STORE_H:
             tl.store(hs + ((hv64 * NS + slot0 + c) * K * V) + hoff, h, mask=hm)
         hd = h.to(DT)
-        if not STACK:
-            wt = wt.to(DT)
+        wt = wt.to(DT)
         kgt = kgt.to(DT)
-        if STACK:
-            tok2 = bos + c * C + (r2 % C)
-            rm2 = tok2 < eos
-            row2 = hv64 * TT + tok2
-            wq = tl.load(tl.where(top, w, qg)[:, None] + (row2 * K)[:, None] + rk[None, :],
-                         mask=rm2[:, None] & km[None, :], other=0.).to(DT)
-            uo = tl.load(tl.where(top, u, ou)[:, None] + (row2 * V)[:, None] + cv[None, :],
-                         mask=rm2[:, None] & vm[None, :], other=0.).to(tl.float32)
-            X = uo - tl.dot(wq, hd, input_precision=PREC)  # [U; o]
-            U, ot = tl.split(tl.permute(tl.reshape(X, (2, C, BV)), (1, 2, 0)))
-        else:
-            U = ut - tl.dot(wt, hd, input_precision=PREC)
+        U = ut - tl.dot(wt, hd, input_precision=PREC)
         Ud = U.to(DT)
-        if STACK:
-            tl.store(o + ((tok * HV + hv) * V)[:, None] + cv[None, :], ot.to(o.dtype.element_ty), mask=mv)
-        elif FOLD:
-            nqt = tl.load(qg + rowK[:, None] + rk[None, :], mask=mk, other=0.).to(DT)
-            out = tl.load(ou + ((hv64 * TT + tok) * V)[:, None] + cv[None, :], mask=mv, other=0.).to(tl.float32)
-            ot = out - tl.dot(nqt, hd, input_precision=PREC)
-            tl.store(o + ((tok * HV + hv) * V)[:, None] + cv[None, :], ot.to(o.dtype.element_ty), mask=mv)
-        elif STORE_O:
+        if STORE_O:
             qgt = tl.load(qg + rowK[:, None] + rk[None, :], mask=mk, other=0.)
             At = tl.load(aqk + ((hv64 * TT + tok) * C)[:, None] + r[None, :],
                          mask=rm[:, None] & (r[None, :] < C), other=0.)
@@ -772,11 +715,8 @@ def _slow_group(NS, HV):
     return max(1, min(_CFG["intra_slow_group"], fit))
 
 
-def _intermediates(q, k, v, g, beta, scale, cu_seqlens, *, store_dtype, a_lowp, prec, store_t,
-                   fold=False, fold_lowp=False):
-    """Run the intra-chunk kernel. Returns a dict of intermediates (head-major layouts). fold: Aqk folded into
-    qg (= Aqk w - scale q e^G) and ou (= Aqk u) for a forward-only pass (no aqk); fold_lowp: those two
-    products on bf16 operands (the pass's operand type)."""
+def _intermediates(q, k, v, g, beta, scale, cu_seqlens, *, store_dtype, a_lowp, prec, store_t):
+    """Run the intra-chunk kernel. Returns a dict of intermediates (head-major layouts)."""
     B, T, H, K = q.shape
     HV, V = v.shape[2], v.shape[3]
     TT = B * T
@@ -790,8 +730,7 @@ def _intermediates(q, k, v, g, beta, scale, cu_seqlens, *, store_dtype, a_lowp, 
     qg = torch.empty(HV, TT, K, device=dev, dtype=store_dtype)
     kg = torch.empty(HV, TT, K, device=dev, dtype=store_dtype)
     u = torch.empty(HV, TT, V, device=dev, dtype=store_dtype)
-    aqk = None if fold else torch.empty(HV, TT, CHUNK, device=dev, dtype=store_dtype)
-    ou = torch.empty(HV, TT, V, device=dev, dtype=store_dtype) if fold else None
+    aqk = torch.empty(HV, TT, CHUNK, device=dev, dtype=store_dtype)
     gam = torch.empty(HV, NS, K, device=dev, dtype=torch.float32)
     tinv = torch.empty(HV, TT, CHUNK, device=dev, dtype=torch.float32) if store_t else None
     flags = torch.zeros(HV, NS, device=dev, dtype=torch.int32)
@@ -802,15 +741,14 @@ def _intermediates(q, k, v, g, beta, scale, cu_seqlens, *, store_dtype, a_lowp, 
     group = _slow_group(NS, HV)
     for slow in (False, True):
         _launch(_kda_intra_kernel, (triton.cdiv(NS, group) if slow else NS, HV),
-                q, k, v, g, beta, w, u, qg, kg, aqk if aqk is not None else gam, ou if fold else gam, gam,
-                tinv if store_t else gam, flags,
+                q, k, v, g, beta, w, u, qg, kg, aqk, gam, tinv if store_t else gam, flags,
                 dummy, cseq if cseq is not None else dummy, cidx if cidx is not None else dummy,
                 T, TT, NS, float(scale), float(_CFG["span_max"]),
                 H=H, HV=HV, K=K, V=V, BK=BK, BV=BV, C=CHUNK,
                 IS_VARLEN=cu_seqlens is not None, A_LOWP=a_lowp, PREC=prec, STORE_T=store_t, SLOW=slow,
-                PREFETCH=int(_CFG["intra_prefetch"]), GROUP=group if slow else 1, FOLD=fold, FOLD_LOWP=fold_lowp,
+                PREFETCH=int(_CFG["intra_prefetch"]), GROUP=group if slow else 1,
                 num_warps=_CFG["intra_warps"], num_stages=1, **({} if slow else extra))
-    return dict(w=w, qg=qg, kg=kg, u=u, aqk=aqk, ou=ou, fold=fold, gam=gam, tinv=tinv, flags=flags, NS=NS, cchunk=cchunk,
+    return dict(w=w, qg=qg, kg=kg, u=u, aqk=aqk, gam=gam, tinv=tinv, flags=flags, NS=NS, cchunk=cchunk,
                 cseq=cseq, cidx=cidx, TT=TT)
 
 
@@ -846,16 +784,13 @@ def _pass_forward(inter, initial_state, o, N, HV, H, K, V, T, cu_seqlens, *, low
     dev = o.device if o is not None else inter["w"].device
     BK = _np2(K)
     es = inter["w"].element_size()
-    fold = inter["fold"]
-    stack = fold and _CFG["pass_stack"]
     warps = warps or _CFG["pass_warps"]
     if K <= 128:
         BV = min(bv or _CFG["pass_bv"], _np2(V))
         if stages is None:
             stages = _CFG["pass_stages"] if es == 2 else 1
-        # per stage: w, kg [, qg, Aqk or ou] and u tiles
-        stage_bytes = es * (CHUNK * BK * (3 if store_o else 2) + CHUNK * BV
-                            + ((CHUNK * BV if fold else CHUNK * CHUNK) if store_o else 0))
+        # per stage: w, kg [, qg, Aqk] and u tiles
+        stage_bytes = es * (CHUNK * BK * (3 if store_o else 2) + (CHUNK * CHUNK if store_o else 0) + CHUNK * BV)
         stages = fit_stages(stages, stage_bytes, dev)
     else:  # K = 256: keep the [C, K] tiles of one stage inside shared memory
         BV = min(64 if es == 2 else 32, _np2(V))
@@ -885,8 +820,8 @@ def _pass_forward(inter, initial_state, o, N, HV, H, K, V, T, cu_seqlens, *, low
                 K=K, V=V, BK=BK, BV=BV, NSEG=nseg, USE_H0=initial_state is not None,
                 PREC=prec if prec == "ieee" else "tf32", num_warps=8, num_stages=1)
     _launch(_kda_pass_kernel, (triton.cdiv(V, BV), N * HV * nseg),
-            inter["w"], inter["u"], inter["qg"], inter["kg"], inter["aqk"] if not fold else dummy,
-            inter["ou"] if fold else dummy, inter["gam"], o if o is not None else dummy,
+            inter["w"], inter["u"], inter["qg"], inter["kg"], inter["aqk"], inter["gam"],
+            o if o is not None else dummy,
             initial_state if initial_state is not None else dummy, ht,
             hseg if hseg is not None else dummy,
             hs if hs is not None else dummy, ubuf if ubuf is not None else dummy,
@@ -894,7 +829,7 @@ def _pass_forward(inter, initial_state, o, N, HV, H, K, V, T, cu_seqlens, *, low
             T, TT, NS, L,
             H=H, HV=HV, K=K, V=V, BK=BK, BV=BV, C=CHUNK, NSEG=nseg, IS_VARLEN=varlen,
             USE_H0=initial_state is not None, STORE_O=store_o, STORE_HT=nseg == 1,
-            STORE_H=hs is not None, STORE_U=ubuf is not None, LOWP=lowp, PREC=prec, FOLD=fold, STACK=stack,
+            STORE_H=hs is not None, STORE_U=ubuf is not None, LOWP=lowp, PREC=prec,
             num_warps=warps, num_stages=stages)
     return ht
 
@@ -924,15 +859,13 @@ def kda_forward_chunked(q, k, v, g, beta, initial_state, scale, cu_seqlens, nseg
     prec = "ieee" if fp32 else "tf32"
     lowp = bf16
     store_dtype = torch.bfloat16 if (bf16 and _CFG["store_lowp"]) else torch.float32
-    pass_lowp = lowp and _CFG["pass_lowp"]
     inter = _intermediates(q, k, v, g, beta, scale, cu_seqlens, store_dtype=store_dtype,
-                           a_lowp=bf16 and _CFG["a_lowp"], prec=prec, store_t=False,
-                           fold=_CFG["pass_fold"], fold_lowp=pass_lowp)
+                           a_lowp=bf16 and _CFG["a_lowp"], prec=prec, store_t=False)
     o = torch.empty_like(v)
     if nseg is None:
         nseg = _num_segments(N, HV, V, T, K, cu_seqlens is not None)
     ht = _pass_forward(inter, initial_state, o, N, HV, H, K, V, T, cu_seqlens,
-                       lowp=pass_lowp, prec=prec, nseg=nseg)
+                       lowp=lowp and _CFG["pass_lowp"], prec=prec, nseg=nseg)
     return o, ht
 
 

@@ -88,20 +88,6 @@ FWD_CASES = {
     "chunk_varlen_GVA": (dict(B=1, T=150, H=1, HV=2, K=32, V=16, gmin=-2.0, N=3), [0, 10, 75, 150], True,
                          "chunk", {}),
     "chunk_segments": (dict(B=1, T=200, H=1, HV=1, K=16, V=16, gmin=-0.2), None, True, "seg3", {}),
-    # the Aqk fold (a measured variant: the intra kernel stores Aqk w - qg and Aqk u, the pass o = ou - qg h),
-    # with and without the stacked dot
-    "chunk_varlen_GVA_fold": (dict(B=1, T=150, H=1, HV=2, K=32, V=16, gmin=-2.0, N=3, seed=11),
-                              [0, 10, 75, 150], True, "chunk", dict(pass_fold=True)),
-    "chunk_B2_multiblock_fold": (dict(B=2, T=70, H=1, HV=1, K=48, V=80, seed=12), None, True, "chunk",
-                                 dict(pass_fold=True)),
-    "chunk_varlen_fold_no_stack": (dict(B=1, T=150, H=1, HV=2, K=32, V=16, gmin=-2.0, N=3, seed=13),
-                                   [0, 10, 75, 150], True, "chunk", dict(pass_fold=True, pass_stack=False)),
-    "chunk_segments_fold": (dict(B=1, T=200, H=1, HV=1, K=16, V=16, gmin=-0.2, seed=14), None, True, "seg3",
-                            dict(pass_fold=True)),
-    "chunk_varlen_fold_no_stack": (dict(B=1, T=150, H=1, HV=2, K=32, V=16, gmin=-2.0, N=3, seed=13),
-                                   [0, 10, 75, 150], True, "chunk", dict(pass_stack=False)),
-    "chunk_segments_no_fold": (dict(B=1, T=200, H=1, HV=1, K=16, V=16, gmin=-0.2, seed=14), None, True, "seg3",
-                               dict(pass_fold=False)),
     "chunk_multiblock_K48_V80": (dict(B=1, T=70, H=1, HV=1, K=48, V=80), None, True, "chunk", {}),
     # the intra kernel's loads without prefetching (the fourth session's kernel, kept as a measured variant)
     "chunk_multiblock_no_prefetch": (dict(B=1, T=70, H=1, HV=1, K=48, V=80, seed=2), None, True, "chunk",
@@ -311,7 +297,7 @@ def test_chunk_table_no_sync_shapes():
 SM90_CONSTEXPRS = dict(H=4, HV=4, K=64, V=64, BK=32, BV=32, C=64, NSEG=1, USE_H0=True, STORE_O=True,
                        STORE_HT=True, STORE_H=False, STORE_U=False, LOWP=True, PREC="tf32", A_LOWP=True,
                        STORE_T=False, SLOW=False, USE_DHT=True, STORE_DH0=True, QK_PER_HV=False,
-                       PREFETCH=2, GROUP=1, FOLD=False, FOLD_LOWP=True, STACK=False)
+                       PREFETCH=2, GROUP=1)
 SM90_KERNELS = [("kda_triton", "_kda_intra_kernel"), ("kda_triton", "_kda_pass_kernel"),
                 ("kda_triton", "_kda_recurrent_kernel"), ("kda_triton_bwd", "_kda_pass_bwd_kernel"),
                 ("kda_triton_bwd", "_kda_chunk_bwd_kernel")]
@@ -327,15 +313,9 @@ def test_kernels_compile_for_sm90(module, kernel, is_varlen):
 
 
 @pytest.mark.parametrize("is_varlen", [False, True])
-@pytest.mark.parametrize("kernel,overrides", [
-    ("_kda_intra_kernel", dict(FOLD=True)),
-    ("_kda_intra_kernel", dict(PREFETCH=1)),
-    ("_kda_pass_kernel", dict(FOLD=True, STACK=True)),
-    ("_kda_pass_kernel", dict(FOLD=True, STACK=False)),
-], ids=["intra_fold", "intra_prefetch_loops_only", "pass_fold_stack", "pass_fold_no_stack"])
-def test_pass_forms_compile_for_sm90(kernel, overrides, is_varlen):
-    """Forms of the forward kernels that the defaults do not run (measured variants, docs/kda_kernels.md)."""
-    _compile_sm90("kda_triton", kernel, is_varlen, overrides)
+def test_intra_prefetch_loops_only_compiles_for_sm90(is_varlen):
+    """The intra kernel without the early first loads of its w / u loops (PREFETCH=1, the fifth session's)."""
+    _compile_sm90("kda_triton", "_kda_intra_kernel", is_varlen, dict(PREFETCH=1))
 
 
 @pytest.mark.parametrize("is_varlen", [False, True])
@@ -409,30 +389,6 @@ def test_gpu_forward_vs_fp64(name, kw, cu, dtype, tol):
     scale = kw["K"] ** -0.5
     o, ht = kt.kda_forward(q, k, v, g, beta, h0, scale, cut)
     assert o.dtype == v.dtype and ht.dtype == torch.float32
-    ro, rh = kda_loop_fp64(q, k, v, g, beta, h0, scale, cut)
-    assert rel(o, ro) <= tol and rel(ht, rh) <= tol, (rel(o, ro), rel(ht, rh))
-
-
-@pytest.mark.cuda
-@pytest.mark.parametrize("cfg", [dict(pass_fold=True), dict(pass_fold=True, pass_stack=False)],
-                         ids=["fold_stack", "fold_no_stack"])
-@pytest.mark.parametrize("name", ["B4_T1000_bf16", "B4_T1000_fp32", "varlen_bf16", "K256_bf16"])
-def test_gpu_forward_pass_forms(name, cfg):
-    """The forward with the Aqk fold (2 dots a pass step with the stacked dot, 3 without), against the same
-    float64 loop and bounds as the default form (test_gpu_forward_vs_fp64)."""
-    from kimi_compile.ops import kda_triton as kt
-    _, kw, cu, dtype, tol = {c[0]: c for c in GPU_FWD}[name]
-    torch.backends.cuda.matmul.allow_tf32 = False
-    q, k, v, g, beta, h0 = make(dtype=dtype, device="cuda", **kw)
-    cut = torch.tensor(cu, dtype=torch.int64, device="cuda") if cu else None
-    scale = kw["K"] ** -0.5
-    base = dict(kt._CFG)
-    kt._CFG.update(cfg)
-    try:
-        o, ht = kt.kda_forward(q, k, v, g, beta, h0, scale, cut)
-    finally:
-        kt._CFG.clear()
-        kt._CFG.update(base)
     ro, rh = kda_loop_fp64(q, k, v, g, beta, h0, scale, cut)
     assert rel(o, ro) <= tol and rel(ht, rh) <= tol, (rel(o, ro), rel(ht, rh))
 
