@@ -112,7 +112,7 @@ def configs():
                      + (f" group={grp}" if slow else ""), fz, t, dict(ci, SLOW=slow, GROUP=grp), cfg["intra_warps"], mx))
     rows.append(("fused _kda_intra_kernel SLOW=False maxnreg=168 prefetch=False (session 4)", fz, t,
                  dict(ci, SLOW=False, PREFETCH=False, GROUP=1), cfg["intra_warps"], 168))
-    rows.append(("fused _kda_intra_kernel SLOW=False prefetch=1 (session 6: no early first loads)", fz, t,
+    rows.append(("fused _kda_intra_kernel SLOW=False prefetch=1 (sessions 5-6: no early first loads)", fz, t,
                  dict(ci, SLOW=False, GROUP=1, PREFETCH=1), cfg["intra_warps"], cfg["intra_maxnreg"]))
     # pass kernel (forward config)
     fp = kt._kda_pass_kernel

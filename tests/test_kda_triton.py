@@ -92,7 +92,7 @@ FWD_CASES = {
     # the intra kernel's loads without prefetching (the fourth session's kernel, kept as a measured variant)
     "chunk_multiblock_no_prefetch": (dict(B=1, T=70, H=1, HV=1, K=48, V=80, seed=2), None, True, "chunk",
                                      dict(intra_prefetch=False)),
-    # the loops' own prefetch without the early first loads of the w and u loops (the fifth session's kernel)
+    # the loops' own prefetch without the early first loads of the w and u loops (the default of sessions 5-6)
     "chunk_multiblock_prefetch_loops_only": (dict(B=2, T=70, H=1, HV=1, K=48, V=80, seed=15), None, True, "chunk",
                                              dict(intra_prefetch=1)),
     "chunk_B2_T100_strong_decay": (dict(B=2, T=100, H=1, HV=1, K=16, V=16, gmin=-20.0, seed=5), None, True,
@@ -314,7 +314,7 @@ def test_kernels_compile_for_sm90(module, kernel, is_varlen):
 
 @pytest.mark.parametrize("is_varlen", [False, True])
 def test_intra_prefetch_loops_only_compiles_for_sm90(is_varlen):
-    """The intra kernel without the early first loads of its w / u loops (PREFETCH=1, the fifth session's)."""
+    """The intra kernel without the early first loads of its w / u loops (PREFETCH=1, the default of sessions 5-6)."""
     _compile_sm90("kda_triton", "_kda_intra_kernel", is_varlen, dict(PREFETCH=1))
 
 
