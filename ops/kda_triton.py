@@ -411,17 +411,13 @@ def _intra_chunk(s, hv, q, k, v, g, beta, w, u, qg, kg, aqk, gam, tinv, flags,
             kt = kn.to(tl.float32)
             qt = qn.to(tl.float32)
             gt = gn.to(tl.float32)
-            if PREFETCH == 2:  # the last block loads block 0 again: the w loop's first tiles, during the inverse
-                cn = (cols + BK) % (((K + BK - 1) // BK) * BK)
-                mn = rmask[:, None] & (cn < K)[None, :]
-                kn = tl.load(kp + cn[None, :], mask=mn, other=0.)
-                qn = tl.load(qp + cn[None, :], mask=mn & ((cols + BK) < K)[None, :], other=0.)  # no q in the w loop
-                gn = tl.load(gp + cn[None, :], mask=mn, other=0.)
-            else:
-                mn = rmask[:, None] & ((cols + BK) < K)[None, :]  # all false after the last block: no traffic
-                kn = tl.load(kp + (cols + BK)[None, :], mask=mn, other=0.)
-                qn = tl.load(qp + (cols + BK)[None, :], mask=mn, other=0.)
-                gn = tl.load(gp + (cols + BK)[None, :], mask=mn, other=0.)
+            cn = cols + BK  # past K after the last block: all masked off, no traffic
+            if PREFETCH == 2:  # ... except that the last block loads k, g block 0 again: the w loop's first tiles
+                cn = cn % (((K + BK - 1) // BK) * BK)
+            mn = rmask[:, None] & (cn < K)[None, :]
+            kn = tl.load(kp + cn[None, :], mask=mn, other=0.)
+            qn = tl.load(qp + cn[None, :], mask=mn & ((cols + BK) < K)[None, :], other=0.)  # no q in the w loop
+            gn = tl.load(gp + cn[None, :], mask=mn, other=0.)
         else:
             kt = tl.load(kp + cols[None, :], mask=m2, other=0.).to(tl.float32)
             qt = tl.load(qp + cols[None, :], mask=m2, other=0.).to(tl.float32)
