@@ -351,10 +351,8 @@ def sweep_rows(fla):
     rows = []
     base = dict(kt._CFG)
     scale = K ** -0.5
-    tries = [("default", {}), ("pass n: state as the right operand (sessions 6-7)", dict(pass_impl="n")),
-             ("pass t bv32 (mma.sync)", dict(pass_t_bv=32)), ("pass t bv16", dict(pass_t_bv=16)),
-             ("pass t 2 stages", dict(pass_stages=2)),
-             ("intra: no early first loads of the w / u loops (session 6)", dict(intra_prefetch=1))]
+    tries = [("default", {}), ("intra: no early first loads of the w / u loops (session 6)", dict(intra_prefetch=1)),
+             ("pass 2 stages", dict(pass_stages=2)), ("pass bv64", dict(pass_bv=64))]
     for T in (16384, 65536):
         q, k, v, g, beta, h0 = make_inputs(1, T)
         fwd = lambda: kt.kda_forward(q, k, v, g, beta, h0, scale, None)

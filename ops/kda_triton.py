@@ -60,9 +60,6 @@ _CFG = {
                              # 2: also the w and u loops' first loads before the inverse / the w loop (-1.3 %)
     "intra_slow_group": 8,   # chunk slots per program of the SLOW relaunch (1: one program per slot, as before)
     "intra_slow_min_programs": 2048,
-    "pass_impl": "t",        # forward pass: "t" _kda_pass_t_kernel (state transposed, the register operand of
-                             # every dot), "n" _kda_pass_kernel (state as the right operand, via shared memory)
-    "pass_t_bv": 64,         # value block of the "t" pass (wgmma's left operand has 64 rows)
     "pass_bv": 32,           # 128 programs at B=1, H=32 (64: 1.615 / 6.308 ms, 32: 1.548 / 6.045 at T=16K / 64K)
     "pass_warps": 4,
     "pass_stages": 3,        # loads of the next two chunks in flight (2: 1.513 / 5.942 ms, 3: 1.373 / 5.335 at
@@ -564,56 +561,6 @@ def _kda_pass_kernel(w, u, qg, kg, aqk, gam, o, h0, ht, hseg, hs, ubuf,
         tl.store(ht + nh.to(tl.int64) * K * V + hoff, h, mask=hm)
 
 
-@triton.jit
-def _kda_pass_t_kernel(w, u, qg, kg, aqk, gam, o, h0, ht, cu, cchunk, T, TT, NS,
-                       H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
-                       BK: tl.constexpr, BV: tl.constexpr, C: tl.constexpr,
-                       IS_VARLEN: tl.constexpr, USE_H0: tl.constexpr, LOWP: tl.constexpr, PREC: tl.constexpr):
-    """The forward pass (o and the final state) with the state held transposed, hT [BV, K]:
-    U^T = u^T - hT w^T; o^T = hT qg^T + U^T Aqk^T; hT <- hT * gam + U^T kg. Every dot takes its computed
-    operand (hT, U^T) as the left one, which Hopper's wgmma reads from registers (the right operand only from
-    shared memory): no value computed in a step passes through shared memory on the way to the next dot,
-    where _kda_pass_kernel stores h and U there each step. The left operand's rows are BV (64 for wgmma)."""
-    pv = tl.program_id(0)
-    nh = tl.program_id(1)
-    n = nh // HV
-    hv = nh % HV
-    hv64 = hv.to(tl.int64)
-    bos, eos, slot0 = _seq_span(n, cu, cchunk, T, C, IS_VARLEN)
-    nt = tl.cdiv(eos - bos, C)
-    rk = tl.arange(0, BK)
-    km = rk < K
-    cv = pv * BV + tl.arange(0, BV)
-    vm = cv < V
-    hoff = nh.to(tl.int64) * K * V + rk[None, :] * V + cv[:, None]  # [BV, BK]: state element (k, v)
-    hm = vm[:, None] & km[None, :]
-    if USE_H0:
-        hT = tl.load(h0 + hoff, mask=hm, other=0.)
-    else:
-        hT = tl.zeros([BV, BK], tl.float32)
-    r = tl.arange(0, C)
-    DT: tl.constexpr = tl.bfloat16 if LOWP else tl.float32  # dot operands; accumulation and hT stay fp32
-    for c in range(0, nt):
-        tok = bos + c * C + r
-        rm = tok < eos
-        rowK = (hv64 * TT + tok) * K
-        mk = rm[:, None] & km[None, :]
-        mvT = vm[:, None] & rm[None, :]
-        wt = tl.load(w + rowK[:, None] + rk[None, :], mask=mk, other=0.).to(DT)
-        kgt = tl.load(kg + rowK[:, None] + rk[None, :], mask=mk, other=0.).to(DT)
-        qgt = tl.load(qg + rowK[:, None] + rk[None, :], mask=mk, other=0.).to(DT)
-        At = tl.load(aqk + ((hv64 * TT + tok) * C)[:, None] + r[None, :], mask=rm[:, None], other=0.).to(DT)
-        uT = tl.load(u + ((hv64 * TT + tok) * V)[None, :] + cv[:, None], mask=mvT, other=0.).to(tl.float32)
-        gm = tl.load(gam + (hv64 * NS + slot0 + c) * K + rk, mask=km, other=0.)
-        hd = hT.to(DT)
-        Ud = (uT - tl.dot(hd, tl.trans(wt), input_precision=PREC)).to(DT)
-        # the state update before the output: the next step waits only on this chain
-        hT = tl.dot(Ud, kgt, hT * gm[None, :], input_precision=PREC)
-        oT = tl.dot(Ud, tl.trans(At), tl.dot(hd, tl.trans(qgt), input_precision=PREC), input_precision=PREC)
-        tl.store(o + ((tok * HV + hv) * V)[None, :] + cv[:, None], oT.to(o.dtype.element_ty), mask=mvT)
-    tl.store(ht + hoff, hT, mask=hm)
-
-
 # ----------------------------------------------------------------------------------------------
 # segment parallelism (long sequences, small batch)
 # ----------------------------------------------------------------------------------------------
@@ -849,18 +796,6 @@ def _pass_forward(inter, initial_state, o, N, HV, H, K, V, T, cu_seqlens, *, low
     NS, TT = inter["NS"], inter["TT"]
     dummy = inter["gam"]
     varlen = cu_seqlens is not None
-    if (_CFG["pass_impl"] == "t" and K <= 128 and store_o and hs is None and ubuf is None and nseg <= 1
-            and bv is None):
-        BV = min(_CFG["pass_t_bv"], _np2(V))
-        # per stage: w, kg, qg and Aqk tiles (u goes to registers)
-        stages = fit_stages(_CFG["pass_stages"] if es == 2 else 1, es * CHUNK * (3 * BK + CHUNK), dev)
-        _launch(_kda_pass_t_kernel, (triton.cdiv(V, BV), N * HV),
-                inter["w"], inter["u"], inter["qg"], inter["kg"], inter["aqk"], inter["gam"], o,
-                initial_state if initial_state is not None else dummy, ht,
-                cu_seqlens if varlen else dummy, inter["cchunk"] if varlen else dummy, T, TT, NS,
-                H=H, HV=HV, K=K, V=V, BK=BK, BV=BV, C=CHUNK, IS_VARLEN=varlen, USE_H0=initial_state is not None,
-                LOWP=lowp, PREC=prec, num_warps=warps, num_stages=stages)
-        return ht
     nt = triton.cdiv(T, CHUNK)
     L = nt
     hseg = None

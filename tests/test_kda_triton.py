@@ -95,10 +95,6 @@ FWD_CASES = {
     # the loops' own prefetch without the early first loads of the w and u loops (the default of sessions 5-6)
     "chunk_multiblock_prefetch_loops_only": (dict(B=2, T=70, H=1, HV=1, K=48, V=80, seed=15), None, True, "chunk",
                                              dict(intra_prefetch=1)),
-    # the forward pass with the state as the right operand of its dots (the default of sessions 1-7; the
-    # backward's recompute runs it without o); every other chunk case runs the transposed pass (pass_impl "t")
-    "chunk_pass_n_K48_V80": (dict(B=2, T=70, H=1, HV=2, K=48, V=80, seed=16), None, True, "chunk",
-                             dict(pass_impl="n")),
     "chunk_B2_T100_strong_decay": (dict(B=2, T=100, H=1, HV=1, K=16, V=16, gmin=-20.0, seed=5), None, True,
                                    "chunk", {}),
     # the SLOW relaunch with 4 chunk slots per program (on the GPU from NS x HV >= 4096): every chunk flagged,
@@ -303,7 +299,6 @@ SM90_CONSTEXPRS = dict(H=4, HV=4, K=64, V=64, BK=32, BV=32, C=64, NSEG=1, USE_H0
                        STORE_T=False, SLOW=False, USE_DHT=True, STORE_DH0=True, QK_PER_HV=False,
                        PREFETCH=2, GROUP=1)
 SM90_KERNELS = [("kda_triton", "_kda_intra_kernel"), ("kda_triton", "_kda_pass_kernel"),
-                ("kda_triton", "_kda_pass_t_kernel"),
                 ("kda_triton", "_kda_recurrent_kernel"), ("kda_triton_bwd", "_kda_pass_bwd_kernel"),
                 ("kda_triton_bwd", "_kda_chunk_bwd_kernel")]
 
@@ -321,13 +316,6 @@ def test_kernels_compile_for_sm90(module, kernel, is_varlen):
 def test_intra_prefetch_loops_only_compiles_for_sm90(is_varlen):
     """The intra kernel without the early first loads of its w / u loops (PREFETCH=1, the default of sessions 5-6)."""
     _compile_sm90("kda_triton", "_kda_intra_kernel", is_varlen, dict(PREFETCH=1))
-
-
-@pytest.mark.parametrize("is_varlen", [False, True])
-def test_pass_t_wgmma_compiles_for_sm90(is_varlen):
-    """The transposed pass at a 64-row value block, where its dots are wgmma with the left operand in registers
-    (at BV = 32, the table's default, Triton compiles them to mma.sync)."""
-    _compile_sm90("kda_triton", "_kda_pass_t_kernel", is_varlen, dict(BV=64))
 
 
 @pytest.mark.parametrize("is_varlen", [False, True])
@@ -418,27 +406,6 @@ def test_gpu_forward_vs_fla():
     fo, fh = chunk_kda(q, k, v, g, beta, scale=128 ** -0.5, initial_state=h0.clone(), output_final_state=True)
     assert rel(fo, ro) < 2e-2 and rel(fh, rh) < 2e-2  # FLA itself against the same oracle: the comparison is sane
     assert rel(o, fo) < 1e-2 and rel(ht, fh) < 1e-2
-
-
-@pytest.mark.cuda
-@pytest.mark.parametrize("dtype,tol", [(torch.bfloat16, 5e-3), (torch.float32, 1e-4)], ids=["bf16", "fp32"])
-def test_gpu_forward_pass_impls(dtype, tol):
-    """Both forward passes (the transposed pass "t", the default, and "n", the state as the right operand) against
-    the float64 loop, varlen with GVA and V = 80 (a partial value block in both)."""
-    from kimi_compile.ops import kda_triton as kt
-    torch.backends.cuda.matmul.allow_tf32 = False
-    q, k, v, g, beta, h0 = make(B=1, T=700, H=2, HV=4, K=128, V=80, N=3, dtype=dtype, device="cuda")
-    cut = torch.tensor([0, 130, 577, 700], dtype=torch.int64, device="cuda")
-    ro, rh = kda_loop_fp64(q, k, v, g, beta, h0, 128 ** -0.5, cut)
-    base = dict(kt._CFG)
-    try:
-        for impl in ("t", "n"):
-            kt._CFG["pass_impl"] = impl
-            o, ht = kt.kda_forward(q, k, v, g, beta, h0, 128 ** -0.5, cut)
-            assert rel(o, ro) <= tol and rel(ht, rh) <= tol, (impl, rel(o, ro), rel(ht, rh))
-    finally:
-        kt._CFG.clear()
-        kt._CFG.update(base)
 
 
 GPU_BWD_SMALL = dict(B=2, T=150, H=2, HV=4, K=64, V=64)
