@@ -352,10 +352,11 @@ def sweep_rows(fla):
     base = dict(kt._CFG)
     scale = K ** -0.5
     tries = [("default", {}), ("one stream: the pass after the intra stage (sessions 1-7)", dict(follow=False)),
-             ("follow: runs of <= 5 chunks", dict(follow_run=4)),
-             ("follow: pass bv32, 3 stages (128 programs)", dict(follow_bv=32, follow_stages=3, follow_max_sm_frac=1.0)),
+             ("follow: polls without sleeping", dict(follow_sleep_ns=0)),
+             ("follow: 250 ns sleeps", dict(follow_sleep_ns=250)),
+             ("follow: 4000 ns sleeps", dict(follow_sleep_ns=4000)),
              ("follow: pass 1 stage", dict(follow_stages=1)),
-             ("follow: pass 3 stages", dict(follow_stages=3))]
+             ("follow: pass bv32, 3 stages (128 programs)", dict(follow_bv=32, follow_stages=3, follow_max_sm_frac=1.0))]
     for T in (16384, 65536):
         q, k, v, g, beta, h0 = make_inputs(1, T)
         fwd = lambda: kt.kda_forward(q, k, v, g, beta, h0, scale, None)

@@ -120,10 +120,10 @@ def configs():
     fp = kt._kda_pass_kernel
     t = _types(fp, dict(gam=F32, h0=F32, ht=F32, hseg=F32, hs=F32, ubuf=F32, ready="*i32", cu=F32, cchunk=F32))
     ce = dict(H=H, HV=HV, K=K, V=V, BK=128, BV=cfg["pass_bv"], C=C, NSEG=1, IS_VARLEN=False, USE_H0=True,
-              STORE_O=True, STORE_HT=True, STORE_H=False, STORE_U=False, LOWP=True, PREC="tf32", FOLLOW=False, RB=1)
+              STORE_O=True, STORE_HT=True, STORE_H=False, STORE_U=False, LOWP=True, PREC="tf32", FOLLOW=False, RB=1, SLEEP_NS=0)
     rows.append(("_kda_pass_kernel fwd", fp, t, ce, cfg["pass_warps"], None, cfg["pass_stages"]))
     rows.append((f"_kda_pass_kernel fwd FOLLOW (BV {cfg['follow_bv']}, maxnreg {cfg['follow_maxnreg']})", fp, t,
-                 dict(ce, BV=cfg["follow_bv"], FOLLOW=True, RB=cfg["follow_run"]), cfg["follow_warps"],
+                 dict(ce, BV=cfg["follow_bv"], FOLLOW=True, RB=cfg["follow_run"], SLEEP_NS=cfg["follow_sleep_ns"]), cfg["follow_warps"],
                  cfg["follow_maxnreg"], cfg["follow_stages"]))
     # backward chunk kernel
     fc = getattr(ktb, "_kda_chunk_bwd_kernel", None)
@@ -150,7 +150,7 @@ def configs():
     # the forward pass as the backward runs it (h and U stored, no o)
     fp = kt._kda_pass_kernel
     ce = dict(H=H, HV=HV, K=K, V=V, BK=128, BV=cfg["bwd_fpass_bv"], C=C, NSEG=1, IS_VARLEN=False, USE_H0=True,
-              STORE_O=False, STORE_HT=True, STORE_H=True, STORE_U=True, LOWP=False, PREC="tf32", FOLLOW=False, RB=1)
+              STORE_O=False, STORE_HT=True, STORE_H=True, STORE_U=True, LOWP=False, PREC="tf32", FOLLOW=False, RB=1, SLEEP_NS=0)
     t = _types(fp, dict(w=F32, u=F32, qg=F32, kg=F32, aqk=F32, gam=F32, h0=F32, ht=F32, hseg=F32, hs=F32,
                         ubuf=F32, ready="*i32", cu=F32, cchunk=F32))
     rows.append(("_kda_pass_kernel in bwd, fp32 intermediates", fp, t, ce, cfg["pass_warps"], None,

@@ -78,6 +78,7 @@ _CFG = {
     "follow_stages": 2,
     "follow_maxnreg": None,  # 4 warps x 255 registers: the SM keeps one 255-register intra program beside it
     "follow_run": 16,        # chunks whose flags one wait reads
+    "follow_sleep_ns": 1000,  # between polls of a flag (nanosleep)
     "follow_min_chunks": 8,
     "follow_max_sm_frac": 0.5,
     "decode_bv": 64,
@@ -534,12 +535,15 @@ def _mark_ready(flag):
 
 
 @triton.jit
-def _ready_run(flag, c, c_hi, RB: tl.constexpr):
+def _ready_run(flag, c, c_hi, RB: tl.constexpr, SLEEP_NS: tl.constexpr):
     """Wait until chunk c is ready (flag[c] != 0), then return the end of the run of ready chunks that
     starts at c (at most RB + 1 chunks, ending at c_hi at the latest). Acquire reads: the chunks' intermediates, stored before
     their release, are visible to this program's loads after the barrier."""
     f = tl.atomic_add(flag + c, 0, sem="acquire", scope="gpu")
     while f == 0:
+        if SLEEP_NS > 0:  # sleep between polls: spinning warps take issue slots from the intra program beside
+            f = tl.inline_asm_elementwise("nanosleep.u32 $2;\n\tmov.b32 $0, $1;", "=r,r,r",
+                                          [f, f * 0 + SLEEP_NS], dtype=tl.int32, is_pure=False, pack=1)
         f = tl.atomic_add(flag + c, 0, sem="acquire", scope="gpu")
     nxt = c + 1 + tl.arange(0, RB)
     inside = nxt < c_hi
@@ -560,7 +564,8 @@ def _kda_pass_kernel(w, u, qg, kg, aqk, gam, o, h0, ht, hseg, hs, ubuf, ready,
                      BK: tl.constexpr, BV: tl.constexpr, C: tl.constexpr, NSEG: tl.constexpr,
                      IS_VARLEN: tl.constexpr, USE_H0: tl.constexpr, STORE_O: tl.constexpr,
                      STORE_HT: tl.constexpr, STORE_H: tl.constexpr, STORE_U: tl.constexpr,
-                     LOWP: tl.constexpr, PREC: tl.constexpr, FOLLOW: tl.constexpr, RB: tl.constexpr):
+                     LOWP: tl.constexpr, PREC: tl.constexpr, FOLLOW: tl.constexpr, RB: tl.constexpr,
+                     SLEEP_NS: tl.constexpr):
     """FOLLOW: the intra kernel may still be running (another stream): each run of up to RB chunks starts
     once ready[hv, slot] says its first chunk is stored, and takes the chunks after it that are stored too."""
     pv = tl.program_id(0)
@@ -583,7 +588,7 @@ def _kda_pass_kernel(w, u, qg, kg, aqk, gam, o, h0, ht, hseg, hs, ubuf, ready,
     if FOLLOW:
         c = c_lo.to(tl.int64)  # c_hi (from the sequence bounds) is int64
         while c < c_hi:
-            c_end = _ready_run(ready + hv64 * NS + slot0, c, c_hi, RB)
+            c_end = _ready_run(ready + hv64 * NS + slot0, c, c_hi, RB, SLEEP_NS)
             for cs in range(c, c_end):
                 h = _pass_step(cs, h, w, u, qg, kg, aqk, gam, o, hs, ubuf, bos, eos, slot0, hv, TT, NS,
                                rk, km, cv, vm, hm, hoff, HV, K, V, C, STORE_O, STORE_H, STORE_U, LOWP, PREC)
@@ -919,6 +924,7 @@ def _pass_forward(inter, initial_state, o, N, HV, H, K, V, T, cu_seqlens, *, low
             USE_H0=initial_state is not None, STORE_O=store_o, STORE_HT=nseg == 1,
             STORE_H=hs is not None, STORE_U=ubuf is not None, LOWP=lowp, PREC=prec,
             FOLLOW=follow, RB=_CFG["follow_run"] if follow else 1,
+            SLEEP_NS=0 if (_INTERPRET or not follow) else _CFG["follow_sleep_ns"],
             num_warps=warps, num_stages=stages, **extra)
     return ht
 

@@ -348,7 +348,8 @@ def test_chunk_table_no_sync_shapes():
 SM90_CONSTEXPRS = dict(H=4, HV=4, K=64, V=64, BK=32, BV=32, C=64, NSEG=1, USE_H0=True, STORE_O=True,
                        STORE_HT=True, STORE_H=False, STORE_U=False, LOWP=True, PREC="tf32", A_LOWP=True,
                        STORE_T=False, SLOW=False, USE_DHT=True, STORE_DH0=True, QK_PER_HV=False,
-                       PREFETCH=2, GROUP=1, READY=False, CHUNK_MAJOR=False, FOLLOW=False, RB=1)
+                       PREFETCH=2, GROUP=1, READY=False, CHUNK_MAJOR=False, FOLLOW=False, RB=1,
+                       SLEEP_NS=0)
 SM90_KERNELS = [("kda_triton", "_kda_intra_kernel"), ("kda_triton", "_kda_pass_kernel"),
                 ("kda_triton", "_kda_recurrent_kernel"), ("kda_triton_bwd", "_kda_pass_bwd_kernel"),
                 ("kda_triton_bwd", "_kda_chunk_bwd_kernel")]
@@ -380,7 +381,7 @@ def test_follow_kernels_compile_for_sm90(is_varlen):
     """The intra kernel publishing ready flags in chunk-major order, and the pass following them."""
     _compile_sm90("kda_triton", "_kda_intra_kernel", is_varlen, dict(READY=True, CHUNK_MAJOR=True))
     _compile_sm90("kda_triton", "_kda_intra_kernel", is_varlen, dict(READY=True, SLOW=True, GROUP=4))
-    _compile_sm90("kda_triton", "_kda_pass_kernel", is_varlen, dict(FOLLOW=True, RB=16))
+    _compile_sm90("kda_triton", "_kda_pass_kernel", is_varlen, dict(FOLLOW=True, RB=16, SLEEP_NS=1000))
 
 
 def _compile_sm90(module, kernel, is_varlen, overrides=None):
