@@ -351,12 +351,8 @@ def sweep_rows(fla):
     rows = []
     base = dict(kt._CFG)
     scale = K ** -0.5
-    tries = [("default", {}), ("one stream: the pass after the intra stage (sessions 1-7)", dict(follow=False)),
-             ("follow: polls without sleeping", dict(follow_sleep_ns=0)),
-             ("follow: 250 ns sleeps", dict(follow_sleep_ns=250)),
-             ("follow: 4000 ns sleeps", dict(follow_sleep_ns=4000)),
-             ("follow: pass 1 stage", dict(follow_stages=1)),
-             ("follow: pass bv32, 3 stages (128 programs)", dict(follow_bv=32, follow_stages=3, follow_max_sm_frac=1.0))]
+    tries = [("default", {}), ("intra: no early first loads of the w / u loops (session 6)", dict(intra_prefetch=1)),
+             ("pass 2 stages", dict(pass_stages=2)), ("pass bv64", dict(pass_bv=64))]
     for T in (16384, 65536):
         q, k, v, g, beta, h0 = make_inputs(1, T)
         fwd = lambda: kt.kda_forward(q, k, v, g, beta, h0, scale, None)

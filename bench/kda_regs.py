@@ -102,29 +102,24 @@ def configs():
     rows = []
     # fused intra kernel (forward: bf16 A dots, tf32 inverse), as configured, and the fourth session's config
     fz = kt._kda_intra_kernel
-    t = _types(fz, dict(gam=F32, tinv=F32, flags="*i32", ready="*i32", cu=F32, cseq=F32, cidx=F32))
+    t = _types(fz, dict(gam=F32, tinv=F32, flags="*i32", cu=F32, cseq=F32, cidx=F32))
     ci = dict(common, V=V, BK=min(128, cfg["intra_bk"]), BV=64, A_LOWP=True, PREC="tf32", STORE_T=False,
-              PREFETCH=cfg["intra_prefetch"], READY=False, CHUNK_MAJOR=False)
+              PREFETCH=cfg["intra_prefetch"])
     for slow in (False, True):
         mx = None if slow else cfg["intra_maxnreg"]
         grp = cfg["intra_slow_group"] if slow else 1
         rows.append((f"fused _kda_intra_kernel SLOW={slow} maxnreg={mx} prefetch={cfg['intra_prefetch']}"
                      + (f" group={grp}" if slow else ""), fz, t, dict(ci, SLOW=slow, GROUP=grp), cfg["intra_warps"], mx))
-    rows.append(("fused _kda_intra_kernel SLOW=False READY CHUNK_MAJOR (a following pass)", fz, t,
-                 dict(ci, SLOW=False, GROUP=1, READY=True, CHUNK_MAJOR=True), cfg["intra_warps"], cfg["intra_maxnreg"]))
     rows.append(("fused _kda_intra_kernel SLOW=False maxnreg=168 prefetch=False (session 4)", fz, t,
                  dict(ci, SLOW=False, PREFETCH=False, GROUP=1), cfg["intra_warps"], 168))
     rows.append(("fused _kda_intra_kernel SLOW=False prefetch=1 (sessions 5-6: no early first loads)", fz, t,
                  dict(ci, SLOW=False, GROUP=1, PREFETCH=1), cfg["intra_warps"], cfg["intra_maxnreg"]))
     # pass kernel (forward config)
     fp = kt._kda_pass_kernel
-    t = _types(fp, dict(gam=F32, h0=F32, ht=F32, hseg=F32, hs=F32, ubuf=F32, ready="*i32", cu=F32, cchunk=F32))
+    t = _types(fp, dict(gam=F32, h0=F32, ht=F32, hseg=F32, hs=F32, ubuf=F32, cu=F32, cchunk=F32))
     ce = dict(H=H, HV=HV, K=K, V=V, BK=128, BV=cfg["pass_bv"], C=C, NSEG=1, IS_VARLEN=False, USE_H0=True,
-              STORE_O=True, STORE_HT=True, STORE_H=False, STORE_U=False, LOWP=True, PREC="tf32", FOLLOW=False, RB=1, SLEEP_NS=0)
+              STORE_O=True, STORE_HT=True, STORE_H=False, STORE_U=False, LOWP=True, PREC="tf32")
     rows.append(("_kda_pass_kernel fwd", fp, t, ce, cfg["pass_warps"], None, cfg["pass_stages"]))
-    rows.append((f"_kda_pass_kernel fwd FOLLOW (BV {cfg['follow_bv']}, maxnreg {cfg['follow_maxnreg']})", fp, t,
-                 dict(ce, BV=cfg["follow_bv"], FOLLOW=True, RB=cfg["follow_run"], SLEEP_NS=cfg["follow_sleep_ns"]), cfg["follow_warps"],
-                 cfg["follow_maxnreg"], cfg["follow_stages"]))
     # backward chunk kernel
     fc = getattr(ktb, "_kda_chunk_bwd_kernel", None)
     if fc is not None:
@@ -150,12 +145,12 @@ def configs():
     # the forward pass as the backward runs it (h and U stored, no o)
     fp = kt._kda_pass_kernel
     ce = dict(H=H, HV=HV, K=K, V=V, BK=128, BV=cfg["bwd_fpass_bv"], C=C, NSEG=1, IS_VARLEN=False, USE_H0=True,
-              STORE_O=False, STORE_HT=True, STORE_H=True, STORE_U=True, LOWP=False, PREC="tf32", FOLLOW=False, RB=1, SLEEP_NS=0)
+              STORE_O=False, STORE_HT=True, STORE_H=True, STORE_U=True, LOWP=False, PREC="tf32")
     t = _types(fp, dict(w=F32, u=F32, qg=F32, kg=F32, aqk=F32, gam=F32, h0=F32, ht=F32, hseg=F32, hs=F32,
-                        ubuf=F32, ready="*i32", cu=F32, cchunk=F32))
+                        ubuf=F32, cu=F32, cchunk=F32))
     rows.append(("_kda_pass_kernel in bwd, fp32 intermediates", fp, t, ce, cfg["pass_warps"], None,
                  min(2, cfg["bwd_fpass_stages"])))  # what fit_stages leaves of the depth on an H200
-    t = _types(fp, dict(gam=F32, h0=F32, ht=F32, hseg=F32, hs=F32, ubuf=F32, ready="*i32", cu=F32, cchunk=F32))
+    t = _types(fp, dict(gam=F32, h0=F32, ht=F32, hseg=F32, hs=F32, ubuf=F32, cu=F32, cchunk=F32))
     rows.append(("_kda_pass_kernel in bwd, bf16 intermediates", fp, t, dict(ce, LOWP=cfg["bwd_pass_lowp"]),
                  cfg["pass_warps"], None, cfg["bwd_fpass_stages"]))
     fd = kt._kda_recurrent_kernel

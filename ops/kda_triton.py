@@ -24,11 +24,6 @@ Algorithm (chunk C = 64, sub-blocks of 16; docs/kda_kernels.md has the derivatio
 * ``_kda_pass_kernel`` (sequential over chunks; parallel over sequences x heads x value blocks
   [x segments]): U = u - w h; o = qg h + Aqk U; h <- gam * h + kg^T U. Three pipeline stages: the
   next two chunks' tiles load while one is computed (fewer where shared memory is smaller: fit_stages).
-  Eager launches at small batch (use_follow) run it on a second, high-priority stream beside the intra
-  kernel: the intra kernel takes its chunks in sequence order and publishes each (a barrier, then a release
-  write of ready[hv, slot]); the pass (FOLLOW) waits with acquire reads for the chunk it needs and takes the
-  run of stored chunks after it through its pipelined loop. Its programs (at most half the SMs, each beside
-  one intra program) only wait for chunks whose intra programs can always be scheduled.
 * Long sequences at small batch: the sequence is cut into segments; ``_kda_seg_state_kernel`` runs
   every segment from a zero state and also carries the segment's K x K transition matrix,
   ``_kda_seg_combine_kernel`` chains the segments (h_s+1 = M_s h_s + b_s), then the pass kernel runs
@@ -37,8 +32,6 @@ Algorithm (chunk C = 64, sub-blocks of 16; docs/kda_kernels.md has the derivatio
 """
 from __future__ import annotations
 
-import contextlib
-import functools
 import os
 
 import torch
@@ -71,16 +64,6 @@ _CFG = {
     "pass_warps": 4,
     "pass_stages": 3,        # loads of the next two chunks in flight (2: 1.513 / 5.942 ms, 3: 1.373 / 5.335 at
                              # T=16K / 64K, docs/benchmarks.md run 10); fewer where shared memory is smaller
-    # the pass on a second stream, following the intra kernel's per-chunk ready flags (eager, see use_follow)
-    "follow": True,
-    "follow_bv": 64,         # 64 programs at B=1, H=32: each beside one intra program (255 registers, 147 KB)
-    "follow_warps": 4,
-    "follow_stages": 2,
-    "follow_maxnreg": None,  # 4 warps x 255 registers: the SM keeps one 255-register intra program beside it
-    "follow_run": 16,        # chunks whose flags one wait reads
-    "follow_sleep_ns": 1000,  # between polls of a flag (nanosleep)
-    "follow_min_chunks": 8,
-    "follow_max_sm_frac": 0.5,
     "decode_bv": 64,
     "decode_warps": 4,
 }
@@ -361,22 +344,17 @@ def _slow_A(kt, qt, G, C: tl.constexpr, BK: tl.constexpr, PREC: tl.constexpr):
 
 
 @triton.jit
-def _kda_intra_kernel(q, k, v, g, beta, w, u, qg, kg, aqk, gam, tinv, flags, ready,
+def _kda_intra_kernel(q, k, v, g, beta, w, u, qg, kg, aqk, gam, tinv, flags,
                       cu, cseq, cidx, T, TT, NS, scale, span_max,
                       H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
                       BK: tl.constexpr, BV: tl.constexpr, C: tl.constexpr,
                       IS_VARLEN: tl.constexpr, A_LOWP: tl.constexpr, PREC: tl.constexpr,
                       STORE_T: tl.constexpr, SLOW: tl.constexpr, PREFETCH: tl.constexpr,
-                      GROUP: tl.constexpr, READY: tl.constexpr, CHUNK_MAJOR: tl.constexpr):
-    """Fast launch (SLOW=False): grid (NS, HV), one chunk slot per program; CHUNK_MAJOR: grid (HV, NS), so
-    that the chunks are scheduled in sequence order across the heads (a pass following the flags gets its
-    chunks in order). SLOW relaunch: grid (cdiv(NS, GROUP), HV); a program reads the flags of its GROUP
-    slots at once and recomputes the flagged ones (usually none: a program per slot cost one dependent
-    flag load per slot and head). READY: set ready[hv, slot] once a chunk's intermediates are stored."""
-    if CHUNK_MAJOR:
-        hv = tl.program_id(0)
-    else:
-        hv = tl.program_id(1)
+                      GROUP: tl.constexpr):
+    """Fast launch (SLOW=False): grid (NS, HV), one chunk slot per program. SLOW relaunch: grid
+    (cdiv(NS, GROUP), HV); a program reads the flags of its GROUP slots at once and recomputes the flagged
+    ones (usually none: a program per slot cost one dependent flag load per slot and head)."""
+    hv = tl.program_id(1)
     if SLOW:
         s0 = tl.program_id(0) * GROUP
         sg = s0 + tl.arange(0, GROUP)
@@ -385,26 +363,22 @@ def _kda_intra_kernel(q, k, v, g, beta, w, u, qg, kg, aqk, gam, tinv, flags, rea
             for i in range(GROUP):
                 if s0 + i < NS:
                     if tl.load(flags + hv.to(tl.int64) * NS + s0 + i) != 0:
-                        _intra_chunk(s0 + i, hv, q, k, v, g, beta, w, u, qg, kg, aqk, gam, tinv, flags, ready,
+                        _intra_chunk(s0 + i, hv, q, k, v, g, beta, w, u, qg, kg, aqk, gam, tinv, flags,
                                      cu, cseq, cidx, T, TT, NS, scale, span_max, H, HV, K, V, BK, BV, C,
-                                     IS_VARLEN, A_LOWP, PREC, STORE_T, SLOW, PREFETCH, READY)
+                                     IS_VARLEN, A_LOWP, PREC, STORE_T, SLOW, PREFETCH)
     else:
-        if CHUNK_MAJOR:
-            s = tl.program_id(1)
-        else:
-            s = tl.program_id(0)
-        _intra_chunk(s, hv, q, k, v, g, beta, w, u, qg, kg, aqk, gam, tinv, flags, ready,
+        _intra_chunk(tl.program_id(0), hv, q, k, v, g, beta, w, u, qg, kg, aqk, gam, tinv, flags,
                      cu, cseq, cidx, T, TT, NS, scale, span_max, H, HV, K, V, BK, BV, C,
-                     IS_VARLEN, A_LOWP, PREC, STORE_T, SLOW, PREFETCH, READY)
+                     IS_VARLEN, A_LOWP, PREC, STORE_T, SLOW, PREFETCH)
 
 
 @triton.jit
-def _intra_chunk(s, hv, q, k, v, g, beta, w, u, qg, kg, aqk, gam, tinv, flags, ready,
+def _intra_chunk(s, hv, q, k, v, g, beta, w, u, qg, kg, aqk, gam, tinv, flags,
                  cu, cseq, cidx, T, TT, NS, scale, span_max,
                  H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
                  BK: tl.constexpr, BV: tl.constexpr, C: tl.constexpr,
                  IS_VARLEN: tl.constexpr, A_LOWP: tl.constexpr, PREC: tl.constexpr,
-                 STORE_T: tl.constexpr, SLOW: tl.constexpr, PREFETCH: tl.constexpr, READY: tl.constexpr):
+                 STORE_T: tl.constexpr, SLOW: tl.constexpr, PREFETCH: tl.constexpr):
     """One chunk slot s of value head hv (the fast path flags the chunk and stops where a 16-block's gate
     span exceeds span_max)."""
     hq = hv // (HV // H)
@@ -522,52 +496,19 @@ def _intra_chunk(s, hv, q, k, v, g, beta, w, u, qg, kg, aqk, gam, tinv, flags, r
             vt = tl.load(vp + cv[None, :], mask=vm, other=0.).to(tl.float32)
         ut = tl.dot(Tm, vt * b[:, None], input_precision=PREC)
         tl.store(u + ((hv64 * TT + tok) * V)[:, None] + cv[None, :], ut.to(u.dtype.element_ty), mask=vm)
-    if READY:
-        _mark_ready(ready + hv64 * NS + slot)
-
-
-@triton.jit
-def _mark_ready(flag):
-    """Publish a chunk: every thread's stores are done (barrier), then one release write of the flag
-    (a pass that acquires it sees them)."""
-    tl.debug_barrier()
-    tl.atomic_xchg(flag, 1, sem="release", scope="gpu")
-
-
-@triton.jit
-def _ready_run(flag, c, c_hi, RB: tl.constexpr, SLEEP_NS: tl.constexpr):
-    """Wait until chunk c is ready (flag[c] != 0), then return the end of the run of ready chunks that
-    starts at c (at most RB + 1 chunks, ending at c_hi at the latest). Acquire reads: the chunks' intermediates, stored before
-    their release, are visible to this program's loads after the barrier."""
-    f = tl.atomic_add(flag + c, 0, sem="acquire", scope="gpu")
-    while f == 0:
-        if SLEEP_NS > 0:  # sleep between polls: spinning warps take issue slots from the intra program beside
-            f = tl.inline_asm_elementwise("nanosleep.u32 $2;\n\tmov.b32 $0, $1;", "=r,r,r",
-                                          [f, f * 0 + SLEEP_NS], dtype=tl.int32, is_pure=False, pack=1)
-        f = tl.atomic_add(flag + c, 0, sem="acquire", scope="gpu")
-    nxt = c + 1 + tl.arange(0, RB)
-    inside = nxt < c_hi
-    fl = tl.atomic_add(flag + nxt, tl.zeros([RB], tl.int32), mask=inside, sem="acquire", scope="gpu")
-    # first chunk after c that is not ready (or c_hi / the end of the window)
-    stop = tl.min(tl.where(inside & (fl == 0), nxt, c + 1 + RB), 0)
-    tl.debug_barrier()
-    return tl.minimum(stop, c_hi)
 
 
 # ----------------------------------------------------------------------------------------------
 # chunk-to-chunk pass
 # ----------------------------------------------------------------------------------------------
 @triton.jit
-def _kda_pass_kernel(w, u, qg, kg, aqk, gam, o, h0, ht, hseg, hs, ubuf, ready,
+def _kda_pass_kernel(w, u, qg, kg, aqk, gam, o, h0, ht, hseg, hs, ubuf,
                      cu, cchunk, T, TT, NS, L,
                      H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
                      BK: tl.constexpr, BV: tl.constexpr, C: tl.constexpr, NSEG: tl.constexpr,
                      IS_VARLEN: tl.constexpr, USE_H0: tl.constexpr, STORE_O: tl.constexpr,
                      STORE_HT: tl.constexpr, STORE_H: tl.constexpr, STORE_U: tl.constexpr,
-                     LOWP: tl.constexpr, PREC: tl.constexpr, FOLLOW: tl.constexpr, RB: tl.constexpr,
-                     SLEEP_NS: tl.constexpr):
-    """FOLLOW: the intra kernel may still be running (another stream): each run of up to RB chunks starts
-    once ready[hv, slot] says its first chunk is stored, and takes the chunks after it that are stored too."""
+                     LOWP: tl.constexpr, PREC: tl.constexpr):
     pv = tl.program_id(0)
     pid = tl.program_id(1)
     nh = pid // NSEG
@@ -585,59 +526,39 @@ def _kda_pass_kernel(w, u, qg, kg, aqk, gam, o, h0, ht, hseg, hs, ubuf, ready,
         h = _load_state(hseg, nh * NSEG + sg, hoff, hm, True, K, V, BK, BV)
     else:
         h = _load_state(h0, nh, hoff, hm, USE_H0, K, V, BK, BV)
-    if FOLLOW:
-        c = c_lo.to(tl.int64)  # c_hi (from the sequence bounds) is int64
-        while c < c_hi:
-            c_end = _ready_run(ready + hv64 * NS + slot0, c, c_hi, RB, SLEEP_NS)
-            for cs in range(c, c_end):
-                h = _pass_step(cs, h, w, u, qg, kg, aqk, gam, o, hs, ubuf, bos, eos, slot0, hv, TT, NS,
-                               rk, km, cv, vm, hm, hoff, HV, K, V, C, STORE_O, STORE_H, STORE_U, LOWP, PREC)
-            c = c_end
-    else:
-        for c in range(c_lo, c_hi):
-            h = _pass_step(c, h, w, u, qg, kg, aqk, gam, o, hs, ubuf, bos, eos, slot0, hv, TT, NS,
-                           rk, km, cv, vm, hm, hoff, HV, K, V, C, STORE_O, STORE_H, STORE_U, LOWP, PREC)
-    if STORE_HT:
-        tl.store(ht + nh.to(tl.int64) * K * V + hoff, h, mask=hm)
-
-
-@triton.jit
-def _pass_step(c, h, w, u, qg, kg, aqk, gam, o, hs, ubuf, bos, eos, slot0, hv, TT, NS,
-               rk, km, cv, vm, hm, hoff, HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr,
-               STORE_O: tl.constexpr, STORE_H: tl.constexpr, STORE_U: tl.constexpr,
-               LOWP: tl.constexpr, PREC: tl.constexpr):
-    """Chunk c of the pass: U = u - w h; o = qg h + Aqk U; returns gam * h + kg^T U."""
-    hv64 = hv.to(tl.int64)
     r = tl.arange(0, C)
     # LOWP: bf16 dot operands (h, U rounded for the dots only; accumulation and h stay fp32)
     DT: tl.constexpr = tl.bfloat16 if LOWP else tl.float32
-    tok = bos + c * C + r
-    rm = tok < eos
-    rowK = (hv64 * TT + tok) * K
-    mk = rm[:, None] & km[None, :]
-    mv = rm[:, None] & vm[None, :]
-    wt = tl.load(w + rowK[:, None] + rk[None, :], mask=mk, other=0.)
-    kgt = tl.load(kg + rowK[:, None] + rk[None, :], mask=mk, other=0.)
-    ut = tl.load(u + ((hv64 * TT + tok) * V)[:, None] + cv[None, :], mask=mv, other=0.).to(tl.float32)
-    gm = tl.load(gam + (hv64 * NS + slot0 + c) * K + rk, mask=km, other=0.)
-    if STORE_H:
-        tl.store(hs + ((hv64 * NS + slot0 + c) * K * V) + hoff, h, mask=hm)
-    hd = h.to(DT)
-    wt = wt.to(DT)
-    kgt = kgt.to(DT)
-    U = ut - tl.dot(wt, hd, input_precision=PREC)
-    Ud = U.to(DT)
-    if STORE_O:
-        qgt = tl.load(qg + rowK[:, None] + rk[None, :], mask=mk, other=0.)
-        At = tl.load(aqk + ((hv64 * TT + tok) * C)[:, None] + r[None, :],
-                     mask=rm[:, None] & (r[None, :] < C), other=0.)
-        qgt = qgt.to(DT)
-        At = At.to(DT)
-        ot = tl.dot(qgt, hd, input_precision=PREC) + tl.dot(At, Ud, input_precision=PREC)
-        tl.store(o + ((tok * HV + hv) * V)[:, None] + cv[None, :], ot.to(o.dtype.element_ty), mask=mv)
-    if STORE_U:
-        tl.store(ubuf + ((hv64 * TT + tok) * V)[:, None] + cv[None, :], U, mask=mv)
-    return gm[:, None] * h + tl.dot(tl.trans(kgt), Ud, input_precision=PREC)
+    for c in range(c_lo, c_hi):
+        tok = bos + c * C + r
+        rm = tok < eos
+        rowK = (hv64 * TT + tok) * K
+        mk = rm[:, None] & km[None, :]
+        mv = rm[:, None] & vm[None, :]
+        wt = tl.load(w + rowK[:, None] + rk[None, :], mask=mk, other=0.)
+        kgt = tl.load(kg + rowK[:, None] + rk[None, :], mask=mk, other=0.)
+        ut = tl.load(u + ((hv64 * TT + tok) * V)[:, None] + cv[None, :], mask=mv, other=0.).to(tl.float32)
+        gm = tl.load(gam + (hv64 * NS + slot0 + c) * K + rk, mask=km, other=0.)
+        if STORE_H:
+            tl.store(hs + ((hv64 * NS + slot0 + c) * K * V) + hoff, h, mask=hm)
+        hd = h.to(DT)
+        wt = wt.to(DT)
+        kgt = kgt.to(DT)
+        U = ut - tl.dot(wt, hd, input_precision=PREC)
+        Ud = U.to(DT)
+        if STORE_O:
+            qgt = tl.load(qg + rowK[:, None] + rk[None, :], mask=mk, other=0.)
+            At = tl.load(aqk + ((hv64 * TT + tok) * C)[:, None] + r[None, :],
+                         mask=rm[:, None] & (r[None, :] < C), other=0.)
+            qgt = qgt.to(DT)
+            At = At.to(DT)
+            ot = tl.dot(qgt, hd, input_precision=PREC) + tl.dot(At, Ud, input_precision=PREC)
+            tl.store(o + ((tok * HV + hv) * V)[:, None] + cv[None, :], ot.to(o.dtype.element_ty), mask=mv)
+        if STORE_U:
+            tl.store(ubuf + ((hv64 * TT + tok) * V)[:, None] + cv[None, :], U, mask=mv)
+        h = gm[:, None] * h + tl.dot(tl.trans(kgt), Ud, input_precision=PREC)
+    if STORE_HT:
+        tl.store(ht + nh.to(tl.int64) * K * V + hoff, h, mask=hm)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -790,9 +711,8 @@ def _slow_group(NS, HV):
     return max(1, min(_CFG["intra_slow_group"], fit))
 
 
-def _intermediates(q, k, v, g, beta, scale, cu_seqlens, *, store_dtype, a_lowp, prec, store_t, ready=None):
-    """Run the intra-chunk kernel. Returns a dict of intermediates (head-major layouts).
-    ready: int32 [HV, NS] zeros (non-varlen only): chunks in sequence order, each flagged once stored."""
+def _intermediates(q, k, v, g, beta, scale, cu_seqlens, *, store_dtype, a_lowp, prec, store_t):
+    """Run the intra-chunk kernel. Returns a dict of intermediates (head-major layouts)."""
     B, T, H, K = q.shape
     HV, V = v.shape[2], v.shape[3]
     TT = B * T
@@ -815,22 +735,15 @@ def _intermediates(q, k, v, g, beta, scale, cu_seqlens, *, store_dtype, a_lowp, 
     dummy = cu_seqlens if cu_seqlens is not None else gam
     extra = {} if _CFG["intra_maxnreg"] is None else {"maxnreg": _CFG["intra_maxnreg"]}
     group = _slow_group(NS, HV)
-    follow = ready is not None
     for slow in (False, True):
-        chunk_major = follow and not slow
-        if slow:
-            grid = (triton.cdiv(NS, group), HV)
-        else:
-            grid = (HV, NS) if chunk_major else (NS, HV)
-        _launch(_kda_intra_kernel, grid,
+        _launch(_kda_intra_kernel, (triton.cdiv(NS, group) if slow else NS, HV),
                 q, k, v, g, beta, w, u, qg, kg, aqk, gam, tinv if store_t else gam, flags,
-                ready if follow else flags,
                 dummy, cseq if cseq is not None else dummy, cidx if cidx is not None else dummy,
                 T, TT, NS, float(scale), float(_CFG["span_max"]),
                 H=H, HV=HV, K=K, V=V, BK=BK, BV=BV, C=CHUNK,
                 IS_VARLEN=cu_seqlens is not None, A_LOWP=a_lowp, PREC=prec, STORE_T=store_t, SLOW=slow,
-                PREFETCH=int(_CFG["intra_prefetch"]), GROUP=group if slow else 1, READY=follow,
-                CHUNK_MAJOR=chunk_major, num_warps=_CFG["intra_warps"], num_stages=1, **({} if slow else extra))
+                PREFETCH=int(_CFG["intra_prefetch"]), GROUP=group if slow else 1,
+                num_warps=_CFG["intra_warps"], num_stages=1, **({} if slow else extra))
     return dict(w=w, qg=qg, kg=kg, u=u, aqk=aqk, gam=gam, tinv=tinv, flags=flags, NS=NS, cchunk=cchunk,
                 cseq=cseq, cidx=cidx, TT=TT)
 
@@ -861,21 +774,12 @@ def fit_stages(stages: int, stage_bytes: int, device: torch.device, fixed_bytes:
 
 
 def _pass_forward(inter, initial_state, o, N, HV, H, K, V, T, cu_seqlens, *, lowp, prec,
-                  store_o=True, hs=None, ubuf=None, nseg=1, bv=None, stages=None, warps=None, ready=None):
+                  store_o=True, hs=None, ubuf=None, nseg=1, bv=None, stages=None, warps=None):
     """bv / stages / warps: value block, pipeline depth and warps at K <= 128 (default: pass_bv, pass_warps,
-    and pass_stages for 16-bit intermediates, one stage for float32 ones). ready: follow the intra kernel's
-    ready flags (FOLLOW; the follow_* configuration)."""
+    and pass_stages for 16-bit intermediates, one stage for float32 ones)."""
     dev = o.device if o is not None else inter["w"].device
     BK = _np2(K)
     es = inter["w"].element_size()
-    follow = ready is not None
-    extra = {}
-    if follow:
-        bv = bv or _CFG["follow_bv"]
-        warps = warps or _CFG["follow_warps"]
-        stages = stages or (_CFG["follow_stages"] if es == 2 else 1)
-        if _CFG["follow_maxnreg"] and not _INTERPRET:
-            extra["maxnreg"] = _CFG["follow_maxnreg"]
     warps = warps or _CFG["pass_warps"]
     if K <= 128:
         BV = min(bv or _CFG["pass_bv"], _np2(V))
@@ -917,15 +821,12 @@ def _pass_forward(inter, initial_state, o, N, HV, H, K, V, T, cu_seqlens, *, low
             initial_state if initial_state is not None else dummy, ht,
             hseg if hseg is not None else dummy,
             hs if hs is not None else dummy, ubuf if ubuf is not None else dummy,
-            ready if follow else inter["flags"],
             cu_seqlens if varlen else dummy, inter["cchunk"] if varlen else dummy,
             T, TT, NS, L,
             H=H, HV=HV, K=K, V=V, BK=BK, BV=BV, C=CHUNK, NSEG=nseg, IS_VARLEN=varlen,
             USE_H0=initial_state is not None, STORE_O=store_o, STORE_HT=nseg == 1,
             STORE_H=hs is not None, STORE_U=ubuf is not None, LOWP=lowp, PREC=prec,
-            FOLLOW=follow, RB=_CFG["follow_run"] if follow else 1,
-            SLEEP_NS=0 if (_INTERPRET or not follow) else _CFG["follow_sleep_ns"],
-            num_warps=warps, num_stages=stages, **extra)
+            num_warps=warps, num_stages=stages)
     return ht
 
 
@@ -946,30 +847,7 @@ def kda_forward_recurrent(q, k, v, g, beta, initial_state, scale, cu_seqlens):
     return o, ht
 
 
-@functools.lru_cache(maxsize=None)
-def _side_stream(index: int):
-    """The high-priority stream a following pass runs on (one per device)."""
-    return torch.cuda.Stream(device=index, priority=-1)
-
-
-def use_follow(q, N, HV, V, K, T, nseg, varlen) -> bool:
-    """Whether the pass follows the intra kernel on a second stream (eager CUDA launches only: not under
-    tracing or CUDA-graph capture, where one stream keeps the launches in order). Its programs wait for
-    chunks that programs of the intra kernel produce, so they must never take every SM: at most
-    follow_max_sm_frac of them (one pass program per SM beside one intra program)."""
-    if not _CFG["follow"] or varlen or nseg > 1 or K > 128 or q.device.type != "cuda" or _INTERPRET:
-        return False
-    if _tracing((q,)) or torch.cuda.is_current_stream_capturing():
-        return False
-    nt = triton.cdiv(T, CHUNK)
-    programs = N * HV * triton.cdiv(V, min(_CFG["follow_bv"], _np2(V)))
-    sms = device_properties(q.device).multi_processor_count
-    return nt >= _CFG["follow_min_chunks"] and programs <= _CFG["follow_max_sm_frac"] * sms and N * nt <= 65535
-
-
-def kda_forward_chunked(q, k, v, g, beta, initial_state, scale, cu_seqlens, nseg=None, follow=None):
-    """follow: None chooses (use_follow); True on a CPU tensor runs the following pass's code after the intra
-    kernel on the one stream (the interpreter's check of its flag logic)."""
+def kda_forward_chunked(q, k, v, g, beta, initial_state, scale, cu_seqlens, nseg=None):
     B, T, H, K = q.shape
     HV, V = v.shape[2], v.shape[3]
     N = B if cu_seqlens is None else cu_seqlens.numel() - 1
@@ -977,27 +855,13 @@ def kda_forward_chunked(q, k, v, g, beta, initial_state, scale, cu_seqlens, nseg
     prec = "ieee" if fp32 else "tf32"
     lowp = bf16
     store_dtype = torch.bfloat16 if (bf16 and _CFG["store_lowp"]) else torch.float32
+    inter = _intermediates(q, k, v, g, beta, scale, cu_seqlens, store_dtype=store_dtype,
+                           a_lowp=bf16 and _CFG["a_lowp"], prec=prec, store_t=False)
+    o = torch.empty_like(v)
     if nseg is None:
         nseg = _num_segments(N, HV, V, T, K, cu_seqlens is not None)
-    if follow is None:
-        follow = use_follow(q, N, HV, V, K, T, nseg, cu_seqlens is not None)
-    ready = side = main = None
-    if follow:
-        if cu_seqlens is not None or nseg > 1:
-            raise ValueError("follow: fixed-length sequences in one segment only")
-        ready = torch.zeros(HV, N * triton.cdiv(T, CHUNK), device=q.device, dtype=torch.int32)
-        if q.device.type == "cuda":
-            main = torch.cuda.current_stream(q.device)
-            side = _side_stream(q.device.index if q.device.index is not None else torch.cuda.current_device())
-            side.wait_stream(main)  # inputs and the zeroed flags, before the intra kernel starts
-    inter = _intermediates(q, k, v, g, beta, scale, cu_seqlens, store_dtype=store_dtype,
-                           a_lowp=bf16 and _CFG["a_lowp"], prec=prec, store_t=False, ready=ready)
-    o = torch.empty_like(v)
-    with torch.cuda.stream(side) if side is not None else contextlib.nullcontext():
-        ht = _pass_forward(inter, initial_state, o, N, HV, H, K, V, T, cu_seqlens,
-                           lowp=lowp and _CFG["pass_lowp"], prec=prec, nseg=nseg, ready=ready)
-    if side is not None:
-        main.wait_stream(side)
+    ht = _pass_forward(inter, initial_state, o, N, HV, H, K, V, T, cu_seqlens,
+                       lowp=lowp and _CFG["pass_lowp"], prec=prec, nseg=nseg)
     return o, ht
 
 

@@ -106,13 +106,6 @@ FWD_CASES = {
                                 dict(intra_slow_group=4, intra_slow_min_programs=1)),
     # float16 inputs: float32 intermediates, o rounded to float16 (relative 2^-11 a value)
     "chunk_fp16_GVA": (dict(B=2, T=70, H=1, HV=2, K=32, V=16, dtype=torch.float16), None, True, "chunk", {}),
-    # the pass following the intra kernel's ready flags (on the GPU: a second stream; here after it): runs of
-    # at most 2 chunks (5 a sequence), 3 value blocks; flagged chunks made ready by the SLOW relaunch
-    "follow_GVA_runs_of_2": (dict(B=2, T=300, H=1, HV=2, K=48, V=80, seed=16), None, True, "follow",
-                             dict(follow_run=2, follow_bv=32)),
-    "follow_strong_decay": (dict(B=2, T=100, H=1, HV=2, K=16, V=16, gmin=-20.0, seed=17), None, False, "follow", {}),
-    "follow_slow_grouped_some": (dict(B=2, T=300, H=1, HV=2, K=16, V=16, gmin=-5.5, seed=8), None, True, "follow",
-                                 dict(intra_slow_group=4, intra_slow_min_programs=1, follow_run=4)),
     "recurrent_fp16": (dict(B=2, T=9, H=1, HV=1, K=16, V=16, dtype=torch.float16), None, True, "auto", {}),
     "recurrent_T1": (dict(B=3, T=1, H=1, HV=2, K=16, V=32), None, True, "auto", {}),
     "recurrent_varlen": (dict(B=1, T=5, H=1, HV=2, K=32, V=16, N=2), [0, 2, 5], True, "auto", {}),
@@ -156,14 +149,6 @@ def _interp_main():
             o, ht = kt.kda_forward_chunked(q, k, v, g, beta, h0, scale, cut)
         elif path == "seg3":
             o, ht = kt.kda_forward_chunked(q, k, v, g, beta, h0, scale, cut, nseg=3)
-        elif path == "follow":
-            o, ht = kt.kda_forward_chunked(q, k, v, g, beta, h0, scale, cut, follow=True)
-            # the flags the pass followed: every chunk slot of every head published once, flagged ones too
-            B, T = q.shape[:2]
-            ready = torch.zeros(kw["HV"], B * ((T + 63) // 64), dtype=torch.int32)
-            inter = kt._intermediates(q, k, v, g, beta, scale, None, store_dtype=torch.float32, a_lowp=False,
-                                      prec="ieee", store_t=False, ready=ready)
-            res["ready " + name] = [int(ready.min()), int(ready.max()), int(inter["flags"].sum())]
         else:
             assert kt.use_recurrent(q.shape[0], q.shape[1], 1 if cu is None else len(cu) - 1, cu is not None) or \
                 q.shape[1] <= kt._CFG["recurrent_max_t"]
@@ -271,42 +256,6 @@ def test_interpreter_backward(interp_results, name):
     assert max(errs[:5]) < tol and errs[5] < 1e-4, (name, dict(zip(["dq", "dk", "dv", "dg", "dbeta", "dh0"], errs)))
 
 
-def test_interpreter_ready_flags(interp_results):
-    """Each chunk slot's ready flag is set exactly once (the release write stores 1), the SLOW relaunch's
-    chunks included (the strong-decay cases flag some)."""
-    for name in [n for n in FWD_CASES if FWD_CASES[n][3] == "follow"]:
-        lo, hi, flagged = interp_results["ready " + name]
-        assert lo == hi == 1, (name, lo, hi)
-        if "decay" in name or "slow" in name:
-            assert flagged > 0, name
-
-
-def test_follow_only_where_it_cannot_stall(monkeypatch):
-    """The following pass is used for eager CUDA launches of fixed-length sequences whose pass takes at most
-    follow_max_sm_frac of the SMs (its programs wait for intra programs, which must always find SMs)."""
-    import types
-
-    from kimi_compile.ops import kda_triton as kt
-    q = torch.empty(1, 1, 1, 1)
-    assert not kt.use_follow(q, 1, 32, 128, 128, 16384, 1, False)  # CPU tensor
-    cuda_q = types.SimpleNamespace(device=torch.device("cuda", 0))
-    monkeypatch.setattr(kt, "_tracing", lambda args: False)
-    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
-    monkeypatch.setattr(kt, "_INTERPRET", False)
-    monkeypatch.setattr(kt, "device_properties", lambda device: types.SimpleNamespace(multi_processor_count=132))
-    assert kt.use_follow(cuda_q, 1, 32, 128, 128, 16384, 1, False)  # 64 pass programs <= 66
-    assert not kt.use_follow(cuda_q, 2, 32, 128, 128, 16384, 1, False)  # 128 programs
-    assert not kt.use_follow(cuda_q, 1, 32, 128, 128, 16384, 1, True)  # varlen
-    assert not kt.use_follow(cuda_q, 1, 32, 128, 128, 16384, 4, False)  # segments
-    assert not kt.use_follow(cuda_q, 1, 32, 128, 256, 16384, 1, False)  # K = 256
-    assert not kt.use_follow(cuda_q, 1, 32, 128, 128, 256, 1, False)  # 4 chunks
-    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
-    assert not kt.use_follow(cuda_q, 1, 32, 128, 128, 16384, 1, False)  # CUDA-graph capture: one stream
-    with pytest.raises(ValueError, match="follow"):
-        kt.kda_forward_chunked(*make(B=1, T=70, H=1, HV=1, K=16, V=16)[:5], None, 0.25,
-                               torch.tensor([0, 70]), follow=True)
-
-
 def test_dispatch_by_shape():
     from kimi_compile.ops import kda_triton as kt
     assert kt.use_recurrent(256, 1, 256, False)
@@ -348,8 +297,7 @@ def test_chunk_table_no_sync_shapes():
 SM90_CONSTEXPRS = dict(H=4, HV=4, K=64, V=64, BK=32, BV=32, C=64, NSEG=1, USE_H0=True, STORE_O=True,
                        STORE_HT=True, STORE_H=False, STORE_U=False, LOWP=True, PREC="tf32", A_LOWP=True,
                        STORE_T=False, SLOW=False, USE_DHT=True, STORE_DH0=True, QK_PER_HV=False,
-                       PREFETCH=2, GROUP=1, READY=False, CHUNK_MAJOR=False, FOLLOW=False, RB=1,
-                       SLEEP_NS=0)
+                       PREFETCH=2, GROUP=1)
 SM90_KERNELS = [("kda_triton", "_kda_intra_kernel"), ("kda_triton", "_kda_pass_kernel"),
                 ("kda_triton", "_kda_recurrent_kernel"), ("kda_triton_bwd", "_kda_pass_bwd_kernel"),
                 ("kda_triton_bwd", "_kda_chunk_bwd_kernel")]
@@ -376,14 +324,6 @@ def test_intra_slow_relaunch_compiles_for_sm90(is_varlen):
     _compile_sm90("kda_triton", "_kda_intra_kernel", is_varlen, dict(SLOW=True, GROUP=4))
 
 
-@pytest.mark.parametrize("is_varlen", [False, True])
-def test_follow_kernels_compile_for_sm90(is_varlen):
-    """The intra kernel publishing ready flags in chunk-major order, and the pass following them."""
-    _compile_sm90("kda_triton", "_kda_intra_kernel", is_varlen, dict(READY=True, CHUNK_MAJOR=True))
-    _compile_sm90("kda_triton", "_kda_intra_kernel", is_varlen, dict(READY=True, SLOW=True, GROUP=4))
-    _compile_sm90("kda_triton", "_kda_pass_kernel", is_varlen, dict(FOLLOW=True, RB=16, SLEEP_NS=1000))
-
-
 def _compile_sm90(module, kernel, is_varlen, overrides=None):
     import importlib
 
@@ -402,8 +342,7 @@ def _compile_sm90(module, kernel, is_varlen, overrides=None):
         elif p.name in ints or p.name in floats:
             sig[p.name] = "i32" if p.name in ints else "fp32"
         else:
-            sig[p.name] = ("*i64" if p.name in ("cu", "cchunk", "cseq", "cidx", "flags") else
-                           "*i32" if p.name == "ready" else "*fp32")
+            sig[p.name] = "*i64" if p.name in ("cu", "cchunk", "cseq", "cidx", "flags") else "*fp32"
             hints[(i,)] = [["tt.divisibility", 16]]
     compiled = triton.compile(ASTSource(fn, sig, consts, hints), target=GPUTarget("cuda", 90, 32),
                               options={"num_warps": 4})
@@ -452,27 +391,6 @@ def test_gpu_forward_vs_fp64(name, kw, cu, dtype, tol):
     assert o.dtype == v.dtype and ht.dtype == torch.float32
     ro, rh = kda_loop_fp64(q, k, v, g, beta, h0, scale, cut)
     assert rel(o, ro) <= tol and rel(ht, rh) <= tol, (rel(o, ro), rel(ht, rh))
-
-
-@pytest.mark.cuda
-@pytest.mark.parametrize("gmin", [-1.0, -20.0], ids=["mild", "strong_decay"])
-def test_gpu_follow_pass_vs_one_stream(gmin):
-    """The pass on a second stream following the ready flags: the same result as the one-stream launches
-    (vs float64 too), and the same bits on every one of 30 repeats (a chunk read before it was stored would
-    show up as a difference). Strong decay: flagged chunks come from the SLOW relaunch."""
-    from kimi_compile.ops import kda_triton as kt
-    kw = dict(B=1, T=3000, H=4, HV=8, K=128, V=128, gmin=gmin)
-    q, k, v, g, beta, h0 = make(dtype=torch.bfloat16, device="cuda", **kw)
-    scale = 128 ** -0.5
-    assert kt.use_follow(q, 1, 8, 128, 128, 3000, 1, False)
-    o1, h1 = kt.kda_forward_chunked(q, k, v, g, beta, h0, scale, None, follow=False)
-    of, hf = kt.kda_forward(q, k, v, g, beta, h0, scale, None)
-    ro, rh = kda_loop_fp64(q, k, v, g, beta, h0, scale)
-    assert rel(of, ro) <= 5e-3 and rel(hf, rh) <= 5e-3, (rel(of, ro), rel(hf, rh))
-    assert rel(of, o1) <= 1e-3 and rel(hf, h1) <= 1e-5, (rel(of, o1), rel(hf, h1))
-    for _ in range(30):
-        o, ht = kt.kda_forward(q, k, v, g, beta, h0, scale, None)
-        assert torch.equal(o, of) and torch.equal(ht, hf)
 
 
 @pytest.mark.cuda
