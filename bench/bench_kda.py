@@ -187,7 +187,7 @@ def prefill_row(T, fla, check=True, B=1):
 def _forward_intermediates(q, k, v, g, beta, scale):
     """The intra stage as the bf16 forward runs it."""
     return kt._intermediates(q, k, v, g, beta, scale, None, store_dtype=torch.bfloat16, a_lowp=True, prec="tf32",
-                             store_t=False)
+                             store_t=False, tx=kt._CFG["intra_form"] == "tx")
 
 
 def intra_stage_rows(Ts=(4096, 16384, 65536)):
@@ -351,8 +351,12 @@ def sweep_rows(fla):
     rows = []
     base = dict(kt._CFG)
     scale = K ** -0.5
-    tries = [("default", {}), ("intra: no early first loads of the w / u loops (session 6)", dict(intra_prefetch=1)),
-             ("pass 2 stages", dict(pass_stages=2)), ("pass bv64", dict(pass_bv=64))]
+    tries = [("default", {}), ("WU form, no early first loads of the w / u loops (session 6)",
+                                      dict(intra_form="wu", intra_prefetch=1)),
+             ("pass 2 stages", dict(pass_stages=2)), ("pass bv64", dict(pass_bv=64)),
+             ("pass bv16", dict(pass_bv=16)), ("pass 8 warps", dict(pass_warps=8)),
+             ("WU form (sessions 1-8)", dict(intra_form="wu")),
+             ("WU form, pass 2 stages", dict(intra_form="wu", pass_stages=2))]
     for T in (16384, 65536):
         q, k, v, g, beta, h0 = make_inputs(1, T)
         fwd = lambda: kt.kda_forward(q, k, v, g, beta, h0, scale, None)
@@ -370,9 +374,12 @@ def sweep_rows(fla):
 
 INTRA_VARIANTS = [  # relative to the defaults in ops/kda_triton.py (_CFG)
     ("default", {}),
-    ("no early first loads of the w / u loops (session 6)", dict(intra_prefetch=1)),
+    ("WU form, no early first loads of the w / u loops (session 6)", dict(intra_form="wu", intra_prefetch=1)),
     ("SLOW relaunch: one program per chunk slot (session 5)", dict(intra_slow_group=1)),
-    ("no prefetch, cap 168 (session 4)", dict(intra_prefetch=False, intra_maxnreg=168, intra_slow_group=1)),
+    ("WU form, no prefetch, cap 168 (session 4)",
+     dict(intra_form="wu", intra_prefetch=False, intra_maxnreg=168, intra_slow_group=1)),
+    ("cap 168", dict(intra_maxnreg=168)),
+    ("WU form (sessions 1-8: w = T beta k e^G and u = T beta v formed here)", dict(intra_form="wu")),
 ]
 
 
@@ -390,7 +397,10 @@ def intra_variant_rows(fla, variants=None, Ts=(16384, 65536)):
 
         def measure():
             out = stage()
-            return bench_ms(stage), f"vs default {max(rel(out[n], ref[n]) for n in names):.1e}"
+            # w means T beta k e^G in the WU form, beta k e^G in the TX form (which has no u)
+            same = [n for n in names if out[n] is not None and ref[n] is not None
+                    and (n not in ("w", "u") or out["tx"] == ref["tx"])]
+            return bench_ms(stage), f"vs default {max(rel(out[n], ref[n]) for n in same):.1e} ({', '.join(same)})"
 
         for name, cfg in (variants or INTRA_VARIANTS):
             rows.append(_variant_row(f"intra T={T} {name}", cfg, base, measure))

@@ -100,26 +100,35 @@ def configs():
     cfg = kt._CFG
     common = dict(H=H, HV=HV, K=K, C=C, IS_VARLEN=False)
     rows = []
-    # fused intra kernel (forward: bf16 A dots, tf32 inverse), as configured, and the fourth session's config
+    # fused intra kernel (forward: bf16 A dots, tf32 inverse), as configured (the TX form since session 9), and
+    # the WU form of sessions 1-8 (w and u formed in the kernel; the backward's recompute) in three of its configs
     fz = kt._kda_intra_kernel
-    t = _types(fz, dict(gam=F32, tinv=F32, flags="*i32", cu=F32, cseq=F32, cidx=F32))
+    tx = cfg["intra_form"] == "tx"
+    t = _types(fz, dict(gam=F32, tinv="*bf16" if tx else F32, bsc=F32, flags="*i32", cu=F32, cseq=F32, cidx=F32))
     ci = dict(common, V=V, BK=min(128, cfg["intra_bk"]), BV=64, A_LOWP=True, PREC="tf32", STORE_T=False,
-              PREFETCH=cfg["intra_prefetch"])
+              PREFETCH=cfg["intra_prefetch"], WU=not tx)
     for slow in (False, True):
         mx = None if slow else cfg["intra_maxnreg"]
         grp = cfg["intra_slow_group"] if slow else 1
-        rows.append((f"fused _kda_intra_kernel SLOW={slow} maxnreg={mx} prefetch={cfg['intra_prefetch']}"
-                     + (f" group={grp}" if slow else ""), fz, t, dict(ci, SLOW=slow, GROUP=grp), cfg["intra_warps"], mx))
-    rows.append(("fused _kda_intra_kernel SLOW=False maxnreg=168 prefetch=False (session 4)", fz, t,
-                 dict(ci, SLOW=False, PREFETCH=False, GROUP=1), cfg["intra_warps"], 168))
-    rows.append(("fused _kda_intra_kernel SLOW=False prefetch=1 (sessions 5-6: no early first loads)", fz, t,
-                 dict(ci, SLOW=False, GROUP=1, PREFETCH=1), cfg["intra_warps"], cfg["intra_maxnreg"]))
-    # pass kernel (forward config)
+        rows.append((f"fused _kda_intra_kernel {cfg['intra_form'].upper()} form SLOW={slow} maxnreg={mx} "
+                     f"prefetch={cfg['intra_prefetch']}" + (f" group={grp}" if slow else ""), fz, t,
+                     dict(ci, SLOW=slow, GROUP=grp), cfg["intra_warps"], mx))
+    t = _types(fz, dict(gam=F32, tinv=F32, bsc=F32, flags="*i32", cu=F32, cseq=F32, cidx=F32))
+    rows.append(("fused _kda_intra_kernel WU form SLOW=False prefetch=2 (sessions 7-8)", fz, t,
+                 dict(ci, SLOW=False, GROUP=1, PREFETCH=2, WU=True), cfg["intra_warps"], None))
+    rows.append(("fused _kda_intra_kernel WU form SLOW=False maxnreg=168 prefetch=False (session 4)", fz, t,
+                 dict(ci, SLOW=False, PREFETCH=False, GROUP=1, WU=True), cfg["intra_warps"], 168))
+    rows.append(("fused _kda_intra_kernel WU form SLOW=False prefetch=1 (sessions 5-6: no early first loads)", fz, t,
+                 dict(ci, SLOW=False, GROUP=1, PREFETCH=1, WU=True), cfg["intra_warps"], None))
+    # pass kernel (forward config, and the WU form's)
     fp = kt._kda_pass_kernel
-    t = _types(fp, dict(gam=F32, h0=F32, ht=F32, hseg=F32, hs=F32, ubuf=F32, cu=F32, cchunk=F32))
+    t = _types(fp, dict(gam=F32, bsc=F32, h0=F32, ht=F32, hseg=F32, hs=F32, ubuf=F32, cu=F32, cchunk=F32))
     ce = dict(H=H, HV=HV, K=K, V=V, BK=128, BV=cfg["pass_bv"], C=C, NSEG=1, IS_VARLEN=False, USE_H0=True,
-              STORE_O=True, STORE_HT=True, STORE_H=False, STORE_U=False, LOWP=True, PREC="tf32")
-    rows.append(("_kda_pass_kernel fwd", fp, t, ce, cfg["pass_warps"], None, cfg["pass_stages"]))
+              STORE_O=True, STORE_HT=True, STORE_H=False, STORE_U=False, LOWP=True, PREC="tf32", TX=tx)
+    rows.append((f"_kda_pass_kernel fwd {cfg['intra_form'].upper()} form", fp, t, ce, cfg["pass_warps"], None,
+                 cfg["pass_stages"]))
+    rows.append(("_kda_pass_kernel fwd WU form (sessions 1-8)", fp, t, dict(ce, TX=False), cfg["pass_warps"], None,
+                 cfg["pass_stages"]))
     # backward chunk kernel
     fc = getattr(ktb, "_kda_chunk_bwd_kernel", None)
     if fc is not None:
@@ -145,7 +154,7 @@ def configs():
     # the forward pass as the backward runs it (h and U stored, no o)
     fp = kt._kda_pass_kernel
     ce = dict(H=H, HV=HV, K=K, V=V, BK=128, BV=cfg["bwd_fpass_bv"], C=C, NSEG=1, IS_VARLEN=False, USE_H0=True,
-              STORE_O=False, STORE_HT=True, STORE_H=True, STORE_U=True, LOWP=False, PREC="tf32")
+              STORE_O=False, STORE_HT=True, STORE_H=True, STORE_U=True, LOWP=False, PREC="tf32", TX=False)
     t = _types(fp, dict(w=F32, u=F32, qg=F32, kg=F32, aqk=F32, gam=F32, h0=F32, ht=F32, hseg=F32, hs=F32,
                         ubuf=F32, cu=F32, cchunk=F32))
     rows.append(("_kda_pass_kernel in bwd, fp32 intermediates", fp, t, ce, cfg["pass_warps"], None,

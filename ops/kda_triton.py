@@ -17,13 +17,17 @@ Algorithm (chunk C = 64, sub-blocks of 16; docs/kda_kernels.md has the derivatio
   16-block boundaries (left <= |x|, right <= e^span of a 16-block), and a chunk where one 16-block alone
   decays by more than span_max is recomputed exactly (SLOW relaunch: per-column loop on the diagonal
   blocks; each of its programs checks the flags of up to 8 chunk slots with one load).
-  T = (I + Akk)^-1 by block doubling (10 dots), w = T (beta k e^G), u = T (beta v), qg = scale q e^G,
-  kg = k e^(G_last - G), gam = e^G_last. Each loop over key / value blocks issues the next block's loads
-  before computing the current one (PREFETCH: global-load waits were the largest stall, ncu), and the w and
-  u loops' first tiles load during the inverse and the w loop (PREFETCH=2).
+  T = (I + Akk)^-1 by block doubling (10 dots), qg = scale q e^G, kg = k e^(G_last - G), gam = e^G_last,
+  and, in the forward's TX form (default since session 9), T, beta and k e^G stored as they are: the kernel
+  is one loop over key blocks and the inverse. The WU form (sessions 1-8; the backward's recompute and the
+  segments) also forms w = T (beta k e^G) and u = T (beta v) in two more loops; each loop over key / value
+  blocks issues the next block's loads before computing the current one (PREFETCH: global-load waits were
+  the largest stall, ncu), and the w and u loops' first tiles load during the inverse and the w loop
+  (PREFETCH=2).
 * ``_kda_pass_kernel`` (sequential over chunks; parallel over sequences x heads x value blocks
-  [x segments]): U = u - w h; o = qg h + Aqk U; h <- gam * h + kg^T U. Three pipeline stages: the
-  next two chunks' tiles load while one is computed (fewer where shared memory is smaller: fit_stages).
+  [x segments]): U = T diag(beta) (v - k e^G h) (TX form) or U = u - w h (WU form); o = qg h + Aqk U;
+  h <- gam * h + kg^T U. Three pipeline stages: the next two chunks' tiles load while one is computed
+  (fewer where shared memory is smaller: fit_stages).
 * Long sequences at small batch: the sequence is cut into segments; ``_kda_seg_state_kernel`` runs
   every segment from a zero state and also carries the segment's K x K transition matrix,
   ``_kda_seg_combine_kernel`` chains the segments (h_s+1 = M_s h_s + b_s), then the pass kernel runs
@@ -58,6 +62,8 @@ _CFG = {
     "intra_maxnreg": None,   # register cap: 168 (3 CTAs/SM) was faster without prefetch; with it, it spills
     "intra_prefetch": 2,     # 1: issue the next key / value block's loads before computing the current one;
                              # 2: also the w and u loops' first loads before the inverse / the w loop (-1.3 %)
+    "intra_form": "tx",      # "wu": the intra kernel forms w = T beta k e^G, u = T beta v; "tx": it stores
+                             # T, beta and k e^G, the pass forms U = T diag(beta) (v - k e^G h) (segments: wu)
     "intra_slow_group": 8,   # chunk slots per program of the SLOW relaunch (1: one program per slot, as before)
     "intra_slow_min_programs": 2048,
     "pass_bv": 32,           # 128 programs at B=1, H=32 (64: 1.615 / 6.308 ms, 32: 1.548 / 6.045 at T=16K / 64K)
@@ -344,13 +350,13 @@ def _slow_A(kt, qt, G, C: tl.constexpr, BK: tl.constexpr, PREC: tl.constexpr):
 
 
 @triton.jit
-def _kda_intra_kernel(q, k, v, g, beta, w, u, qg, kg, aqk, gam, tinv, flags,
+def _kda_intra_kernel(q, k, v, g, beta, w, u, qg, kg, aqk, gam, tinv, bsc, flags,
                       cu, cseq, cidx, T, TT, NS, scale, span_max,
                       H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
                       BK: tl.constexpr, BV: tl.constexpr, C: tl.constexpr,
                       IS_VARLEN: tl.constexpr, A_LOWP: tl.constexpr, PREC: tl.constexpr,
                       STORE_T: tl.constexpr, SLOW: tl.constexpr, PREFETCH: tl.constexpr,
-                      GROUP: tl.constexpr):
+                      GROUP: tl.constexpr, WU: tl.constexpr):
     """Fast launch (SLOW=False): grid (NS, HV), one chunk slot per program. SLOW relaunch: grid
     (cdiv(NS, GROUP), HV); a program reads the flags of its GROUP slots at once and recomputes the flagged
     ones (usually none: a program per slot cost one dependent flag load per slot and head)."""
@@ -363,24 +369,26 @@ def _kda_intra_kernel(q, k, v, g, beta, w, u, qg, kg, aqk, gam, tinv, flags,
             for i in range(GROUP):
                 if s0 + i < NS:
                     if tl.load(flags + hv.to(tl.int64) * NS + s0 + i) != 0:
-                        _intra_chunk(s0 + i, hv, q, k, v, g, beta, w, u, qg, kg, aqk, gam, tinv, flags,
+                        _intra_chunk(s0 + i, hv, q, k, v, g, beta, w, u, qg, kg, aqk, gam, tinv, bsc, flags,
                                      cu, cseq, cidx, T, TT, NS, scale, span_max, H, HV, K, V, BK, BV, C,
-                                     IS_VARLEN, A_LOWP, PREC, STORE_T, SLOW, PREFETCH)
+                                     IS_VARLEN, A_LOWP, PREC, STORE_T, SLOW, PREFETCH, WU)
     else:
-        _intra_chunk(tl.program_id(0), hv, q, k, v, g, beta, w, u, qg, kg, aqk, gam, tinv, flags,
+        _intra_chunk(tl.program_id(0), hv, q, k, v, g, beta, w, u, qg, kg, aqk, gam, tinv, bsc, flags,
                      cu, cseq, cidx, T, TT, NS, scale, span_max, H, HV, K, V, BK, BV, C,
-                     IS_VARLEN, A_LOWP, PREC, STORE_T, SLOW, PREFETCH)
+                     IS_VARLEN, A_LOWP, PREC, STORE_T, SLOW, PREFETCH, WU)
 
 
 @triton.jit
-def _intra_chunk(s, hv, q, k, v, g, beta, w, u, qg, kg, aqk, gam, tinv, flags,
+def _intra_chunk(s, hv, q, k, v, g, beta, w, u, qg, kg, aqk, gam, tinv, bsc, flags,
                  cu, cseq, cidx, T, TT, NS, scale, span_max,
                  H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
                  BK: tl.constexpr, BV: tl.constexpr, C: tl.constexpr,
                  IS_VARLEN: tl.constexpr, A_LOWP: tl.constexpr, PREC: tl.constexpr,
-                 STORE_T: tl.constexpr, SLOW: tl.constexpr, PREFETCH: tl.constexpr):
+                 STORE_T: tl.constexpr, SLOW: tl.constexpr, PREFETCH: tl.constexpr, WU: tl.constexpr):
     """One chunk slot s of value head hv (the fast path flags the chunk and stops where a 16-block's gate
-    span exceeds span_max)."""
+    span exceeds span_max). WU: w = T (beta k e^G) and u = T (beta v) formed here (two loops after the
+    inverse). Otherwise (the TX form) w's buffer gets k e^G in the first loop, tinv gets T, bsc gets beta per
+    chunk slot, and the pass forms U = T diag(beta) (v - k e^G h) itself."""
     hq = hv // (HV // H)
     hv64 = hv.to(tl.int64)
     slot = s.to(tl.int64)
@@ -413,7 +421,8 @@ def _intra_chunk(s, hv, q, k, v, g, beta, w, u, qg, kg, aqk, gam, tinv, flags,
             gt = gn.to(tl.float32)
             cn = cols + BK  # past K after the last block: all masked off, no traffic
             if PREFETCH == 2:  # ... except that the last block loads k, g block 0 again: the w loop's first tiles
-                cn = cn % (((K + BK - 1) // BK) * BK)
+                if WU:
+                    cn = cn % (((K + BK - 1) // BK) * BK)
             mn = rmask[:, None] & (cn < K)[None, :]
             kn = tl.load(kp + cn[None, :], mask=mn, other=0.)
             qn = tl.load(qp + cn[None, :], mask=mn & ((cols + BK) < K)[None, :], other=0.)  # no q in the w loop
@@ -430,6 +439,8 @@ def _intra_chunk(s, hv, q, k, v, g, beta, w, u, qg, kg, aqk, gam, tinv, flags,
         tl.store(kg + rowK[:, None] + cols[None, :],
                  (kt * tl.exp(Gl[None, :] - G)).to(kg.dtype.element_ty), mask=m2)
         tl.store(gam + (hv64 * NS + slot) * K + cols, tl.exp(Gl), mask=cmask & (eos > bos))
+        if not WU:
+            tl.store(w + rowK[:, None] + cols[None, :], (kt * tl.exp(G)).to(w.dtype.element_ty), mask=m2)
         if SLOW:
             a1, a2 = _slow_A(kt, qt, G, C, BK, PREC)
             Akk += a1
@@ -457,58 +468,65 @@ def _intra_chunk(s, hv, q, k, v, g, beta, w, u, qg, kg, aqk, gam, tinv, flags,
     tl.store(aqk + rowC[:, None] + r[None, :], Aqk.to(aqk.dtype.element_ty), mask=cmC)
     if STORE_T:
         tl.store(tinv + rowC[:, None] + r[None, :], Tm, mask=cmC)
+    if not WU:  # T (in the pass's dtype) and beta contiguous per chunk slot: the pass reads beta as one 256-byte
+        # row (a strided 2-byte gather from beta itself was not pipelined and stalled each step: session 9)
+        tl.store(tinv + rowC[:, None] + r[None, :], Tm.to(tinv.dtype.element_ty), mask=cmC)
+        tl.store(bsc + (hv64 * NS + slot) * C + r, b)
+    if WU:  # w = T (beta k e^G), u = T (beta v), key / value block by block
+        if PREFETCH == 1:
+            kn = tl.load(kp + c0[None, :], mask=m0, other=0.)
+            gn = tl.load(gp + c0[None, :], mask=m0, other=0.)
+        vp = v + (tok[:, None] * HV + hv) * V
+        if PREFETCH == 2:  # the u loop's first tile, in flight during the w loop
+            cv0 = tl.arange(0, BV)
+            vn = tl.load(vp + cv0[None, :], mask=rmask[:, None] & (cv0 < V)[None, :], other=0.)
+        for kb in range(0, (K + BK - 1) // BK):
+            cols = kb * BK + tl.arange(0, BK)
+            cmask = cols < K
+            m2 = rmask[:, None] & cmask[None, :]
+            if PREFETCH:
+                kt = kn.to(tl.float32)
+                gt = gn.to(tl.float32)
+                mn = rmask[:, None] & ((cols + BK) < K)[None, :]
+                kn = tl.load(kp + (cols + BK)[None, :], mask=mn, other=0.)
+                gn = tl.load(gp + (cols + BK)[None, :], mask=mn, other=0.)
+            else:
+                kt = tl.load(kp + cols[None, :], mask=m2, other=0.).to(tl.float32)
+                gt = tl.load(gp + cols[None, :], mask=m2, other=0.).to(tl.float32)
+            G = tl.cumsum(gt, 0)
+            wt = tl.dot(Tm, kt * tl.exp(G) * b[:, None], input_precision=PREC)
+            rowK = (hv64 * TT + tok) * K
+            tl.store(w + rowK[:, None] + cols[None, :], wt.to(w.dtype.element_ty), mask=m2)
 
-    if PREFETCH == 1:
-        kn = tl.load(kp + c0[None, :], mask=m0, other=0.)
-        gn = tl.load(gp + c0[None, :], mask=m0, other=0.)
-    vp = v + (tok[:, None] * HV + hv) * V
-    if PREFETCH == 2:  # the u loop's first tile, in flight during the w loop
-        cv0 = tl.arange(0, BV)
-        vn = tl.load(vp + cv0[None, :], mask=rmask[:, None] & (cv0 < V)[None, :], other=0.)
-    for kb in range(0, (K + BK - 1) // BK):
-        cols = kb * BK + tl.arange(0, BK)
-        cmask = cols < K
-        m2 = rmask[:, None] & cmask[None, :]
-        if PREFETCH:
-            kt = kn.to(tl.float32)
-            gt = gn.to(tl.float32)
-            mn = rmask[:, None] & ((cols + BK) < K)[None, :]
-            kn = tl.load(kp + (cols + BK)[None, :], mask=mn, other=0.)
-            gn = tl.load(gp + (cols + BK)[None, :], mask=mn, other=0.)
-        else:
-            kt = tl.load(kp + cols[None, :], mask=m2, other=0.).to(tl.float32)
-            gt = tl.load(gp + cols[None, :], mask=m2, other=0.).to(tl.float32)
-        G = tl.cumsum(gt, 0)
-        wt = tl.dot(Tm, kt * tl.exp(G) * b[:, None], input_precision=PREC)
-        rowK = (hv64 * TT + tok) * K
-        tl.store(w + rowK[:, None] + cols[None, :], wt.to(w.dtype.element_ty), mask=m2)
-
-    if PREFETCH == 1:
-        cv0 = tl.arange(0, BV)
-        vn = tl.load(vp + cv0[None, :], mask=rmask[:, None] & (cv0 < V)[None, :], other=0.)
-    for vb in range(0, (V + BV - 1) // BV):
-        cv = vb * BV + tl.arange(0, BV)
-        vm = rmask[:, None] & (cv < V)[None, :]
-        if PREFETCH:
-            vt = vn.to(tl.float32)
-            vn = tl.load(vp + (cv + BV)[None, :], mask=rmask[:, None] & ((cv + BV) < V)[None, :], other=0.)
-        else:
-            vt = tl.load(vp + cv[None, :], mask=vm, other=0.).to(tl.float32)
-        ut = tl.dot(Tm, vt * b[:, None], input_precision=PREC)
-        tl.store(u + ((hv64 * TT + tok) * V)[:, None] + cv[None, :], ut.to(u.dtype.element_ty), mask=vm)
+        if PREFETCH == 1:
+            cv0 = tl.arange(0, BV)
+            vn = tl.load(vp + cv0[None, :], mask=rmask[:, None] & (cv0 < V)[None, :], other=0.)
+        for vb in range(0, (V + BV - 1) // BV):
+            cv = vb * BV + tl.arange(0, BV)
+            vm = rmask[:, None] & (cv < V)[None, :]
+            if PREFETCH:
+                vt = vn.to(tl.float32)
+                vn = tl.load(vp + (cv + BV)[None, :], mask=rmask[:, None] & ((cv + BV) < V)[None, :], other=0.)
+            else:
+                vt = tl.load(vp + cv[None, :], mask=vm, other=0.).to(tl.float32)
+            ut = tl.dot(Tm, vt * b[:, None], input_precision=PREC)
+            tl.store(u + ((hv64 * TT + tok) * V)[:, None] + cv[None, :], ut.to(u.dtype.element_ty), mask=vm)
 
 
 # ----------------------------------------------------------------------------------------------
 # chunk-to-chunk pass
 # ----------------------------------------------------------------------------------------------
 @triton.jit
-def _kda_pass_kernel(w, u, qg, kg, aqk, gam, o, h0, ht, hseg, hs, ubuf,
+def _kda_pass_kernel(w, u, tm, bsc, qg, kg, aqk, gam, o, h0, ht, hseg, hs, ubuf,
                      cu, cchunk, T, TT, NS, L,
                      H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
                      BK: tl.constexpr, BV: tl.constexpr, C: tl.constexpr, NSEG: tl.constexpr,
                      IS_VARLEN: tl.constexpr, USE_H0: tl.constexpr, STORE_O: tl.constexpr,
                      STORE_HT: tl.constexpr, STORE_H: tl.constexpr, STORE_U: tl.constexpr,
-                     LOWP: tl.constexpr, PREC: tl.constexpr):
+                     LOWP: tl.constexpr, PREC: tl.constexpr, TX: tl.constexpr):
+    """TX=False: w, u are the intra kernel's T (beta k e^G) and T (beta v); U = u - w h. TX=True: w holds
+    k e^G, u is the input v [B, T, HV, V], tm holds T [HV, TT, C] and bsc beta [HV, NS, C];
+    U = T diag(beta) (v - k e^G h) (one dot more a step, two loops fewer in the intra kernel)."""
     pv = tl.program_id(0)
     pid = tl.program_id(1)
     nh = pid // NSEG
@@ -537,14 +555,24 @@ def _kda_pass_kernel(w, u, qg, kg, aqk, gam, o, h0, ht, hseg, hs, ubuf,
         mv = rm[:, None] & vm[None, :]
         wt = tl.load(w + rowK[:, None] + rk[None, :], mask=mk, other=0.)
         kgt = tl.load(kg + rowK[:, None] + rk[None, :], mask=mk, other=0.)
-        ut = tl.load(u + ((hv64 * TT + tok) * V)[:, None] + cv[None, :], mask=mv, other=0.).to(tl.float32)
+        if TX:
+            ut = tl.load(u + ((tok * HV + hv) * V)[:, None] + cv[None, :], mask=mv, other=0.).to(tl.float32)
+            Tt = tl.load(tm + ((hv64 * TT + tok) * C)[:, None] + r[None, :],
+                         mask=rm[:, None] & (r[None, :] < C), other=0.)
+        else:
+            ut = tl.load(u + ((hv64 * TT + tok) * V)[:, None] + cv[None, :], mask=mv, other=0.).to(tl.float32)
         gm = tl.load(gam + (hv64 * NS + slot0 + c) * K + rk, mask=km, other=0.)
         if STORE_H:
             tl.store(hs + ((hv64 * NS + slot0 + c) * K * V) + hoff, h, mask=hm)
         hd = h.to(DT)
         wt = wt.to(DT)
         kgt = kgt.to(DT)
-        U = ut - tl.dot(wt, hd, input_precision=PREC)
+        if TX:
+            X = ut - tl.dot(wt, hd, input_precision=PREC)
+            X = X * tl.load(bsc + (hv64 * NS + slot0 + c) * C + r)[:, None]
+            U = tl.dot(Tt.to(DT), X.to(DT), input_precision=PREC)
+        else:
+            U = ut - tl.dot(wt, hd, input_precision=PREC)
         Ud = U.to(DT)
         if STORE_O:
             qgt = tl.load(qg + rowK[:, None] + rk[None, :], mask=mk, other=0.)
@@ -711,8 +739,11 @@ def _slow_group(NS, HV):
     return max(1, min(_CFG["intra_slow_group"], fit))
 
 
-def _intermediates(q, k, v, g, beta, scale, cu_seqlens, *, store_dtype, a_lowp, prec, store_t):
-    """Run the intra-chunk kernel. Returns a dict of intermediates (head-major layouts)."""
+def _intermediates(q, k, v, g, beta, scale, cu_seqlens, *, store_dtype, a_lowp, prec, store_t, tx=False):
+    """Run the intra-chunk kernel. Returns a dict of intermediates (head-major layouts). tx: the TX form
+    (w holds k e^G, no u, T stored in store_dtype and beta per chunk slot in bsc for the pass; see
+    _intra_chunk); store_t: T in float32 for the backward (WU form only)."""
+    assert not (tx and store_t), "the backward reads the WU form's w and u"
     B, T, H, K = q.shape
     HV, V = v.shape[2], v.shape[3]
     TT = B * T
@@ -725,10 +756,12 @@ def _intermediates(q, k, v, g, beta, scale, cu_seqlens, *, store_dtype, a_lowp, 
     w = torch.empty(HV, TT, K, device=dev, dtype=store_dtype)
     qg = torch.empty(HV, TT, K, device=dev, dtype=store_dtype)
     kg = torch.empty(HV, TT, K, device=dev, dtype=store_dtype)
-    u = torch.empty(HV, TT, V, device=dev, dtype=store_dtype)
+    u = None if tx else torch.empty(HV, TT, V, device=dev, dtype=store_dtype)
+    bsc = torch.empty(HV, NS, CHUNK, device=dev, dtype=torch.float32) if tx else None
     aqk = torch.empty(HV, TT, CHUNK, device=dev, dtype=store_dtype)
     gam = torch.empty(HV, NS, K, device=dev, dtype=torch.float32)
-    tinv = torch.empty(HV, TT, CHUNK, device=dev, dtype=torch.float32) if store_t else None
+    tinv = torch.empty(HV, TT, CHUNK, device=dev, dtype=store_dtype if tx else torch.float32) \
+        if (store_t or tx) else None
     flags = torch.zeros(HV, NS, device=dev, dtype=torch.int32)
     BK = min(_np2(K), _CFG["intra_bk"])
     BV = min(_np2(V), 64)
@@ -737,15 +770,16 @@ def _intermediates(q, k, v, g, beta, scale, cu_seqlens, *, store_dtype, a_lowp, 
     group = _slow_group(NS, HV)
     for slow in (False, True):
         _launch(_kda_intra_kernel, (triton.cdiv(NS, group) if slow else NS, HV),
-                q, k, v, g, beta, w, u, qg, kg, aqk, gam, tinv if store_t else gam, flags,
+                q, k, v, g, beta, w, u if u is not None else w, qg, kg, aqk, gam,
+                tinv if tinv is not None else gam, bsc if bsc is not None else gam, flags,
                 dummy, cseq if cseq is not None else dummy, cidx if cidx is not None else dummy,
                 T, TT, NS, float(scale), float(_CFG["span_max"]),
                 H=H, HV=HV, K=K, V=V, BK=BK, BV=BV, C=CHUNK,
                 IS_VARLEN=cu_seqlens is not None, A_LOWP=a_lowp, PREC=prec, STORE_T=store_t, SLOW=slow,
-                PREFETCH=int(_CFG["intra_prefetch"]), GROUP=group if slow else 1,
+                PREFETCH=int(_CFG["intra_prefetch"]), GROUP=group if slow else 1, WU=not tx,
                 num_warps=_CFG["intra_warps"], num_stages=1, **({} if slow else extra))
     return dict(w=w, qg=qg, kg=kg, u=u, aqk=aqk, gam=gam, tinv=tinv, flags=flags, NS=NS, cchunk=cchunk,
-                cseq=cseq, cidx=cidx, TT=TT)
+                cseq=cseq, cidx=cidx, TT=TT, tx=tx, v=v, bsc=bsc)
 
 
 def _num_segments(N, HV, V, T, K, varlen):
@@ -785,13 +819,15 @@ def _pass_forward(inter, initial_state, o, N, HV, H, K, V, T, cu_seqlens, *, low
         BV = min(bv or _CFG["pass_bv"], _np2(V))
         if stages is None:
             stages = _CFG["pass_stages"] if es == 2 else 1
-        # per stage: w, kg [, qg, Aqk] and u tiles
-        stage_bytes = es * (CHUNK * BK * (3 if store_o else 2) + (CHUNK * CHUNK if store_o else 0) + CHUNK * BV)
+        # per stage: w, kg [, qg, Aqk] and u (or v) tiles [, T]
+        stage_bytes = es * (CHUNK * BK * (3 if store_o else 2) + (CHUNK * CHUNK if store_o else 0) + CHUNK * BV
+                            + (CHUNK * CHUNK if inter["tx"] else 0))
         stages = fit_stages(stages, stage_bytes, dev)
     else:  # K = 256: keep the [C, K] tiles of one stage inside shared memory
         BV = min(64 if es == 2 else 32, _np2(V))
         warps = 8 if es == 2 else 4
         stages = 1
+    assert not (inter["tx"] and nseg > 1), "segments read the WU form's u"
     ht = torch.empty(N, HV, K, V, device=dev, dtype=torch.float32)
     NS, TT = inter["NS"], inter["TT"]
     dummy = inter["gam"]
@@ -815,8 +851,11 @@ def _pass_forward(inter, initial_state, o, N, HV, H, K, V, T, cu_seqlens, *, low
                 mseg, bseg, initial_state if initial_state is not None else dummy, ht, hseg,
                 K=K, V=V, BK=BK, BV=BV, NSEG=nseg, USE_H0=initial_state is not None,
                 PREC=prec if prec == "ieee" else "tf32", num_warps=8, num_stages=1)
+    tx = inter["tx"]
     _launch(_kda_pass_kernel, (triton.cdiv(V, BV), N * HV * nseg),
-            inter["w"], inter["u"], inter["qg"], inter["kg"], inter["aqk"], inter["gam"],
+            inter["w"], inter["v"] if tx else inter["u"], inter["tinv"] if tx else dummy,
+            inter["bsc"] if tx else dummy,
+            inter["qg"], inter["kg"], inter["aqk"], inter["gam"],
             o if o is not None else dummy,
             initial_state if initial_state is not None else dummy, ht,
             hseg if hseg is not None else dummy,
@@ -825,7 +864,7 @@ def _pass_forward(inter, initial_state, o, N, HV, H, K, V, T, cu_seqlens, *, low
             T, TT, NS, L,
             H=H, HV=HV, K=K, V=V, BK=BK, BV=BV, C=CHUNK, NSEG=nseg, IS_VARLEN=varlen,
             USE_H0=initial_state is not None, STORE_O=store_o, STORE_HT=nseg == 1,
-            STORE_H=hs is not None, STORE_U=ubuf is not None, LOWP=lowp, PREC=prec,
+            STORE_H=hs is not None, STORE_U=ubuf is not None, LOWP=lowp, PREC=prec, TX=tx,
             num_warps=warps, num_stages=stages)
     return ht
 
@@ -855,11 +894,12 @@ def kda_forward_chunked(q, k, v, g, beta, initial_state, scale, cu_seqlens, nseg
     prec = "ieee" if fp32 else "tf32"
     lowp = bf16
     store_dtype = torch.bfloat16 if (bf16 and _CFG["store_lowp"]) else torch.float32
-    inter = _intermediates(q, k, v, g, beta, scale, cu_seqlens, store_dtype=store_dtype,
-                           a_lowp=bf16 and _CFG["a_lowp"], prec=prec, store_t=False)
-    o = torch.empty_like(v)
     if nseg is None:
         nseg = _num_segments(N, HV, V, T, K, cu_seqlens is not None)
+    tx = _CFG["intra_form"] == "tx" and nseg == 1
+    inter = _intermediates(q, k, v, g, beta, scale, cu_seqlens, store_dtype=store_dtype,
+                           a_lowp=bf16 and _CFG["a_lowp"], prec=prec, store_t=False, tx=tx)
+    o = torch.empty_like(v)
     ht = _pass_forward(inter, initial_state, o, N, HV, H, K, V, T, cu_seqlens,
                        lowp=lowp and _CFG["pass_lowp"], prec=prec, nseg=nseg)
     return o, ht

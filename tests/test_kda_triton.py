@@ -89,12 +89,18 @@ FWD_CASES = {
                          "chunk", {}),
     "chunk_segments": (dict(B=1, T=200, H=1, HV=1, K=16, V=16, gmin=-0.2), None, True, "seg3", {}),
     "chunk_multiblock_K48_V80": (dict(B=1, T=70, H=1, HV=1, K=48, V=80), None, True, "chunk", {}),
-    # the intra kernel's loads without prefetching (the fourth session's kernel, kept as a measured variant)
+    # the WU form (sessions 1-8: the intra kernel forms w and u; what the backward's recompute runs): its loads
+    # without prefetching (the fourth session's kernel), with the loops' own prefetch only (sessions 5-6), and
+    # with the early first loads of the w and u loops (its default)
     "chunk_multiblock_no_prefetch": (dict(B=1, T=70, H=1, HV=1, K=48, V=80, seed=2), None, True, "chunk",
-                                     dict(intra_prefetch=False)),
-    # the loops' own prefetch without the early first loads of the w and u loops (the default of sessions 5-6)
+                                     dict(intra_form="wu", intra_prefetch=False)),
     "chunk_multiblock_prefetch_loops_only": (dict(B=2, T=70, H=1, HV=1, K=48, V=80, seed=15), None, True, "chunk",
-                                             dict(intra_prefetch=1)),
+                                             dict(intra_form="wu", intra_prefetch=1)),
+    "wu_B2_T70_KneV": (dict(B=2, T=70, H=2, HV=2, K=32, V=16, seed=16), None, True, "chunk", dict(intra_form="wu")),
+    "wu_varlen_GVA": (dict(B=1, T=150, H=1, HV=2, K=32, V=16, gmin=-2.0, N=3, seed=17), [0, 10, 75, 150], True,
+                      "chunk", dict(intra_form="wu")),
+    "wu_strong_decay": (dict(B=2, T=100, H=1, HV=1, K=16, V=16, gmin=-20.0, seed=18), None, True, "chunk", dict(intra_form="wu")),
+    "wu_block_anchors": (dict(B=1, T=100, H=1, HV=1, K=16, V=16, gmin=-3.0, seed=19), None, True, "chunk", dict(intra_form="wu")),
     "chunk_B2_T100_strong_decay": (dict(B=2, T=100, H=1, HV=1, K=16, V=16, gmin=-20.0, seed=5), None, True,
                                    "chunk", {}),
     # the SLOW relaunch with 4 chunk slots per program (on the GPU from NS x HV >= 4096): every chunk flagged,
@@ -270,13 +276,18 @@ def test_pipeline_depth_fits_shared_memory(monkeypatch):
     import types
 
     from kimi_compile.ops import kda_triton as kt
-    fwd_stage = 2 * (64 * 128 * 3 + 64 * 64 + 64 * 32)  # the forward pass at K = 128, BV = 32, bf16: 60 KB
-    assert kt.fit_stages(3, fwd_stage, torch.device("cpu")) == 3
+    # the forward pass at K = 128, BV = 32, bf16: w / k e^G, kg, qg, Aqk and u / v tiles (60 KB), plus T (TX form: 68 KB)
+    for fwd_stage in (2 * (64 * 128 * 3 + 64 * 64 + 64 * 32), 2 * (64 * 128 * 3 + 2 * 64 * 64 + 64 * 32)):
+        assert kt.fit_stages(3, fwd_stage, torch.device("cpu")) == 3
+        with monkeypatch.context() as m:
+            m.setattr(torch.cuda, "is_available", lambda: True)
+            for smem, want in ((227 * 1024, 3), (163 * 1024, 2), (100 * 1024, 1)):
+                m.setattr(kt, "device_properties",
+                          lambda device, smem=smem: types.SimpleNamespace(shared_memory_per_block_optin=smem))
+                assert kt.fit_stages(3, fwd_stage, torch.device("cuda", 0)) == want, (fwd_stage, smem)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    for smem, want in ((227 * 1024, 3), (163 * 1024, 2), (100 * 1024, 1)):
-        monkeypatch.setattr(kt, "device_properties",
-                            lambda device, smem=smem: types.SimpleNamespace(shared_memory_per_block_optin=smem))
-        assert kt.fit_stages(3, fwd_stage, torch.device("cuda", 0)) == want, smem
+    monkeypatch.setattr(kt, "device_properties",
+                        lambda device: types.SimpleNamespace(shared_memory_per_block_optin=100 * 1024))
     assert kt.fit_stages(4, 4 * (64 * 128 * 2 + 64 * 32), torch.device("cuda", 0)) == 1  # float32 tiles, 100 KB
 
 
@@ -297,7 +308,7 @@ def test_chunk_table_no_sync_shapes():
 SM90_CONSTEXPRS = dict(H=4, HV=4, K=64, V=64, BK=32, BV=32, C=64, NSEG=1, USE_H0=True, STORE_O=True,
                        STORE_HT=True, STORE_H=False, STORE_U=False, LOWP=True, PREC="tf32", A_LOWP=True,
                        STORE_T=False, SLOW=False, USE_DHT=True, STORE_DH0=True, QK_PER_HV=False,
-                       PREFETCH=2, GROUP=1)
+                       PREFETCH=2, GROUP=1, WU=False, TX=True)
 SM90_KERNELS = [("kda_triton", "_kda_intra_kernel"), ("kda_triton", "_kda_pass_kernel"),
                 ("kda_triton", "_kda_recurrent_kernel"), ("kda_triton_bwd", "_kda_pass_bwd_kernel"),
                 ("kda_triton_bwd", "_kda_chunk_bwd_kernel")]
@@ -313,9 +324,17 @@ def test_kernels_compile_for_sm90(module, kernel, is_varlen):
 
 
 @pytest.mark.parametrize("is_varlen", [False, True])
-def test_intra_prefetch_loops_only_compiles_for_sm90(is_varlen):
-    """The intra kernel without the early first loads of its w / u loops (PREFETCH=1, the default of sessions 5-6)."""
-    _compile_sm90("kda_triton", "_kda_intra_kernel", is_varlen, dict(PREFETCH=1))
+@pytest.mark.parametrize("prefetch", [1, 2])
+def test_intra_wu_form_compiles_for_sm90(is_varlen, prefetch):
+    """The WU form of the intra kernel (w and u formed there: the backward's recompute), with the early first loads
+    of its w / u loops (PREFETCH=2) and without (1, the default of sessions 5-6)."""
+    _compile_sm90("kda_triton", "_kda_intra_kernel", is_varlen, dict(WU=True, PREFETCH=prefetch))
+
+
+@pytest.mark.parametrize("is_varlen", [False, True])
+def test_pass_wu_form_compiles_for_sm90(is_varlen):
+    """The pass reading the WU form's w and u (U = u - w h), as the backward and the segments run it."""
+    _compile_sm90("kda_triton", "_kda_pass_kernel", is_varlen, dict(TX=False))
 
 
 @pytest.mark.parametrize("is_varlen", [False, True])
@@ -391,6 +410,23 @@ def test_gpu_forward_vs_fp64(name, kw, cu, dtype, tol):
     assert o.dtype == v.dtype and ht.dtype == torch.float32
     ro, rh = kda_loop_fp64(q, k, v, g, beta, h0, scale, cut)
     assert rel(o, ro) <= tol and rel(ht, rh) <= tol, (rel(o, ro), rel(ht, rh))
+
+
+GPU_FWD_WU = [c for c in GPU_FWD if c[0] in ("B4_T1000_bf16", "strong_decay_fp32", "varlen_bf16")]
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("name,kw,cu,dtype,tol", GPU_FWD_WU, ids=[c[0] for c in GPU_FWD_WU])
+def test_gpu_forward_wu_form_vs_fp64(name, kw, cu, dtype, tol):
+    """The WU form (intra kernel forms w and u; sessions 1-8's forward, the backward's recompute) stays correct."""
+    from kimi_compile.ops import kda_triton as kt
+    base = dict(kt._CFG)
+    kt._CFG["intra_form"] = "wu"
+    try:
+        test_gpu_forward_vs_fp64(name, kw, cu, dtype, tol)
+    finally:
+        kt._CFG.clear()
+        kt._CFG.update(base)
 
 
 @pytest.mark.cuda
