@@ -397,7 +397,7 @@ def intra_variant_rows(fla, variants=None, Ts=(16384, 65536)):
 
         def measure():
             out = stage()
-            # w means T beta k e^G in the WU form, beta k e^G in the TX form (which has no u)
+            # w means T beta k e^G in the WU form, k e^G in the TX form (which has no u)
             same = [n for n in names if out[n] is not None and ref[n] is not None
                     and (n not in ("w", "u") or out["tx"] == ref["tx"])]
             return bench_ms(stage), f"vs default {max(rel(out[n], ref[n]) for n in same):.1e} ({', '.join(same)})"

@@ -99,8 +99,10 @@ FWD_CASES = {
     "wu_B2_T70_KneV": (dict(B=2, T=70, H=2, HV=2, K=32, V=16, seed=16), None, True, "chunk", dict(intra_form="wu")),
     "wu_varlen_GVA": (dict(B=1, T=150, H=1, HV=2, K=32, V=16, gmin=-2.0, N=3, seed=17), [0, 10, 75, 150], True,
                       "chunk", dict(intra_form="wu")),
-    "wu_strong_decay": (dict(B=2, T=100, H=1, HV=1, K=16, V=16, gmin=-20.0, seed=18), None, True, "chunk", dict(intra_form="wu")),
-    "wu_block_anchors": (dict(B=1, T=100, H=1, HV=1, K=16, V=16, gmin=-3.0, seed=19), None, True, "chunk", dict(intra_form="wu")),
+    "wu_strong_decay": (dict(B=2, T=100, H=1, HV=1, K=16, V=16, gmin=-20.0, seed=18), None, True, "chunk",
+                        dict(intra_form="wu")),
+    "wu_block_anchors": (dict(B=1, T=100, H=1, HV=1, K=16, V=16, gmin=-3.0, seed=19), None, True, "chunk",
+                         dict(intra_form="wu")),
     "chunk_B2_T100_strong_decay": (dict(B=2, T=100, H=1, HV=1, K=16, V=16, gmin=-20.0, seed=5), None, True,
                                    "chunk", {}),
     # the SLOW relaunch with 4 chunk slots per program (on the GPU from NS x HV >= 4096): every chunk flagged,
@@ -276,7 +278,7 @@ def test_pipeline_depth_fits_shared_memory(monkeypatch):
     import types
 
     from kimi_compile.ops import kda_triton as kt
-    # the forward pass at K = 128, BV = 32, bf16: w / k e^G, kg, qg, Aqk and u / v tiles (60 KB), plus T (TX form: 68 KB)
+    # the forward pass at K = 128, BV = 32, bf16: w or k e^G, kg, qg, Aqk, u or v tiles (60 KB); TX form + T (68 KB)
     for fwd_stage in (2 * (64 * 128 * 3 + 64 * 64 + 64 * 32), 2 * (64 * 128 * 3 + 2 * 64 * 64 + 64 * 32)):
         assert kt.fit_stages(3, fwd_stage, torch.device("cpu")) == 3
         with monkeypatch.context() as m:
