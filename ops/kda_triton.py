@@ -420,9 +420,8 @@ def _intra_chunk(s, hv, q, k, v, g, beta, w, u, qg, kg, aqk, gam, tinv, bsc, fla
             qt = qn.to(tl.float32)
             gt = gn.to(tl.float32)
             cn = cols + BK  # past K after the last block: all masked off, no traffic
-            if PREFETCH == 2:  # ... except that the last block loads k, g block 0 again: the w loop's first tiles
-                if WU:
-                    cn = cn % (((K + BK - 1) // BK) * BK)
+            if PREFETCH == 2 and WU:  # ... except that the last block loads k, g block 0 again: the w loop's tiles
+                cn = cn % (((K + BK - 1) // BK) * BK)
             mn = rmask[:, None] & (cn < K)[None, :]
             kn = tl.load(kp + cn[None, :], mask=mn, other=0.)
             qn = tl.load(qp + cn[None, :], mask=mn & ((cols + BK) < K)[None, :], other=0.)  # no q in the w loop
@@ -472,7 +471,7 @@ def _intra_chunk(s, hv, q, k, v, g, beta, w, u, qg, kg, aqk, gam, tinv, bsc, fla
         # row (a strided 2-byte gather from beta itself was not pipelined and stalled each step: session 9)
         tl.store(tinv + rowC[:, None] + r[None, :], Tm.to(tinv.dtype.element_ty), mask=cmC)
         tl.store(bsc + (hv64 * NS + slot) * C + r, b)
-    if WU:  # w = T (beta k e^G), u = T (beta v), key / value block by block
+    else:  # WU form: w = T (beta k e^G), u = T (beta v), key / value block by block
         if PREFETCH == 1:
             kn = tl.load(kp + c0[None, :], mask=m0, other=0.)
             gn = tl.load(gp + c0[None, :], mask=m0, other=0.)
