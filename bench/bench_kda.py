@@ -34,7 +34,9 @@ H, K, V = 32, 128, 128
 # inputs and float64 references
 # ----------------------------------------------------------------------------------------------
 def make_inputs(B, T, h=H, hv=None, k=K, v=V, dtype=torch.bfloat16, device="cuda", gmin=-1.0, seed=0,
-                n_state=None, requires_grad=False):
+                n_state=None, requires_grad=False, kcorr=0.0):
+    """kcorr > 0: every key of a head leans towards one direction of that head (cosine ~ kcorr^2 / (1 + kcorr^2)
+    between two keys), which makes I + Akk ill-conditioned: the inverse's hard case."""
     hv = h if hv is None else hv
     gen = torch.Generator(device=device).manual_seed(seed)
 
@@ -42,7 +44,10 @@ def make_inputs(B, T, h=H, hv=None, k=K, v=V, dtype=torch.bfloat16, device="cuda
         return torch.randn(*s, generator=gen, device=device, dtype=torch.float32)
 
     q = torch.nn.functional.normalize(rn(B, T, h, k), dim=-1)
-    kk = torch.nn.functional.normalize(rn(B, T, h, k), dim=-1)
+    kk = rn(B, T, h, k)
+    if kcorr:
+        kk = kk + kcorr * k ** 0.5 * torch.nn.functional.normalize(rn(1, 1, h, k), dim=-1)
+    kk = torch.nn.functional.normalize(kk, dim=-1)
     vv = rn(B, T, hv, v)
     g = torch.rand(B, T, hv, k, generator=gen, device=device) * gmin
     beta = torch.rand(B, T, hv, generator=gen, device=device)
@@ -186,8 +191,9 @@ def prefill_row(T, fla, check=True, B=1):
 
 def _forward_intermediates(q, k, v, g, beta, scale):
     """The intra stage as the bf16 forward runs it."""
+    tx = kt._CFG["intra_form"] == "tx"
     return kt._intermediates(q, k, v, g, beta, scale, None, store_dtype=torch.bfloat16, a_lowp=True, prec="tf32",
-                             store_t=False, tx=kt._CFG["intra_form"] == "tx")
+                             store_t=False, tx=tx, inv_lowp=kt.forward_inverse_lowp(tx, True))
 
 
 def intra_stage_rows(Ts=(4096, 16384, 65536)):
@@ -351,8 +357,8 @@ def sweep_rows(fla):
     rows = []
     base = dict(kt._CFG)
     scale = K ** -0.5
-    tries = [("default", {}), ("WU form, no early first loads of the w / u loops (session 6)",
-                                      dict(intra_form="wu", intra_prefetch=1)),
+    tries = [("default", {}), ("inverse on tf32 operands (session 9)", dict(inv_lowp=0)),
+             ("WU form, no early first loads of the w / u loops (session 6)", dict(intra_form="wu", intra_prefetch=1)),
              ("pass 2 stages", dict(pass_stages=2)), ("pass bv64", dict(pass_bv=64)),
              ("pass bv16", dict(pass_bv=16)), ("pass 8 warps", dict(pass_warps=8)),
              ("WU form (sessions 1-8)", dict(intra_form="wu")),
@@ -374,6 +380,7 @@ def sweep_rows(fla):
 
 INTRA_VARIANTS = [  # relative to the defaults in ops/kda_triton.py (_CFG)
     ("default", {}),
+    ("inverse on tf32 operands (session 9)", dict(inv_lowp=0)),
     ("WU form, no early first loads of the w / u loops (session 6)", dict(intra_form="wu", intra_prefetch=1)),
     ("SLOW relaunch: one program per chunk slot (session 5)", dict(intra_slow_group=1)),
     ("WU form, no prefetch, cap 168 (session 4)",
@@ -405,6 +412,43 @@ def intra_variant_rows(fla, variants=None, Ts=(16384, 65536)):
         for name, cfg in (variants or INTRA_VARIANTS):
             rows.append(_variant_row(f"intra T={T} {name}", cfg, base, measure))
         del q, k, v, g, beta, h0, ref
+    return rows
+
+
+INVERSE_VARIANTS = [("inverse bf16 5 levels (default)", {}), ("inverse bf16 3 levels", dict(inv_lowp=3)),
+                    ("inverse tf32 (session 9)", dict(inv_lowp=0))]
+INPUT_FAMILIES = [("random", {}), ("decay -3 / step", dict(gmin=-3.0)), ("decay -20 / step", dict(gmin=-20.0)),
+                  ("correlated keys 1", dict(kcorr=1.0)), ("correlated keys 3", dict(kcorr=3.0)),
+                  ("correlated keys 3, decay -0.1", dict(kcorr=3.0, gmin=-0.1))]
+
+
+def inverse_rows(fla, Ts=(65536, 16384)):
+    """The intra kernel's inverse on bf16 / tf32 operands: o and state error against float64 for input families
+    (H=32, T=2048; beta uniform in [0, 1]), then the intra stage and the whole forward per variant."""
+    rows = []
+    base = dict(kt._CFG)
+    scale = K ** -0.5
+    for fam, kw in INPUT_FAMILIES:
+        q, k, v, g, beta, h0 = make_inputs(1, 2048, **kw)
+        ro, rh = ref_fp64(q, k, v, g, beta, h0, scale)
+        for name, cfg in INVERSE_VARIANTS:
+            def measure():
+                o, ht = kt.kda_forward(q, k, v, g, beta, h0, scale, None)
+                return None, f"o {rel(o, ro):.2e} state {rel(ht, rh):.2e} vs fp64"
+            rows.append(_variant_row(f"err {fam}: {name}", cfg, base, measure))
+        del q, k, v, g, beta, h0, ro, rh
+    rows += intra_variant_rows(fla, INVERSE_VARIANTS, Ts=Ts)
+    for T in Ts:
+        q, k, v, g, beta, h0 = make_inputs(1, T)
+        fwd = lambda: kt.kda_forward(q, k, v, g, beta, h0, scale, None)
+        f_ms = bench_ms(lambda: fla_chunk(q, k, v, g, beta, h0, scale)) if fla is not None else None
+        for name, cfg in INVERSE_VARIANTS:
+            row = _variant_row(f"prefill fwd B=1 T={T} {name}", cfg, base, lambda: (bench_ms(fwd), ""))
+            row["fla_ms"] = f_ms
+            row["ratio"] = f_ms / row["ours_ms"] if (f_ms and row["ours_ms"]) else None
+            rows.append(row)
+            print(_fmt(row), flush=True)
+        del q, k, v, g, beta, h0
     return rows
 
 
@@ -529,6 +573,7 @@ def run(sweep=False, checks=True, quick=False, extended=True, only=None):
         jobs.append(("sweep", sweep_rows, fla))
         jobs.append(("bwd variants", bwd_variant_rows, fla))
         jobs.append(("intra variants", intra_variant_rows, fla))
+        jobs.append(("inverse variants", inverse_rows, fla))
     jobs.append(("profile", profile_rows, fla))
     jobs.append(("fwd+bwd T=8192", fwdbwd_row, 8192, fla))
     if checks:

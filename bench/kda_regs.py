@@ -106,14 +106,18 @@ def configs():
     tx = cfg["intra_form"] == "tx"
     t = _types(fz, dict(gam=F32, tinv="*bf16" if tx else F32, bsc=F32, flags="*i32", cu=F32, cseq=F32, cidx=F32))
     ci = dict(common, V=V, BK=min(128, cfg["intra_bk"]), BV=64, A_LOWP=True, PREC="tf32", STORE_T=False,
-              PREFETCH=cfg["intra_prefetch"], WU=not tx)
+              PREFETCH=cfg["intra_prefetch"], WU=not tx, INV_LOWP_LEVELS=kt.forward_inverse_lowp(tx, True))
     for slow in (False, True):
         mx = None if slow else cfg["intra_maxnreg"]
         grp = cfg["intra_slow_group"] if slow else 1
         rows.append((f"fused _kda_intra_kernel {cfg['intra_form'].upper()} form SLOW={slow} maxnreg={mx} "
                      f"prefetch={cfg['intra_prefetch']}" + (f" group={grp}" if slow else ""), fz, t,
                      dict(ci, SLOW=slow, GROUP=grp), cfg["intra_warps"], mx))
+    if tx:
+        rows.append(("fused _kda_intra_kernel TX form SLOW=False, inverse on tf32 operands (session 9)", fz, t,
+                     dict(ci, SLOW=False, GROUP=1, INV_LOWP_LEVELS=0), cfg["intra_warps"], None))
     t = _types(fz, dict(gam=F32, tinv=F32, bsc=F32, flags="*i32", cu=F32, cseq=F32, cidx=F32))
+    ci = dict(ci, INV_LOWP_LEVELS=0)  # the WU form (backward recompute, segments) keeps tf32
     rows.append(("fused _kda_intra_kernel WU form SLOW=False prefetch=2 (sessions 7-8)", fz, t,
                  dict(ci, SLOW=False, GROUP=1, PREFETCH=2, WU=True), cfg["intra_warps"], None))
     rows.append(("fused _kda_intra_kernel WU form SLOW=False maxnreg=168 prefetch=False (session 4)", fz, t,

@@ -17,7 +17,8 @@ Algorithm (chunk C = 64, sub-blocks of 16; docs/kda_kernels.md has the derivatio
   16-block boundaries (left <= |x|, right <= e^span of a 16-block), and a chunk where one 16-block alone
   decays by more than span_max is recomputed exactly (SLOW relaunch: per-column loop on the diagonal
   blocks; each of its programs checks the flags of up to 8 chunk slots with one load).
-  T = (I + Akk)^-1 by block doubling (10 dots), qg = scale q e^G, kg = k e^(G_last - G), gam = e^G_last,
+  T = (I + Akk)^-1 by block doubling (10 dots; on bf16 operands in the bf16 forward since session 10),
+  qg = scale q e^G, kg = k e^(G_last - G), gam = e^G_last,
   and, in the forward's TX form (default since session 9), T, beta and k e^G stored as they are: the kernel
   is one loop over key blocks and the inverse. The WU form (sessions 1-8; the backward's recompute and the
   segments) also forms w = T (beta k e^G) and u = T (beta v) in two more loops; each loop over key / value
@@ -64,6 +65,7 @@ _CFG = {
                              # 2: also the w and u loops' first loads before the inverse / the w loop (-1.3 %)
     "intra_form": "tx",      # "wu": the intra kernel forms w = T beta k e^G, u = T beta v; "tx": it stores
                              # T, beta and k e^G, the pass forms U = T diag(beta) (v - k e^G h) (segments: wu)
+    "inv_lowp": 5,           # bf16 inputs, TX form: levels (of 5) of the inverse on bf16 operands (0: tf32)
     "intra_slow_group": 8,   # chunk slots per program of the SLOW relaunch (1: one program per slot, as before)
     "intra_slow_min_programs": 2048,
     "pass_bv": 32,           # 128 programs at B=1, H=32 (64: 1.615 / 6.308 ms, 32: 1.548 / 6.045 at T=16K / 64K)
@@ -172,32 +174,40 @@ def _blockdiag_from_2d(A, C: tl.constexpr):
 
 
 @triton.jit
-def _unit_lower_inverse(Akk, C: tl.constexpr, PREC: tl.constexpr):
+def _unit_lower_inverse(Akk, C: tl.constexpr, PREC: tl.constexpr, LOWP_LEVELS: tl.constexpr):
     """(I + Akk)^-1 for strictly lower triangular Akk [C,C] (fp32 in, fp32 out) by block doubling.
 
     T_s = inverse of the block-diagonal part of I + Akk with s x s blocks. For a lower block-triangular
     [[X, 0], [Y, Z]], the inverse is D - D N D with D = diag(X^-1, Z^-1), N = [[0, 0], [Y, 0]], so
     T_2s = T_s - T_s (N_s T_s) with N_s the entries of Akk between the two s-halves of each 2s-block
     (exact, no power series: every intermediate is a true partial inverse). T_2 = I - N_1; then
-    s = 2 ... C/2: two [C,C] dots per level, no reductions, no reshapes."""
+    s = 2 ... C/2: two [C,C] dots per level, no reductions, no reshapes. The first LOWP_LEVELS levels (s = 2, 4,
+    ...; 0 to 5) take bf16 operands (fp32 accumulation; T_s itself is carried in fp32, so each new off-diagonal
+    block is rounded only by the operands of the product that forms it): the forward of bf16 inputs, whose T goes
+    to the pass in bf16 anyway (session 10, docs/kda_kernels.md)."""
     tl.static_assert(C == 64, "the levels below are written out for a 64-token chunk")
     r = tl.arange(0, C)
     rr = r[:, None]
     cc = r[None, :]
     Tm = tl.where(rr == cc, 1., 0.) - tl.where((rr // 2) == (cc // 2), Akk, 0.)
-    Tm = _doubling_level(Tm, Akk, rr, cc, 2, PREC)
-    Tm = _doubling_level(Tm, Akk, rr, cc, 4, PREC)
-    Tm = _doubling_level(Tm, Akk, rr, cc, 8, PREC)
-    Tm = _doubling_level(Tm, Akk, rr, cc, 16, PREC)
-    Tm = _doubling_level(Tm, Akk, rr, cc, 32, PREC)
+    Tm = _doubling_level(Tm, Akk, rr, cc, 2, PREC, LOWP_LEVELS >= 1)
+    Tm = _doubling_level(Tm, Akk, rr, cc, 4, PREC, LOWP_LEVELS >= 2)
+    Tm = _doubling_level(Tm, Akk, rr, cc, 8, PREC, LOWP_LEVELS >= 3)
+    Tm = _doubling_level(Tm, Akk, rr, cc, 16, PREC, LOWP_LEVELS >= 4)
+    Tm = _doubling_level(Tm, Akk, rr, cc, 32, PREC, LOWP_LEVELS >= 5)
     return Tm
 
 
 @triton.jit
-def _doubling_level(Tm, Akk, rr, cc, S: tl.constexpr, PREC: tl.constexpr):
+def _doubling_level(Tm, Akk, rr, cc, S: tl.constexpr, PREC: tl.constexpr, LOWP: tl.constexpr):
     """T_2S = T_S - T_S (N_S T_S), N_S = Akk between the two S-halves of each 2S-block."""
     Ns = tl.where(((rr // S) != (cc // S)) & ((rr // (2 * S)) == (cc // (2 * S))), Akk, 0.)
-    return Tm - tl.dot(Tm, tl.dot(Ns, Tm, input_precision=PREC), input_precision=PREC)
+    if LOWP:
+        Tb = Tm.to(tl.bfloat16)
+        out = Tm - tl.dot(Tb, tl.dot(Ns.to(tl.bfloat16), Tb).to(tl.bfloat16))
+    else:
+        out = Tm - tl.dot(Tm, tl.dot(Ns, Tm, input_precision=PREC), input_precision=PREC)
+    return out
 
 
 # ----------------------------------------------------------------------------------------------
@@ -253,12 +263,10 @@ def _block_mult(i, blk, E0, E1, E2, UPPER: tl.constexpr):
 
 
 @triton.jit
-def _chunk_A(kt, qt, G, Akk, Aqk, A_LOWP: tl.constexpr, PREC: tl.constexpr):
+def _chunk_A(kt, qt, eL, right, Akk, Aqk, A_LOWP: tl.constexpr, PREC: tl.constexpr):
     """Accumulate one key block's Akk, Aqk (unmasked, unscaled) when the whole chunk's gate span in
-    this block is <= span_max: one anchor at the chunk start, left x e^G <= |x|, right k e^-G <=
-    e^span_max (no overflow in fp32 / bf16). Two dots instead of the eight of _fast_A."""
-    eL = tl.exp(G)
-    right = kt * tl.exp(-G)
+    this block is <= span_max: one anchor at the chunk start, left x e^G <= |x| (eL = e^G), right =
+    k e^-G <= e^span_max (no overflow in fp32 / bf16). Two dots instead of the eight of _fast_A."""
     if A_LOWP:
         kL = (kt * eL).to(tl.bfloat16)
         qL = (qt * eL).to(tl.bfloat16)
@@ -356,7 +364,7 @@ def _kda_intra_kernel(q, k, v, g, beta, w, u, qg, kg, aqk, gam, tinv, bsc, flags
                       BK: tl.constexpr, BV: tl.constexpr, C: tl.constexpr,
                       IS_VARLEN: tl.constexpr, A_LOWP: tl.constexpr, PREC: tl.constexpr,
                       STORE_T: tl.constexpr, SLOW: tl.constexpr, PREFETCH: tl.constexpr,
-                      GROUP: tl.constexpr, WU: tl.constexpr):
+                      GROUP: tl.constexpr, WU: tl.constexpr, INV_LOWP_LEVELS: tl.constexpr):
     """Fast launch (SLOW=False): grid (NS, HV), one chunk slot per program. SLOW relaunch: grid
     (cdiv(NS, GROUP), HV); a program reads the flags of its GROUP slots at once and recomputes the flagged
     ones (usually none: a program per slot cost one dependent flag load per slot and head)."""
@@ -371,11 +379,11 @@ def _kda_intra_kernel(q, k, v, g, beta, w, u, qg, kg, aqk, gam, tinv, bsc, flags
                     if tl.load(flags + hv.to(tl.int64) * NS + s0 + i) != 0:
                         _intra_chunk(s0 + i, hv, q, k, v, g, beta, w, u, qg, kg, aqk, gam, tinv, bsc, flags,
                                      cu, cseq, cidx, T, TT, NS, scale, span_max, H, HV, K, V, BK, BV, C,
-                                     IS_VARLEN, A_LOWP, PREC, STORE_T, SLOW, PREFETCH, WU)
+                                     IS_VARLEN, A_LOWP, PREC, STORE_T, SLOW, PREFETCH, WU, INV_LOWP_LEVELS)
     else:
         _intra_chunk(tl.program_id(0), hv, q, k, v, g, beta, w, u, qg, kg, aqk, gam, tinv, bsc, flags,
                      cu, cseq, cidx, T, TT, NS, scale, span_max, H, HV, K, V, BK, BV, C,
-                     IS_VARLEN, A_LOWP, PREC, STORE_T, SLOW, PREFETCH, WU)
+                     IS_VARLEN, A_LOWP, PREC, STORE_T, SLOW, PREFETCH, WU, INV_LOWP_LEVELS)
 
 
 @triton.jit
@@ -384,7 +392,8 @@ def _intra_chunk(s, hv, q, k, v, g, beta, w, u, qg, kg, aqk, gam, tinv, bsc, fla
                  H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
                  BK: tl.constexpr, BV: tl.constexpr, C: tl.constexpr,
                  IS_VARLEN: tl.constexpr, A_LOWP: tl.constexpr, PREC: tl.constexpr,
-                 STORE_T: tl.constexpr, SLOW: tl.constexpr, PREFETCH: tl.constexpr, WU: tl.constexpr):
+                 STORE_T: tl.constexpr, SLOW: tl.constexpr, PREFETCH: tl.constexpr, WU: tl.constexpr,
+                 INV_LOWP_LEVELS: tl.constexpr):
     """One chunk slot s of value head hv (the fast path flags the chunk and stops where a 16-block's gate
     span exceeds span_max). WU: w = T (beta k e^G) and u = T (beta v) formed here (two loops after the
     inverse). Otherwise (the TX form) w's buffer gets k e^G in the first loop, tinv gets T, bsc gets beta per
@@ -432,21 +441,26 @@ def _intra_chunk(s, hv, q, k, v, g, beta, w, u, qg, kg, aqk, gam, tinv, bsc, fla
             gt = tl.load(gp + cols[None, :], mask=m2, other=0.).to(tl.float32)
         G = tl.cumsum(gt, 0)
         Gl = tl.sum(gt, 0)
+        eG = tl.exp(G)
         # qg, kg, gam need no T: stored here, while q, k and G are in registers
         rowK = (hv64 * TT + tok) * K
-        tl.store(qg + rowK[:, None] + cols[None, :], (qt * tl.exp(G) * scale).to(qg.dtype.element_ty), mask=m2)
-        tl.store(kg + rowK[:, None] + cols[None, :],
-                 (kt * tl.exp(Gl[None, :] - G)).to(kg.dtype.element_ty), mask=m2)
+        tl.store(qg + rowK[:, None] + cols[None, :], (qt * eG * scale).to(qg.dtype.element_ty), mask=m2)
         tl.store(gam + (hv64 * NS + slot) * K + cols, tl.exp(Gl), mask=cmask & (eos > bos))
         if not WU:
-            tl.store(w + rowK[:, None] + cols[None, :], (kt * tl.exp(G)).to(w.dtype.element_ty), mask=m2)
+            tl.store(w + rowK[:, None] + cols[None, :], (kt * eG).to(w.dtype.element_ty), mask=m2)
+        kgp = kg + rowK[:, None] + cols[None, :]
         if SLOW:
+            tl.store(kgp, (kt * tl.exp(Gl[None, :] - G)).to(kg.dtype.element_ty), mask=m2)
             a1, a2 = _slow_A(kt, qt, G, C, BK, PREC)
             Akk += a1
             Aqk += a2
         elif tl.max(-Gl, 0) <= span_max:
-            Akk, Aqk = _chunk_A(kt, qt, G, Akk, Aqk, A_LOWP, PREC)
+            # k e^-G <= e^span_max here, so kg = (k e^-G) e^Gl needs no exponential of its own (-3.5 %, session 10)
+            right = kt * tl.exp(-G)
+            tl.store(kgp, (right * tl.exp(Gl)[None, :]).to(kg.dtype.element_ty), mask=m2)
+            Akk, Aqk = _chunk_A(kt, qt, eG, right, Akk, Aqk, A_LOWP, PREC)
         else:
+            tl.store(kgp, (kt * tl.exp(Gl[None, :] - G)).to(kg.dtype.element_ty), mask=m2)
             # some column of this key block decays by more than span_max over the chunk:
             # anchor every 16-block (and flag the chunk for the slow path if a block alone does)
             E0, E1, E2, E3 = _block_ends(G, C)
@@ -460,7 +474,7 @@ def _intra_chunk(s, hv, q, k, v, g, beta, w, u, qg, kg, aqk, gam, tinv, bsc, fla
 
     Akk = tl.where(r[:, None] > r[None, :], Akk, 0.) * b[:, None]
     Aqk = tl.where(r[:, None] >= r[None, :], Aqk, 0.) * scale
-    Tm = _unit_lower_inverse(Akk, C, PREC)
+    Tm = _unit_lower_inverse(Akk, C, PREC, INV_LOWP_LEVELS)
 
     rowC = (hv64 * TT + tok) * C
     cmC = rmask[:, None] & (r[None, :] < C)
@@ -738,10 +752,12 @@ def _slow_group(NS, HV):
     return max(1, min(_CFG["intra_slow_group"], fit))
 
 
-def _intermediates(q, k, v, g, beta, scale, cu_seqlens, *, store_dtype, a_lowp, prec, store_t, tx=False):
+def _intermediates(q, k, v, g, beta, scale, cu_seqlens, *, store_dtype, a_lowp, prec, store_t, tx=False,
+                   inv_lowp=0):
     """Run the intra-chunk kernel. Returns a dict of intermediates (head-major layouts). tx: the TX form
     (w holds k e^G, no u, T stored in store_dtype and beta per chunk slot in bsc for the pass; see
-    _intra_chunk); store_t: T in float32 for the backward (WU form only)."""
+    _intra_chunk); store_t: T in float32 for the backward (WU form only); inv_lowp: how many levels of the
+    inverse take bf16 operands (_unit_lower_inverse)."""
     assert not (tx and store_t), "the backward reads the WU form's w and u"
     B, T, H, K = q.shape
     HV, V = v.shape[2], v.shape[3]
@@ -776,6 +792,7 @@ def _intermediates(q, k, v, g, beta, scale, cu_seqlens, *, store_dtype, a_lowp, 
                 H=H, HV=HV, K=K, V=V, BK=BK, BV=BV, C=CHUNK,
                 IS_VARLEN=cu_seqlens is not None, A_LOWP=a_lowp, PREC=prec, STORE_T=store_t, SLOW=slow,
                 PREFETCH=int(_CFG["intra_prefetch"]), GROUP=group if slow else 1, WU=not tx,
+                INV_LOWP_LEVELS=inv_lowp,
                 num_warps=_CFG["intra_warps"], num_stages=1, **({} if slow else extra))
     return dict(w=w, qg=qg, kg=kg, u=u, aqk=aqk, gam=gam, tinv=tinv, flags=flags, NS=NS, cchunk=cchunk,
                 cseq=cseq, cidx=cidx, TT=TT, tx=tx, v=v, bsc=bsc)
@@ -897,11 +914,18 @@ def kda_forward_chunked(q, k, v, g, beta, initial_state, scale, cu_seqlens, nseg
         nseg = _num_segments(N, HV, V, T, K, cu_seqlens is not None)
     tx = _CFG["intra_form"] == "tx" and nseg == 1
     inter = _intermediates(q, k, v, g, beta, scale, cu_seqlens, store_dtype=store_dtype,
-                           a_lowp=bf16 and _CFG["a_lowp"], prec=prec, store_t=False, tx=tx)
+                           a_lowp=bf16 and _CFG["a_lowp"], prec=prec, store_t=False, tx=tx,
+                           inv_lowp=forward_inverse_lowp(tx, bf16))
     o = torch.empty_like(v)
     ht = _pass_forward(inter, initial_state, o, N, HV, H, K, V, T, cu_seqlens,
                        lowp=lowp and _CFG["pass_lowp"], prec=prec, nseg=nseg)
     return o, ht
+
+
+def forward_inverse_lowp(tx: bool, bf16: bool) -> int:
+    """How many levels of the forward's inverse take bf16 operands: inv_lowp for bf16 inputs in the TX form (which
+    hands T to the pass in bf16); none in the WU form (segments, the backward's recompute with T in fp32)."""
+    return int(_CFG["inv_lowp"]) if (tx and bf16) else 0
 
 
 def _prep(q, k, v, g, beta, initial_state):
