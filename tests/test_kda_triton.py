@@ -453,8 +453,8 @@ def test_gpu_forward_tf32_inverse_vs_fp64(name, kw, cu, dtype, tol):
 def test_gpu_bf16_inverse_adds_little_error_on_a_hard_case():
     """Strongly correlated keys with slow decay (I + Akk ill-conditioned): bf16 intermediates put o and the state
     past 5e-3 from float64 whatever the inverse's precision (measured 6.7e-3 / 5.9e-3 with tf32, 7.1e-3 / 6.4e-3
-    with bf16 operands at H=32 T=2048, docs/kda_kernels.md). What the bf16 inverse may add is bounded here: at most
-    15 % over the tf32 inverse's error (its T_s are carried in fp32; rounding them would compound per level)."""
+    with bf16 operands at H=32 T=2048, docs/benchmarks.md run 14). What the bf16 inverse may add is bounded here: at
+    most 15 % over the tf32 inverse's error on the same inputs."""
     from kimi_compile.ops import kda_triton as kt
     torch.backends.cuda.matmul.allow_tf32 = False
     q, k, v, g, beta, h0 = make(B=2, T=500, H=2, HV=4, K=128, V=128, kcorr=3.0, gmin=-0.1, seed=11,
