@@ -225,6 +225,14 @@ def _block_ends(G, C: tl.constexpr):
 
 
 @triton.jit
+def _key_block(kb, rmask, K: tl.constexpr, BK: tl.constexpr):
+    """Key block kb of a chunk's [C, K] tiles: its columns, their mask, and the [C, BK] mask with the rows'."""
+    cols = kb * BK + tl.arange(0, BK)
+    cmask = cols < K
+    return cols, cmask, rmask[:, None] & cmask[None, :]
+
+
+@triton.jit
 def _gate2d(g, tok, rmask, hv, cols, cmask, HV: tl.constexpr, K: tl.constexpr, C: tl.constexpr):
     """In-chunk gate cumsum G [C, BK] (fp32) and the chunk's total gate Gl [BK] (= G at row 63: rows
     past the sequence end load g = 0)."""
@@ -421,9 +429,7 @@ def _intra_chunk(s, hv, q, k, v, g, beta, w, u, qg, kg, aqk, gam, tinv, bsc, fla
         qn = tl.load(qp + c0[None, :], mask=m0, other=0.)
         gn = tl.load(gp + c0[None, :], mask=m0, other=0.)
     for kb in range(0, (K + BK - 1) // BK):
-        cols = kb * BK + tl.arange(0, BK)
-        cmask = cols < K
-        m2 = rmask[:, None] & cmask[None, :]
+        cols, cmask, m2 = _key_block(kb, rmask, K, BK)
         if PREFETCH:
             kt = kn.to(tl.float32)
             qt = qn.to(tl.float32)
@@ -494,9 +500,7 @@ def _intra_chunk(s, hv, q, k, v, g, beta, w, u, qg, kg, aqk, gam, tinv, bsc, fla
             cv0 = tl.arange(0, BV)
             vn = tl.load(vp + cv0[None, :], mask=rmask[:, None] & (cv0 < V)[None, :], other=0.)
         for kb in range(0, (K + BK - 1) // BK):
-            cols = kb * BK + tl.arange(0, BK)
-            cmask = cols < K
-            m2 = rmask[:, None] & cmask[None, :]
+            cols, cmask, m2 = _key_block(kb, rmask, K, BK)
             if PREFETCH:
                 kt = kn.to(tl.float32)
                 gt = gn.to(tl.float32)

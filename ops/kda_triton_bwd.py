@@ -25,7 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .kda_triton import (CHUNK, _CFG, _gate2d, _block_ends, _anchor_rows, _block_mult, _blockdiag_from_2d,
+from .kda_triton import (CHUNK, _CFG, _gate2d, _key_block, _block_ends, _anchor_rows, _block_mult, _blockdiag_from_2d,
                          _seq_bounds, _seq_span, _slow_tiles, _state_tile, _load_state, _launch, _np2, _modes,
                          _prep, _intermediates, _pass_forward, fit_stages)
 
@@ -266,9 +266,7 @@ def _kda_chunk_bwd_kernel(q, k, v, g, beta, do, tinv, ubuf, dubuf, hs, dhs, flag
 
     # ---- key side, per key block
     for kb in range(0, (K + BK - 1) // BK):
-        cols = kb * BK + tl.arange(0, BK)
-        cmask = cols < K
-        m2 = rm[:, None] & cmask[None, :]
+        cols, cmask, m2 = _key_block(kb, rm, K, BK)
         kt = tl.load(k + (tok[:, None] * H + hq) * K + cols[None, :], mask=m2, other=0.).to(tl.float32)
         qt = tl.load(q + (tok[:, None] * H + hq) * K + cols[None, :], mask=m2, other=0.).to(tl.float32)
         dQg = tl.zeros([C, BK], tl.float32)
