@@ -190,10 +190,8 @@ def prefill_row(T, fla, check=True, B=1):
 
 
 def _forward_intermediates(q, k, v, g, beta, scale):
-    """The intra stage as the bf16 forward runs it."""
-    tx = kt._CFG["intra_form"] == "tx"
-    return kt._intermediates(q, k, v, g, beta, scale, None, store_dtype=torch.bfloat16, a_lowp=True, prec="tf32",
-                             store_t=False, tx=tx, inv_lowp=kt.forward_inverse_lowp(tx, True))
+    """The intra stage as the forward runs it (one sequence, no segments)."""
+    return kt.forward_intermediates(q, k, v, g, beta, scale, None, kt._CFG["intra_form"] == "tx")
 
 
 def intra_stage_rows(Ts=(4096, 16384, 65536)):

@@ -911,19 +911,23 @@ def kda_forward_chunked(q, k, v, g, beta, initial_state, scale, cu_seqlens, nseg
     HV, V = v.shape[2], v.shape[3]
     N = B if cu_seqlens is None else cu_seqlens.numel() - 1
     fp32, bf16 = _modes(q, k, v)
-    prec = "ieee" if fp32 else "tf32"
-    lowp = bf16
-    store_dtype = torch.bfloat16 if (bf16 and _CFG["store_lowp"]) else torch.float32
     if nseg is None:
         nseg = _num_segments(N, HV, V, T, K, cu_seqlens is not None)
     tx = _CFG["intra_form"] == "tx" and nseg == 1
-    inter = _intermediates(q, k, v, g, beta, scale, cu_seqlens, store_dtype=store_dtype,
-                           a_lowp=bf16 and _CFG["a_lowp"], prec=prec, store_t=False, tx=tx,
-                           inv_lowp=forward_inverse_lowp(tx, bf16))
+    inter = forward_intermediates(q, k, v, g, beta, scale, cu_seqlens, tx)
     o = torch.empty_like(v)
     ht = _pass_forward(inter, initial_state, o, N, HV, H, K, V, T, cu_seqlens,
-                       lowp=lowp and _CFG["pass_lowp"], prec=prec, nseg=nseg)
+                       lowp=bf16 and _CFG["pass_lowp"], prec="ieee" if fp32 else "tf32", nseg=nseg)
     return o, ht
+
+
+def forward_intermediates(q, k, v, g, beta, scale, cu_seqlens, tx):
+    """The forward's intra stage (_intermediates), its dtypes and precisions chosen from the inputs' dtypes."""
+    fp32, bf16 = _modes(q, k, v)
+    store_dtype = torch.bfloat16 if (bf16 and _CFG["store_lowp"]) else torch.float32
+    return _intermediates(q, k, v, g, beta, scale, cu_seqlens, store_dtype=store_dtype,
+                          a_lowp=bf16 and _CFG["a_lowp"], prec="ieee" if fp32 else "tf32", store_t=False, tx=tx,
+                          inv_lowp=forward_inverse_lowp(tx, bf16))
 
 
 def forward_inverse_lowp(tx: bool, bf16: bool) -> int:

@@ -437,20 +437,15 @@ GPU_FWD_TF32_INV = [c for c in GPU_FWD if c[0] in ("B4_T1000_bf16", "strong_deca
 
 @pytest.mark.cuda
 @pytest.mark.parametrize("name,kw,cu,dtype,tol", GPU_FWD_TF32_INV, ids=[c[0] for c in GPU_FWD_TF32_INV])
-def test_gpu_forward_tf32_inverse_vs_fp64(name, kw, cu, dtype, tol):
+def test_gpu_forward_tf32_inverse_vs_fp64(name, kw, cu, dtype, tol, monkeypatch):
     """bf16 inputs with the inverse on tf32 operands (inv_lowp=0: session 9's forward) stay correct."""
     from kimi_compile.ops import kda_triton as kt
-    base = dict(kt._CFG)
-    kt._CFG["inv_lowp"] = 0
-    try:
-        test_gpu_forward_vs_fp64(name, kw, cu, dtype, tol)
-    finally:
-        kt._CFG.clear()
-        kt._CFG.update(base)
+    monkeypatch.setitem(kt._CFG, "inv_lowp", 0)
+    test_gpu_forward_vs_fp64(name, kw, cu, dtype, tol)
 
 
 @pytest.mark.cuda
-def test_gpu_bf16_inverse_adds_little_error_on_a_hard_case():
+def test_gpu_bf16_inverse_adds_little_error_on_a_hard_case(monkeypatch):
     """Strongly correlated keys with slow decay (I + Akk ill-conditioned): bf16 intermediates put o and the state
     past 5e-3 from float64 whatever the inverse's precision (measured 6.7e-3 / 5.9e-3 with tf32, 7.1e-3 / 6.4e-3
     with bf16 operands at H=32 T=2048, docs/benchmarks.md run 14). What the bf16 inverse may add is bounded here: at
@@ -461,32 +456,22 @@ def test_gpu_bf16_inverse_adds_little_error_on_a_hard_case():
                                 dtype=torch.bfloat16, device="cuda")
     scale = 128 ** -0.5
     ro, rh = kda_loop_fp64(q, k, v, g, beta, h0, scale)
-    base = dict(kt._CFG)
     errs = {}
-    try:
-        for levels in (0, 5):
-            kt._CFG["inv_lowp"] = levels
-            o, ht = kt.kda_forward(q, k, v, g, beta, h0, scale, None)
-            errs[levels] = (rel(o, ro), rel(ht, rh))
-    finally:
-        kt._CFG.clear()
-        kt._CFG.update(base)
+    for levels in (0, 5):
+        monkeypatch.setitem(kt._CFG, "inv_lowp", levels)
+        o, ht = kt.kda_forward(q, k, v, g, beta, h0, scale, None)
+        errs[levels] = (rel(o, ro), rel(ht, rh))
     assert errs[5][0] <= 1.15 * errs[0][0] and errs[5][1] <= 1.15 * errs[0][1], errs
     assert max(errs[0]) < 2e-2, errs  # the case is hard, not broken
 
 
 @pytest.mark.cuda
 @pytest.mark.parametrize("name,kw,cu,dtype,tol", GPU_FWD_WU, ids=[c[0] for c in GPU_FWD_WU])
-def test_gpu_forward_wu_form_vs_fp64(name, kw, cu, dtype, tol):
+def test_gpu_forward_wu_form_vs_fp64(name, kw, cu, dtype, tol, monkeypatch):
     """The WU form (intra kernel forms w and u; sessions 1-8's forward, the backward's recompute) stays correct."""
     from kimi_compile.ops import kda_triton as kt
-    base = dict(kt._CFG)
-    kt._CFG["intra_form"] = "wu"
-    try:
-        test_gpu_forward_vs_fp64(name, kw, cu, dtype, tol)
-    finally:
-        kt._CFG.clear()
-        kt._CFG.update(base)
+    monkeypatch.setitem(kt._CFG, "intra_form", "wu")
+    test_gpu_forward_vs_fp64(name, kw, cu, dtype, tol)
 
 
 @pytest.mark.cuda
