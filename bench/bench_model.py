@@ -12,7 +12,7 @@ Rows (dicts; ``ref_ms`` = eager, ``ours_ms`` = compiled, ``ratio`` = eager / com
 
 * ``prefill B=1 T=4096``: one forward from an empty state, logits of the last position only (``logits_to_keep=1``,
   as generation does); compiled with ``torch.compile(fullgraph=True)`` (default mode) via
-  :class:`kimi_compile.generate.CompiledStep`. ``metric``: tokens/s.
+  :class:`kimi_compile.compiled.CompiledStep`. ``metric``: tokens/s.
 * ``decode B=1`` and ``decode B=32`` at a context of ``ctx`` tokens (default 4096): one decode step (T = 1) from a
   fixed state (random KDA states, random MLA caches of ``ctx`` tokens), eager vs compiled with
   ``mode="reduce-overhead"`` (CUDA graphs). The state tensors are marked static inputs so the CUDA graph reads
@@ -59,7 +59,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 from kimi_compile import KimiForCausalLM, tiny_config  # noqa: E402
 from kimi_compile.config import kimi_linear_48b_config  # noqa: E402
-from kimi_compile.generate import CompiledStep  # noqa: E402
+from kimi_compile.compiled import CompiledStep  # noqa: E402
 
 
 # ------------------------------------------------------------------------------------------------ helpers

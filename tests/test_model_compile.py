@@ -9,7 +9,7 @@ from torch._dynamo.utils import counters
 import kimi_compile
 from kimi_compile import KimiForCausalLM, tiny_config
 from kimi_compile.config import DENSE, FULL, LINEAR, SPARSE
-from kimi_compile.generate import compiled_step
+from kimi_compile.compiled import compiled_step
 from model_helpers import ids_of
 
 
