@@ -13,20 +13,9 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .model import KimiForCausalLM
+from .model import KimiForCausalLM, mark_dynamic_inputs
 
-__all__ = ["compiled_step", "CompiledStep", "mark_dynamic_inputs"]
-
-
-def mark_dynamic_inputs(input_ids: Tensor, state: Optional[dict[str, Tensor]]) -> None:
-    """Mark the axes that vary between calls as dynamic: batch and sequence of ``input_ids``, batch of every
-    piece of state, past length of the MLA caches. Sizes 0 / 1 still specialise (silently)."""
-    for axis in (0, 1):
-        torch._dynamo.maybe_mark_dynamic(input_ids, axis)
-    for name, t in (state or {}).items():
-        torch._dynamo.maybe_mark_dynamic(t, 0)
-        if name.endswith(".key"):
-            torch._dynamo.maybe_mark_dynamic(t, 2)
+__all__ = ["compiled_step", "CompiledStep", "CUDAGraphDecoder", "cuda_graph_decoder", "mark_dynamic_inputs"]
 
 
 class CompiledStep:
@@ -54,3 +43,124 @@ def compiled_step(model: KimiForCausalLM, **compile_kwargs) -> CompiledStep:
     if key not in per_model:
         per_model[key] = CompiledStep(model, **compile_kwargs)
     return per_model[key]
+
+
+class CUDAGraphDecoder:
+    """Greedy decoding of a fixed batch, on CUDA every decode step replayed from one CUDA graph.
+
+    The state lives in static buffers: the KDA conv / recurrent states in their usual shapes, the MLA caches
+    preallocated to ``max_len`` tokens and written in place at ``cache_position`` (see
+    :meth:`KimiForCausalLM.forward`). One replay runs the compiled step on the token buffer, writes the new state
+    back into the buffers, takes the argmax into the token buffer and advances the position, so nothing runs on
+    the host between tokens. The prompt itself runs through :func:`compiled_step` (dynamic shapes) and is copied
+    into the buffers.
+
+    On other devices the same compiled static-shape step runs without a graph. Use :func:`cuda_graph_decoder` to
+    get one cached per model.
+    """
+
+    def __init__(self, model: KimiForCausalLM, batch_size: int, max_len: int, *,
+                 eos_token_id: Optional[int] = None, compile: bool = True) -> None:
+        for name, value in (("batch_size", batch_size), ("max_len", max_len)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        device = model.device
+        self.model, self.batch_size, self.max_len, self.eos_token_id = model, batch_size, max_len, eos_token_id
+        self.state = {s.name: torch.zeros(s.concrete_shape(batch_size, max_len), dtype=s.dtype, device=device)
+                      for s in model.state_specs()}
+        self.token = torch.zeros(batch_size, 1, dtype=torch.int64, device=device)
+        self.position = torch.zeros(1, dtype=torch.int64, device=device)
+        self.done = torch.zeros(batch_size, 1, dtype=torch.bool, device=device)
+        # batch (>= 2) and cache length symbolic: decoders of other sizes reuse the compiled step (a new graph
+        # capture is cheap, a compile is not)
+        for name, t in [("token", self.token), ("done", self.done), *self.state.items()]:
+            if batch_size >= 2:
+                torch._dynamo.mark_dynamic(t, 0)
+            if name.endswith(".key"):
+                torch._dynamo.mark_dynamic(t, 2)
+        self._step_fn = torch.compile(self._step, fullgraph=True) if compile else self._step
+        self.graph: Optional[torch.cuda.CUDAGraph] = None
+
+    def _step(self) -> None:
+        logits, new = self.model(self.token, self.state, logits_to_keep=1, cache_position=self.position)
+        for name, t in new.items():
+            if not name.endswith(".key"):  # MLA caches were written in place
+                self.state[name].copy_(t)
+        nxt = logits[:, -1].argmax(dim=-1, keepdim=True)
+        if self.eos_token_id is not None:  # finished rows keep producing eos (no early exit, no sync)
+            nxt = torch.where(self.done, torch.full_like(nxt, self.eos_token_id), nxt)
+            self.done |= nxt == self.eos_token_id
+        self.token.copy_(nxt)
+        self.position += 1
+
+    def capture(self) -> None:
+        """Compile and warm up the step on a side stream, then record it (the buffers' contents are scratch until
+        :meth:`prefill` loads a prompt)."""
+        if self.graph is not None or self.model.device.type != "cuda":
+            return
+        side = torch.cuda.Stream(self.model.device)
+        side.wait_stream(torch.cuda.current_stream(self.model.device))
+        with torch.cuda.stream(side):
+            for _ in range(2):
+                self._step_fn()
+        torch.cuda.current_stream(self.model.device).wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            self._step_fn()
+        self.graph = graph
+
+    def prefill(self, input_ids: Tensor) -> Tensor:
+        """Run the prompt ``[batch_size, T]``, load its state into the buffers; returns the first new token
+        ``[batch_size, 1]``."""
+        B, T = input_ids.shape
+        if B != self.batch_size:
+            raise ValueError(f"input_ids has batch {B}, this decoder was built for batch_size {self.batch_size}")
+        if T >= self.max_len:
+            raise ValueError(f"input_ids has {T} tokens, this decoder holds max_len {self.max_len}")
+        self.capture()
+        logits, state = compiled_step(self.model)(input_ids, self.model.empty_state(B), logits_to_keep=1)
+        for name, buf in self.state.items():
+            if name.endswith(".key"):
+                buf[:, :, :T].copy_(state[name])
+            else:
+                buf.copy_(state[name])
+        first = logits[:, -1].argmax(dim=-1, keepdim=True)
+        if self.eos_token_id is not None:
+            self.done.copy_(first == self.eos_token_id)
+        self.token.copy_(first)
+        self.position.fill_(T)
+        return first
+
+    def decode(self, n: int) -> Tensor:
+        """``n`` more tokens ``[batch_size, n]``, one graph replay each (after :meth:`prefill`)."""
+        out = torch.empty(self.batch_size, n, dtype=torch.int64, device=self.token.device)
+        for i in range(n):
+            if self.graph is not None:
+                self.graph.replay()
+            else:
+                self._step_fn()
+            out[:, i:i + 1].copy_(self.token)
+        return out
+
+    def generate(self, input_ids: Tensor, max_new_tokens: int) -> Tensor:
+        if input_ids.shape[1] + max_new_tokens > self.max_len:
+            raise ValueError(f"prompt ({input_ids.shape[1]}) + max_new_tokens ({max_new_tokens}) exceeds max_len "
+                             f"{self.max_len}")
+        first = self.prefill(input_ids)
+        return torch.cat([input_ids, first, self.decode(max_new_tokens - 1)], dim=1)
+
+
+def cuda_graph_decoder(model: KimiForCausalLM, batch_size: int, max_len: int,
+                       eos_token_id: Optional[int] = None) -> CUDAGraphDecoder:
+    """The model's :class:`CUDAGraphDecoder` for ``batch_size`` and at least ``max_len`` tokens (rounded up to a
+    multiple of 256 so nearby lengths share one graph). One decoder is kept per model: a new shape replaces it
+    (its buffers are the size of a KV cache)."""
+    max_len = -(-max_len // 256) * 256
+    key = (batch_size, max_len, eos_token_id)
+    cached = model.__dict__.get("_kimi_cuda_graph_decoder")
+    if cached is None or cached[0] != key:
+        cached = None
+        object.__setattr__(model, "_kimi_cuda_graph_decoder", None)  # free the old buffers first
+        cached = (key, CUDAGraphDecoder(model, batch_size, max_len, eos_token_id=eos_token_id))
+        object.__setattr__(model, "_kimi_cuda_graph_decoder", cached)
+    return cached[1]

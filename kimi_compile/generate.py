@@ -7,7 +7,8 @@ Backends:
   axes marked dynamic (:class:`CompiledStep`; ``dynamic=True`` would also make every hidden / head / cache width
   symbolic and every float attribute a SymFloat, which costs compile time and kernel quality for nothing); one
   graph for the prefill and one for decode steps (T == 1), reused across prompt lengths and steps. The compiled
-  step is cached per model, so later calls do not recompile.
+  step is cached per model, so later calls do not recompile. On CUDA the decode steps run as one CUDA graph
+  replayed per token over static state buffers (:class:`kimi_compile.compiled.CUDAGraphDecoder`).
 * ``"onnx"``: an exported ONNX model run with ONNX Runtime (``onnx_dir=`` the export directory); implemented by
   ``kimi_compile.export.ort_runtime.generate(onnx_dir, input_ids, max_new_tokens)``, imported lazily.
 
@@ -22,7 +23,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .compiled import CompiledStep, compiled_step, mark_dynamic_inputs
+from .compiled import CompiledStep, compiled_step, cuda_graph_decoder, mark_dynamic_inputs
 from .model import KimiForCausalLM
 
 __all__ = ["generate", "compiled_step", "CompiledStep", "mark_dynamic_inputs"]
@@ -54,6 +55,9 @@ def generate(model: KimiForCausalLM, input_ids: Tensor, max_new_tokens: int, bac
     if max_new_tokens == 0:
         return input_ids.clone()
 
+    if backend == "compile" and model.device.type == "cuda":  # decode steps replayed from one CUDA graph
+        decoder = cuda_graph_decoder(model, input_ids.shape[0], input_ids.shape[1] + max_new_tokens, eos_token_id)
+        return decoder.generate(input_ids.to(model.device), max_new_tokens)
     step = compiled_step(model) if backend == "compile" else model
     input_ids = input_ids.to(model.device)
     state = model.empty_state(input_ids.shape[0])

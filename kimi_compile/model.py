@@ -33,7 +33,7 @@ from .ops.moe import moe_experts as _moe_experts
 from .ops.short_conv import short_conv as _short_conv_op
 from .state import empty_state, state_specs
 
-__all__ = ["KimiForCausalLM", "KimiModel", "RMSNorm", "FP32_TENSORS"]
+__all__ = ["KimiForCausalLM", "KimiModel", "RMSNorm", "FP32_TENSORS", "mark_dynamic_inputs"]
 
 # tensors kept in float32 whatever the model dtype (their names inside their module)
 FP32_TENSORS = frozenset({"A_log", "dt_bias", "e_score_correction_bias", "inv_freq"})
@@ -247,7 +247,10 @@ class MLAttention(nn.Module):
         self.q_lora = config.q_lora_rank is not None
 
     def forward(self, x: Tensor, past_key: Optional[Tensor], rope: Optional[tuple[Tensor, Tensor]],
-                mask: Optional[Tensor]) -> tuple[Tensor, Tensor]:
+                mask: Optional[Tensor], cache_position: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
+        """``past_key`` is the ``[B, 1, S, r + rope]`` cache; with ``cache_position`` (positions ``[T]``) it is a
+        preallocated buffer that this call writes in place (the static-cache decode of CUDA graphs), else the new
+        entries are appended to a new tensor."""
         B, T, _ = x.shape
         H, r = self.num_heads, self.rank
         q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x))) if self.q_lora else self.q_proj(x)
@@ -259,11 +262,28 @@ class MLAttention(nn.Module):
             cos, sin = rope
             q_rope = _rotate(q_rope, cos.unsqueeze(2), sin.unsqueeze(2), self.interleave)
             k_rope = _rotate(k_rope, cos, sin, self.interleave)
-        new = torch.cat([latent, k_rope], dim=-1).unsqueeze(1)  # [B, 1, T, r + rope]
-        key = new if past_key is None else torch.cat([past_key, new], dim=2)
+        # built as [B, 1, T, r + rope] directly, not as a view: a cache returned as a view makes Dynamo guard on
+        # its base and recompile when the next cache is not a view
+        new = torch.cat([latent.unsqueeze(1), k_rope.unsqueeze(1)], dim=-1)
+        if cache_position is not None:
+            past_key[:, :, cache_position] = new  # index_put_: Inductor keeps it in place on the buffer
+            key = past_key
+        else:
+            key = new if past_key is None else torch.cat([past_key, new], dim=2)
         cache = key.squeeze(1)  # [B, S, r + rope]
-        S = cache.shape[1]
+        # Prompts attend in the expanded form (per-head keys and values from the latent, flash attention: about
+        # T*S*(192+128) per head instead of T*S*(576+512) and no [T*H, S] score tensor); single tokens and exported
+        # graphs (one graph for every T) use the absorbed MQA form, which reads only the latent cache.
+        if T > 1 and not torch.compiler.is_exporting():
+            causal = past_key is None or (cache_position is None and past_key.shape[2] == 0)
+            o = self._attend_expanded(q_nope, q_rope, cache, None if causal else mask)
+        else:
+            o = self._attend_absorbed(q_nope, q_rope, cache, mask)
+        return self.o_proj(o), key
 
+    def _attend_absorbed(self, q_nope: Tensor, q_rope: Tensor, cache: Tensor, mask: Optional[Tensor]) -> Tensor:
+        B, T, H, _ = q_nope.shape
+        r, S = self.rank, cache.shape[1]
         w = self.kv_b_proj.weight.view(H, self.nope + self.vdim, r)
         w_uk, w_uv = w[:, : self.nope], w[:, self.nope:]
         q_lat = torch.einsum("bthn,hnr->bthr", q_nope, w_uk)
@@ -272,10 +292,26 @@ class MLAttention(nn.Module):
         scores = scores.view(B, T, H, S)
         if mask is not None:
             scores = scores.masked_fill(~mask.view(1, T, 1, S), float("-inf"))
-        probs = torch.softmax(_acc(scores), dim=-1).to(x.dtype)
+        probs = torch.softmax(_acc(scores), dim=-1).to(q_nope.dtype)
         ctx = torch.matmul(probs.view(B, T * H, S), cache[..., :r]).view(B, T, H, r)
-        o = torch.einsum("bthr,hvr->bthv", ctx, w_uv).reshape(B, T, H * self.vdim)
-        return self.o_proj(o), key
+        return torch.einsum("bthr,hvr->bthv", ctx, w_uv).reshape(B, T, H * self.vdim)
+
+    def _attend_expanded(self, q_nope: Tensor, q_rope: Tensor, cache: Tensor, mask: Optional[Tensor]) -> Tensor:
+        """Per-head attention with keys ``[k_nope | k_rope]`` and values expanded from the latent by kv_b_proj;
+        ``mask`` None means causal with no past."""
+        B, T, H, _ = q_nope.shape
+        r, S = self.rank, cache.shape[1]
+        kv = self.kv_b_proj(cache[..., :r]).view(B, S, H, self.nope + self.vdim)
+        k_nope, v = kv.split([self.nope, self.vdim], dim=-1)
+        k = torch.cat([k_nope, cache[..., r:].unsqueeze(2).expand(B, S, H, self.rope)], dim=-1)
+        q = torch.cat([q_nope, q_rope], dim=-1)
+        qk_dim = self.nope + self.rope
+        if v.is_cuda and self.vdim < qk_dim:  # flash attention wants one head dim for q, k and v
+            v = F.pad(v, (0, qk_dim - self.vdim))
+        o = F.scaled_dot_product_attention(
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+            attn_mask=None if mask is None else mask.view(1, 1, T, S), is_causal=mask is None, scale=self.scale)
+        return o[..., : self.vdim].transpose(1, 2).reshape(B, T, H * self.vdim)
 
 
 # ------------------------------------------------------------------------------------------------ MoE
@@ -348,6 +384,19 @@ class MoE(nn.Module):
 
 # ------------------------------------------------------------------------------------------------ the stack
 
+@torch.compiler.disable
+def mark_dynamic_inputs(input_ids: Tensor, state: Optional[dict[str, Tensor]]) -> None:
+    """Mark the axes that vary between calls as dynamic: batch and sequence of ``input_ids``, batch of every
+    piece of state, past length of the MLA caches. Sizes 0 / 1 still specialise (silently)."""
+    for axis in (0, 1):
+        torch._dynamo.maybe_mark_dynamic(input_ids, axis)
+    for name, t in (state or {}).items():
+        if isinstance(t, Tensor):
+            torch._dynamo.maybe_mark_dynamic(t, 0)
+            if name.endswith(".key"):
+                torch._dynamo.maybe_mark_dynamic(t, 2)
+
+
 class DecoderLayer(nn.Module):
     def __init__(self, config: KimiConfig, layer_idx: int) -> None:
         super().__init__()
@@ -365,7 +414,7 @@ class DecoderLayer(nn.Module):
             self.attn_res_norm_mlp = nn.Parameter(torch.ones(D))
 
     def mixer(self, x: Tensor, state: Optional[dict[str, Tensor]], new_state: dict[str, Tensor],
-              rope, mask) -> Tensor:
+              rope, mask, cache_position: Optional[Tensor] = None) -> Tensor:
         """The attention sublayer's raw output for ``x`` (the pre-norm applied here); records its new state."""
         i = self.layer_idx
         h = self.input_layernorm(x)
@@ -377,7 +426,7 @@ class DecoderLayer(nn.Module):
             new_state[f"past_key_values.{i}.recurrent_state"] = rec
         else:
             past = state[f"past_key_values.{i}.key"] if state is not None else None
-            out, key = self.self_attn(h, past, rope, mask)
+            out, key = self.self_attn(h, past, rope, mask, cache_position)
             new_state[f"past_key_values.{i}.key"] = key
         return out
 
@@ -399,8 +448,8 @@ class KimiModel(nn.Module):
             self.attn_res_query_final = nn.Parameter(torch.zeros(D))
             self.attn_res_norm_final = nn.Parameter(torch.ones(D))
 
-    def forward(self, input_ids: Tensor, state: Optional[dict[str, Tensor]], position_ids: Optional[Tensor]
-                ) -> tuple[Tensor, dict[str, Tensor]]:
+    def forward(self, input_ids: Tensor, state: Optional[dict[str, Tensor]], position_ids: Optional[Tensor],
+                cache_position: Optional[Tensor] = None) -> tuple[Tensor, dict[str, Tensor]]:
         config = self.config
         B, T = input_ids.shape
         past_len = 0
@@ -409,14 +458,18 @@ class KimiModel(nn.Module):
         h = self.embed_tokens(input_ids)
 
         mask = None
-        if config.mla_layers:  # built for T == 1 too: no branch on T, so one graph serves prefill and decode
+        if cache_position is not None:  # static caches: past_len is the buffer length, cache_position the rows
+            q_pos = cache_position
+            k_pos = torch.arange(past_len, device=input_ids.device)
+        else:
             q_pos = torch.arange(T, device=input_ids.device) + past_len
             k_pos = torch.arange(past_len + T, device=input_ids.device)
+        if config.mla_layers:  # built for T == 1 too: no branch on T, so one graph serves prefill and decode
             mask = k_pos.unsqueeze(0) <= q_pos.unsqueeze(1)  # [T, S]
         rope = None
         if self.rotary is not None:
             if position_ids is None:
-                position_ids = (torch.arange(T, device=input_ids.device) + past_len).unsqueeze(0)
+                position_ids = q_pos.unsqueeze(0)
             elif position_ids.dim() == 1:
                 position_ids = position_ids.unsqueeze(0)
             rope = self.rotary(position_ids, h.dtype)
@@ -424,13 +477,13 @@ class KimiModel(nn.Module):
         new_state: dict[str, Tensor] = {}
         if self.attn_res_block is None:
             for layer in self.layers:
-                h = h + layer.mixer(h, state, new_state, rope, mask)
+                h = h + layer.mixer(h, state, new_state, rope, mask, cache_position)
                 h = h + layer.ffn(h)
         else:
-            h = self._attn_res_stack(h, state, new_state, rope, mask)
+            h = self._attn_res_stack(h, state, new_state, rope, mask, cache_position)
         return self.norm(h), new_state
 
-    def _attn_res_stack(self, emb: Tensor, state, new_state, rope, mask) -> Tensor:
+    def _attn_res_stack(self, emb: Tensor, state, new_state, rope, mask, cache_position) -> Tensor:
         """Block Attention Residuals: each sublayer reads softmax-over-depth of [embedding, completed blocks,
         partial sum]; its raw output is added to the partial sum; every ``attn_res_block`` sublayers the partial
         sum becomes a completed block."""
@@ -449,7 +502,8 @@ class KimiModel(nn.Module):
                 q = getattr(layer, f"attn_res_query_{which}")
                 w = getattr(layer, f"attn_res_norm_{which}")
                 x = read(q, w)
-                out = layer.mixer(x, state, new_state, rope, mask) if which == "attn" else layer.ffn(x)
+                out = (layer.mixer(x, state, new_state, rope, mask, cache_position) if which == "attn"
+                       else layer.ffn(x))
                 partial = out if partial is None else partial + out
                 n_done += 1
                 if n_done % S == 0:
@@ -471,6 +525,10 @@ class KimiForCausalLM(nn.Module):
 
         logits_to_keep: 0 (default) for logits at every position, n > 0 for the last n positions only (a prefill
             that only needs the next token skips the [T, vocab] projection).
+        cache_position: None (default), or int64 ``[T]`` row indices for *static* MLA caches: each
+            ``past_key_values.{i}.key`` is then a preallocated ``[B, 1, max_len, ...]`` buffer that the call
+            writes in place at these rows and attends over up to them (what a CUDA graph replays,
+            :class:`kimi_compile.compiled.CUDAGraphDecoder`). The other state pieces are returned new as usual.
 
     Returns:
         ``(logits [B, T, vocab], new_state)``: logits float32 (float64 for a float64 model); ``new_state`` holds
@@ -595,9 +653,25 @@ class KimiForCausalLM(nn.Module):
         return state_specs(self.config, self.dtype)
 
     # -------------------------------------------------------------- forward
+    # ``torch.compile(model)`` returns an OptimizedModule that, when the module has ``_initialize_hook``, calls
+    # ``_infer_parameters`` outside Dynamo before every compiled call (its hook for lazy modules). We use it to mark
+    # the batch, sequence and past-length axes dynamic before Dynamo first sees them, so one graph serves every
+    # prompt length, past length and batch size >= 2 instead of recompiling on the second distinct size. Called
+    # inside a compiled function, the model is inlined and neither runs.
+    _initialize_hook = None
+
+    def _infer_parameters(self, module, args, kwargs=None) -> None:
+        kwargs = kwargs or {}
+        input_ids = args[0] if args else kwargs.get("input_ids")
+        state = args[1] if len(args) > 1 else kwargs.get("state")
+        if torch.compiler.is_compiling() or kwargs.get("cache_position") is not None:
+            return
+        if isinstance(input_ids, Tensor) and (state is None or isinstance(state, dict)):
+            mark_dynamic_inputs(input_ids, state)
+
     def forward(self, input_ids: Tensor, state: Optional[dict[str, Tensor]] = None,
-                position_ids: Optional[Tensor] = None, *, logits_to_keep: int = 0
-                ) -> tuple[Tensor, dict[str, Tensor]]:
+                position_ids: Optional[Tensor] = None, *, logits_to_keep: int = 0,
+                cache_position: Optional[Tensor] = None) -> tuple[Tensor, dict[str, Tensor]]:
         if not isinstance(input_ids, Tensor) or input_ids.dim() != 2:
             raise ValueError(f"input_ids must be an int64 tensor [B, T], got "
                              f"{getattr(input_ids, 'shape', type(input_ids).__name__)}")
@@ -611,7 +685,7 @@ class KimiForCausalLM(nn.Module):
                     raise ValueError(f"state is missing {spec.name!r}")
         if isinstance(logits_to_keep, bool) or not isinstance(logits_to_keep, int) or logits_to_keep < 0:
             raise ValueError(f"logits_to_keep must be an int >= 0, got {logits_to_keep!r}")
-        hidden, new_state = self.model(input_ids, state, position_ids)
+        hidden, new_state = self.model(input_ids, state, position_ids, cache_position)
         if logits_to_keep:
             hidden = hidden[:, -logits_to_keep:]
         logits = _acc(self.lm_head(hidden))

@@ -1,0 +1,370 @@
+"""Full-depth Kimi-Linear-48B-A3B on one H200: kimi_compile against transformers 5.18 + FLA, through public APIs.
+
+One process, one device call. Both models are built in GPU memory from the config with random bfloat16 weights
+(about 96 GB each, so one at a time: ours first, then transformers'). Rows:
+
+* ``prefill B=1 T=4096 / 32768``: one forward from an empty state, logits of the last position only. Ours through
+  ``kimi_compile.compiled.compiled_step`` (torch.compile, dynamic shapes); transformers'
+  ``KimiLinearForCausalLM(..., logits_to_keep=1)`` eager with sdpa attention and FLA's KDA kernels.
+* ``decode B=1 / 32 / 256 at context 4096``: one decode step. Ours: one replay of
+  :class:`kimi_compile.compiled.CUDAGraphDecoder`'s CUDA graph over a random state of 4096 tokens; transformers:
+  one eager step after a 4096-token prefill (its MLA cache for B=256 at 4096 tokens is ~150 GB: not run).
+* ``generate(backend="compile") 128 new tokens``: ``kimi_compile.generate`` wall time after a first call, and the
+  first call's time (compiles included).
+
+Each row has its floor: prefill FLOPs over the measured bf16 matmul rate, decode bytes (the weights a step touches,
+with the expected number of distinct experts ``E (1 - (1 - 1/E)^(kB))``, plus state and cache) over the measured
+copy bandwidth, and the fraction reached. Every row runs under its own time bound (``--row-seconds``); a failed or
+cut row prints its error and the rest go on. The table is printed last and written as JSON (``--json``).
+
+    python bench/bench_full_model.py [--layers N] [--skip-hf] [--profile] [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import gc
+import json
+import math
+import os
+import signal
+import sys
+import time
+import traceback
+
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+import kimi_compile  # noqa: E402
+from kimi_compile import KimiForCausalLM  # noqa: E402
+from kimi_compile.compiled import CUDAGraphDecoder, compiled_step  # noqa: E402
+from kimi_compile.config import FULL, LINEAR, kimi_linear_48b_config  # noqa: E402
+
+ROWS: list[dict] = []
+T0 = time.time()
+
+
+class RowTimeout(Exception):
+    pass
+
+
+@contextlib.contextmanager
+def bounded(seconds: int):
+    def _alarm(signum, frame):
+        raise RowTimeout(f"row cut at its {seconds} s bound")
+
+    old = signal.signal(signal.SIGALRM, _alarm)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, old)
+
+
+def add(row: dict) -> None:
+    ROWS.append(row)
+    print(f"[{time.time() - T0:6.0f}s] {json.dumps(row, default=str)}", flush=True)
+
+
+def run_row(name: str, seconds: int, fn) -> None:
+    try:
+        with bounded(seconds):
+            fn()
+    except Exception as e:  # noqa: BLE001 -- one failed row must not stop the others
+        add(dict(row=name, error=f"{type(e).__name__}: {str(e)[:300]}"))
+        traceback.print_exc(limit=3)
+    finally:
+        torch.cuda.synchronize()
+
+
+def cuda_ms(fn, warmup: int = 2, iters: int = 10) -> float:
+    """Median milliseconds of ``fn()`` by CUDA events."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(iters):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        fn()
+        b.record()
+        torch.cuda.synchronize()
+        times.append(a.elapsed_time(b))
+    times.sort()
+    return times[len(times) // 2]
+
+
+# ------------------------------------------------------------------------------------------------ ceilings, floors
+
+def ceilings() -> tuple[float, float]:
+    """(copy bandwidth bytes/s counting read + write, bf16 matmul FLOP/s), measured here."""
+    x = torch.empty(2 * 1024 ** 3, dtype=torch.uint8, device="cuda")
+    y = torch.empty_like(x)
+    ms = cuda_ms(lambda: y.copy_(x), iters=20)
+    bw = 2 * x.numel() / (ms * 1e-3)
+    a = torch.randn(8192, 8192, dtype=torch.bfloat16, device="cuda")
+    b = torch.randn(8192, 8192, dtype=torch.bfloat16, device="cuda")
+    ms = cuda_ms(lambda: a @ b, iters=20)
+    flops = 2 * 8192 ** 3 / (ms * 1e-3)
+    del x, y, a, b
+    return bw, flops
+
+
+def param_split(model: KimiForCausalLM) -> dict[str, int]:
+    """Parameter counts: routed experts, embedding, lm_head, everything else."""
+    out = dict(experts=0, embed=0, lm_head=0, other=0)
+    for name, p in model.named_parameters():
+        if ".experts.w_" in name:
+            out["experts"] += p.numel()
+        elif name.endswith("embed_tokens.weight"):
+            out["embed"] += p.numel()
+        elif name.startswith("lm_head"):
+            out["lm_head"] += p.numel()
+        else:
+            out["other"] += p.numel()
+    return out
+
+
+def decode_bytes(cfg, split: dict[str, int], B: int, ctx: int) -> float:
+    """Bytes one decode step must move: every non-expert weight, the expected distinct experts, the lm_head, the
+    KDA state read and written, the MLA cache read."""
+    E, k = cfg.num_experts, cfg.num_experts_per_token
+    distinct = E * (1 - (1 - 1 / E) ** (k * B))
+    weights = 2 * (split["other"] + split["lm_head"] + split["experts"] * distinct / E)
+    n_kda = sum(t == LINEAR for t in cfg.layer_types)
+    n_mla = sum(t == FULL for t in cfg.layer_types)
+    H, K = cfg.linear_num_heads, cfg.linear_head_dim
+    kda_state = n_kda * B * (2 * H * K * K * 4 + 2 * cfg.kda_conv_channels * (cfg.linear_conv_kernel_dim - 1) * 2)
+    mla_cache = n_mla * B * (ctx + 1) * cfg.mla_cache_dim * 2
+    return weights + kda_state + mla_cache
+
+
+def prefill_flops(cfg, split: dict[str, int], T: int) -> float:
+    """Matmul FLOPs of a B=1 prefill of T tokens with last-position logits: active weights per token, MLA causal
+    attention in the expanded form, the KDA chunk arithmetic (~5.8 MFLOP a token a layer at H=32, K=V=128)."""
+    E, k = cfg.num_experts, cfg.num_experts_per_token
+    active = split["other"] + split["experts"] * k / E
+    flops = 2 * active * T + 2 * split["lm_head"]
+    n_mla = sum(t == FULL for t in cfg.layer_types)
+    n_kda = sum(t == LINEAR for t in cfg.layer_types)
+    qk, v = cfg.qk_nope_head_dim + cfg.qk_rope_head_dim, cfg.v_head_dim
+    flops += n_mla * (2 * cfg.num_attention_heads * (T * T / 2) * (qk + v))
+    flops += n_kda * T * 0.38e12 / 65536 * (cfg.linear_num_heads / 32)
+    return flops
+
+
+# ------------------------------------------------------------------------------------------------ ours
+
+def ours(cfg, args, bw, mm) -> None:
+    dev = torch.device("cuda")
+    t = time.time()
+    model = KimiForCausalLM.from_config(cfg, seed=0, dtype=torch.bfloat16, device=dev, init_on_device=True).eval()
+    split = param_split(model)
+    add(dict(row="ours build", s=round(time.time() - t, 1), params_b=round(sum(split.values()) / 1e9, 2), **split))
+    gen = torch.Generator(device=dev).manual_seed(0)
+    V = cfg.vocab_size
+
+    step = compiled_step(model)
+    for T in args.prefill:
+        def prefill_row(T=T):
+            ids = torch.randint(0, V, (1, T), device=dev, generator=gen)
+            state = model.empty_state(1)
+            with torch.no_grad():
+                t = time.time()
+                step(ids, state, logits_to_keep=1)
+                torch.cuda.synchronize()
+                first = time.time() - t
+                ms = cuda_ms(lambda: step(ids, state, logits_to_keep=1), warmup=1, iters=5)
+            floor = prefill_flops(cfg, split, T) / mm * 1e3
+            add(dict(row=f"ours prefill B=1 T={T}", ms=round(ms, 2), first_call_s=round(first, 1),
+                     tok_s=round(T / ms * 1e3), floor_ms=round(floor, 2), frac_floor=round(floor / ms, 3)))
+        run_row(f"ours prefill T={T}", args.row_seconds, prefill_row)
+
+    if args.profile:
+        def profile_prefill():
+            ids = torch.randint(0, V, (1, args.prefill[0]), device=dev, generator=gen)
+            state = model.empty_state(1)
+            with torch.no_grad(), torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+                step(ids, state, logits_to_keep=1)
+                torch.cuda.synchronize()
+            print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=25), flush=True)
+        run_row("profile prefill", 120, profile_prefill)
+
+    for B in args.decode_batch:
+        def decode_row(B=B):
+            ctx = args.ctx
+            t = time.time()
+            dec = CUDAGraphDecoder(model, B, ctx + 8)
+            with torch.no_grad():
+                dec.capture()
+            capture_s = time.time() - t
+            for name, buf in dec.state.items():  # a plausible state after ctx tokens
+                if name.endswith(".key"):
+                    buf.normal_(generator=gen)
+                elif name.endswith("recurrent_state"):
+                    buf.normal_(std=0.05, generator=gen)
+                else:
+                    buf.normal_(generator=gen)
+            dec.token.random_(0, V, generator=gen)
+
+            def one():
+                dec.position.fill_(ctx)
+                dec.graph.replay()
+            ms = cuda_ms(one, warmup=3, iters=20)
+            floor = decode_bytes(cfg, split, B, ctx) / bw * 1e3
+            add(dict(row=f"ours decode B={B} ctx={ctx} (CUDA graph)", ms=round(ms, 3), tok_s=round(B / ms * 1e3),
+                     floor_ms=round(floor, 3), frac_floor=round(floor / ms, 3), compile_capture_s=round(capture_s, 1)))
+            if args.profile and B == 1:
+                with torch.no_grad(), torch.profiler.profile(
+                        activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+                    dec.position.fill_(ctx)
+                    dec._step_fn()
+                    torch.cuda.synchronize()
+                print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=25), flush=True)
+            del dec
+            gc.collect()
+            torch.cuda.empty_cache()
+        run_row(f"ours decode B={B}", args.row_seconds, decode_row)
+
+    def generate_row():
+        ids = torch.randint(0, V, (1, args.gen_prompt), device=dev, generator=gen)
+        n = args.gen_tokens
+        t = time.time()
+        kimi_compile.generate(model, ids, n, backend="compile")
+        torch.cuda.synchronize()
+        first = time.time() - t
+        t = time.time()
+        out = kimi_compile.generate(model, ids, n, backend="compile")
+        torch.cuda.synchronize()
+        total = time.time() - t
+        t = time.time()
+        kimi_compile.generate(model, ids, 1, backend="compile")  # prompt + first token only
+        torch.cuda.synchronize()
+        prefill_s = time.time() - t
+        per_tok = (total - prefill_s) / (n - 1) * 1e3
+        add(dict(row=f"ours generate(backend='compile') B=1 prompt={args.gen_prompt} new={n}",
+                 total_s=round(total, 3), first_call_s=round(first, 1), ms_per_token=round(per_tok, 3),
+                 tok_s=round(n / total, 1), out_shape=list(out.shape)))
+    run_row("ours generate", args.row_seconds, generate_row)
+    del model, step
+    gc.collect()
+    torch.cuda.empty_cache()
+
+
+# ------------------------------------------------------------------------------------------------ transformers + FLA
+
+def hf_model(cfg):
+    from transformers import KimiLinearConfig, KimiLinearForCausalLM
+
+    hcfg = KimiLinearConfig(
+        num_hidden_layers=cfg.num_hidden_layers,
+        layer_types=["full_attention" if t == FULL else "linear_attention" for t in cfg.layer_types])
+    hcfg._attn_implementation = "sdpa"
+    prev = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16)
+    try:
+        with torch.device("meta"):
+            model = KimiLinearForCausalLM(hcfg)
+    finally:
+        torch.set_default_dtype(prev)
+    model.to_empty(device="cuda")
+    gen = torch.Generator(device="cuda").manual_seed(1)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.fill_(1.0)
+            elif name.endswith("A_log"):
+                p.uniform_(0.0, 2.7, generator=gen)
+            elif name.endswith("dt_bias"):
+                p.uniform_(-6.0, -2.0, generator=gen)
+            else:
+                p.normal_(0.0, 0.02, generator=gen)
+        for name, b in model.named_buffers():
+            if b.is_floating_point() and "bias" in name:
+                b.normal_(0.0, 0.1, generator=gen)
+    return model.eval()
+
+
+def theirs(cfg, args, bw, mm) -> None:
+    try:
+        import fla  # noqa: F401
+        fla_ok = True
+    except Exception as e:  # noqa: BLE001
+        fla_ok = f"fla import failed: {e}"
+    import transformers
+    t = time.time()
+    model = hf_model(cfg)
+    add(dict(row="transformers build", s=round(time.time() - t, 1), transformers=transformers.__version__,
+             fla=fla_ok))
+    dev = torch.device("cuda")
+    gen = torch.Generator(device=dev).manual_seed(0)
+    V = cfg.vocab_size
+    for T in args.prefill:
+        def prefill_row(T=T):
+            ids = torch.randint(0, V, (1, T), device=dev, generator=gen)
+            with torch.no_grad():
+                ms = cuda_ms(lambda: model(input_ids=ids, use_cache=False, logits_to_keep=1), warmup=1, iters=3)
+            add(dict(row=f"transformers+FLA prefill B=1 T={T}", ms=round(ms, 2), tok_s=round(T / ms * 1e3)))
+        run_row(f"hf prefill T={T}", args.row_seconds, prefill_row)
+    for B in args.decode_batch:
+        if B * args.ctx > 32 * 4096:
+            add(dict(row=f"transformers+FLA decode B={B} ctx={args.ctx}",
+                     skipped="its per-head MLA cache would not fit beside the model"))
+            continue
+
+        def decode_row(B=B):
+            ids = torch.randint(0, V, (B, args.ctx), device=dev, generator=gen)
+            with torch.no_grad():
+                out = model(input_ids=ids, use_cache=True, logits_to_keep=1)
+                cache = out.past_key_values
+                tok = out.logits[:, -1:].argmax(-1)
+                ms = cuda_ms(lambda: model(input_ids=tok, past_key_values=cache, use_cache=True, logits_to_keep=1),
+                             warmup=2, iters=8)
+            add(dict(row=f"transformers+FLA decode B={B} ctx~{args.ctx} (eager)", ms=round(ms, 3),
+                     tok_s=round(B / ms * 1e3)))
+        run_row(f"hf decode B={B}", args.row_seconds, decode_row)
+    del model
+    gc.collect()
+    torch.cuda.empty_cache()
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--layers", type=int, default=None, help="cut the model to its first N layers (default: 27)")
+    ap.add_argument("--prefill", type=int, nargs="+", default=[4096, 32768])
+    ap.add_argument("--decode-batch", type=int, nargs="+", default=[1, 32, 256])
+    ap.add_argument("--ctx", type=int, default=4096)
+    ap.add_argument("--gen-prompt", type=int, default=512)
+    ap.add_argument("--gen-tokens", type=int, default=128)
+    ap.add_argument("--row-seconds", type=int, default=240)
+    ap.add_argument("--skip-hf", action="store_true")
+    ap.add_argument("--skip-ours", action="store_true")
+    ap.add_argument("--profile", action="store_true", help="print the top CUDA kernels of a prefill and a decode step")
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args(argv)
+    cfg = kimi_linear_48b_config()
+    if args.layers:
+        n = args.layers
+        cfg = cfg.replace(num_hidden_layers=n, layer_types=cfg.layer_types[:n], mlp_layer_types=cfg.mlp_layer_types[:n])
+    bw, mm = ceilings()
+    add(dict(row="ceilings", copy_tb_s=round(bw / 1e12, 2), bf16_tflop_s=round(mm / 1e12), gpu=torch.cuda.get_device_name(),
+             torch=torch.__version__, layers=cfg.num_hidden_layers))
+    if not args.skip_ours:
+        ours(cfg, args, bw, mm)
+    if not args.skip_hf:
+        run_row("transformers", 3 * args.row_seconds, lambda: theirs(cfg, args, bw, mm))
+    print("\n| row | ms | tok/s | floor ms | of floor | notes |\n|---|---|---|---|---|---|")
+    for r in ROWS:
+        notes = {k: v for k, v in r.items() if k not in ("row", "ms", "tok_s", "floor_ms", "frac_floor")}
+        print(f"| {r['row']} | {r.get('ms', '')} | {r.get('tok_s', '')} | {r.get('floor_ms', '')} | "
+              f"{r.get('frac_floor', '')} | {json.dumps(notes, default=str)} |")
+    if args.json:
+        with open(args.json + ".tmp", "w") as f:
+            json.dump(ROWS, f, indent=1, default=str)
+        os.replace(args.json + ".tmp", args.json)
+
+
+if __name__ == "__main__":
+    main()
