@@ -306,11 +306,15 @@ class MLAttention(nn.Module):
         k = torch.cat([k_nope, cache[..., r:].unsqueeze(2).expand(B, S, H, self.rope)], dim=-1)
         q = torch.cat([q_nope, q_rope], dim=-1)
         qk_dim = self.nope + self.rope
-        if v.is_cuda and self.vdim < qk_dim:  # flash attention wants one head dim for q, k and v
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+        if mask is None and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and qk_dim <= 256:
+            # the flash kernel by name: under Inductor with dynamic shapes F.scaled_dot_product_attention fell back
+            # to the math form, which materialises [H, T, S] scores (64 GiB at T = 32768); flash wants one head dim
             v = F.pad(v, (0, qk_dim - self.vdim))
-        o = F.scaled_dot_product_attention(
-            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-            attn_mask=None if mask is None else mask.view(1, 1, T, S), is_causal=mask is None, scale=self.scale)
+            o = torch.ops.aten._scaled_dot_product_flash_attention(q, k, v, 0.0, True, False, scale=self.scale)[0]
+        else:
+            o = F.scaled_dot_product_attention(q, k, v, attn_mask=None if mask is None else mask.view(1, 1, T, S),
+                                               is_causal=mask is None, scale=self.scale)
         return o[..., : self.vdim].transpose(1, 2).reshape(B, T, H * self.vdim)
 
 
