@@ -239,3 +239,53 @@ def test_long_sequence():
     o_head, s_head = kda(q[:, :-100], k[:, :-100], v[:, :-100], g[:, :-100], beta[:, :-100])
     o_tail, s_tail = kda_loop(q[:, -100:], k[:, -100:], v[:, -100:], g[:, -100:], beta[:, -100:], s_head)
     assert rel(o[:, -100:], o_tail) < 1e-4 and rel(s, s_tail) < 1e-4
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the oracle (ops/kda/naive.py) and the kernels' tuning (ops/kda/tuning.py)
+# ---------------------------------------------------------------------------------------------------------------
+
+def test_naive_loop_and_chunked_forms_match_the_plain_loop():
+    from kimi_compile.ops.kda.naive import kda_reference_chunked, kda_reference_loop
+    q, k, v, g, beta, s0 = make_inputs(2, 45, 2, K=8, V=4, HV=4, decay=3.0)
+    ro, rs = kda_loop(q, k, v, g, beta, s0)
+    for fn in (kda_reference_loop, kda_reference_chunked):
+        o, s = fn(q, k, v, g, beta, s0)
+        assert rel(o, ro) < 1e-12 and rel(s, rs) < 1e-12, fn.__name__
+    cu = torch.tensor([0, 7, 7, 30], dtype=torch.int64)
+    q, k, v, g, beta, s0 = make_inputs(1, 30, 1, K=8, V=4, N=3)
+    a = kda_reference_loop(q, k, v, g, beta, s0, None, cu)
+    b = kda_reference_chunked(q, k, v, g, beta, s0, None, cu, chunk=4)
+    assert rel(a[0], b[0]) < 1e-12 and rel(a[1], b[1]) < 1e-12
+
+
+def test_kda_tuning_overrides_restores_and_names_unknown_fields():
+    from kimi_compile.ops.kda.tuning import KDATuning, current_tuning, kda_tuning
+    default = current_tuning()
+    assert default == KDATuning()
+    with kda_tuning(pass_bv=64, bwd_bk=32) as t:
+        assert current_tuning() is t and t.pass_bv == 64 and t.bwd_bk == 32 and t.decode_bv == default.decode_bv
+    assert current_tuning() is default
+    with pytest.raises(RuntimeError):
+        with kda_tuning(span_max=10.0):
+            raise RuntimeError("inside")
+    assert current_tuning() is default
+    with pytest.raises(TypeError, match="pass_bvv"):
+        with kda_tuning(pass_bvv=64):
+            pass
+    with pytest.raises(Exception):  # frozen: no in-place edits
+        default.pass_bv = 16
+
+
+def test_recurrent_launch_config_defaults_are_the_tunings():
+    """The plugin's launch config is embedded as source, so its defaults are literals: they must be KDATuning's."""
+    import inspect
+
+    pytest.importorskip("triton")
+    from kimi_compile.ops.kda.recurrent import kda_plugin_constexprs, kda_recurrent_launch_config
+    from kimi_compile.ops.kda.tuning import KDATuning
+    params = inspect.signature(kda_recurrent_launch_config).parameters
+    assert params["decode_bv"].default == KDATuning.decode_bv and params["decode_warps"].default == KDATuning.decode_warps
+    assert inspect.signature(kda_plugin_constexprs).parameters["decode_bv"].default == KDATuning.decode_bv
+    cfg = kda_recurrent_launch_config(3, 1, 4, 100, 200)
+    assert cfg["BK"] == 128 and cfg["BV"] == 64 and cfg["grid"] == (4, 12, 1)
