@@ -289,3 +289,42 @@ def test_recurrent_launch_config_defaults_are_the_tunings():
     assert inspect.signature(kda_plugin_constexprs).parameters["decode_bv"].default == KDATuning.decode_bv
     cfg = kda_recurrent_launch_config(3, 1, 4, 100, 200)
     assert cfg["BK"] == 128 and cfg["BV"] == 64 and cfg["grid"] == (4, 12, 1)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# non-finite inputs: causality (a bad token reaches only itself and later tokens), g = -inf exact
+# ---------------------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")], ids=["nan", "inf", "-inf"])
+@pytest.mark.parametrize("arg", ["q", "k", "v", "g", "beta"])
+def test_nonfinite_input_reaches_only_later_outputs(arg, bad):
+    """Token 40 sits inside a reference chunk (32 tokens): the chunked CPU path must not pass it to tokens 32-39."""
+    inputs = list(make_inputs(1, 70, 2, K=8, V=4, seed=21))
+    t = 40
+    inputs[["q", "k", "v", "g", "beta"].index(arg)][0, t] = bad
+    o, s = kda(*inputs)
+    ro, rs = kda_loop(*inputs)
+    assert torch.isfinite(o[:, :t]).all() and rel(o[:, :t], ro[:, :t]) < 1e-10
+    finite = torch.isfinite(ro)
+    assert torch.equal(torch.isfinite(o), finite), (arg, bad)
+    if finite.any():
+        assert rel(o[finite], ro[finite]) < 1e-10
+    assert torch.equal(torch.isfinite(s), torch.isfinite(rs))
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_full_forget_and_huge_decays_are_exact(dtype):
+    """g = -inf (a full forget of a channel, or of a whole head) is a legitimate decay: no NaN from -inf - (-inf);
+    decays whose running sum leaves float32's range stay finite too."""
+    q, k, v, g, beta, s0 = make_inputs(2, 70, 2, K=8, V=4, seed=22)
+    g = g.clone()
+    g[0, 0, 0, :3] = -float("inf")  # first token, some channels
+    g[0, 31:33, 1] = -float("inf")  # both sides of a chunk boundary, whole head
+    g[1, 45, :, 5] = -float("inf")  # inside a chunk
+    g[1, 50:] *= 1e37 if dtype == torch.float32 else 1e300  # running sums past the dtype's range
+    inputs = [x.to(dtype) for x in (q, k, v, g, beta)] + [s0.to(dtype)]
+    o, s = kda(*inputs)
+    ro, rs = kda_loop(*inputs)
+    assert torch.isfinite(o).all() and torch.isfinite(s).all()
+    tol = 1e-10 if dtype == torch.float64 else 1e-5
+    assert rel(o, ro) < tol and rel(s, rs) < tol

@@ -178,8 +178,8 @@ def _kda_backward_cuda(q, k, v, g, beta, initial_state, scale, cu_seqlens, do, d
 
 @_kda_backward_op.register_fake
 def _kda_backward_fake(q, k, v, g, beta, initial_state, scale, cu_seqlens, do, dstate):
-    return (torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), torch.empty_like(g),
-            torch.empty_like(beta), torch.empty_like(dstate))
+    # contiguous, as every kernel returns them (empty_like would copy a permuted input's strides)
+    return tuple(x.new_empty(x.shape) for x in (q, k, v, g, beta, dstate))
 
 
 def _kda_setup_context(ctx, inputs, output):

@@ -10,7 +10,8 @@ e_t = beta_t (v_t - k_t^T diag(exp g_t) S_{t-1}) the delta-rule update of token 
     S_C = diag(exp G_C) S0 + (K * exp(G_C - G))^T E
 
 Every exponent is a difference G_t - G_j with j <= t, which is <= 0 for g <= 0: nothing overflows, however
-strong the decay, and no future gate reaches an earlier output.
+strong the decay, and no future gate reaches an earlier output. Non-finite inputs keep the recurrence's causality:
+a NaN / inf at token t reaches outputs at t and later only, and g = -inf (a full forget) is exact.
 """
 from __future__ import annotations
 
@@ -68,9 +69,35 @@ def kda_reference_loop(q, k, v, g, beta, initial_state=None, scale=None, cu_seql
     return o.to(v.dtype), torch.stack(states).to(state_dtype(v.dtype))
 
 
+def _gate_exponents(gc, cdt):
+    """The decay exponents of one chunk, gc [B, HV, C, K]: gap [B, HV, C, C, K] = G_t - G_j for j <= t (-inf above
+    the diagonal), head [B, HV, C, K] = G_t and tail [B, HV, C, K] = G_C - G_j, with G the in-chunk cumsum.
+
+    Exact for g = -inf (a full forget): a difference whose range (j, t] holds a -inf is -inf itself, never
+    -inf - (-inf); the finite part is summed in float64, so running sums past float32's range do not overflow.
+    A NaN / +inf in g at token t reaches only exponents of rows >= t."""
+    C = gc.shape[-2]
+    forget = gc == float("-inf")
+    gf = torch.where(forget, torch.zeros_like(gc), gc).to(torch.float64).cumsum(-2)
+    idx = torch.arange(C, device=gc.device)
+    # per row t and channel: the last full forget at or before t (-1: none)
+    last_forget = torch.where(forget, idx[:, None], -1).cummax(dim=-2).values
+    neg_inf = torch.tensor(float("-inf"), dtype=torch.float64, device=gc.device)
+    rows, cols = idx[:, None, None], idx[None, :, None]  # t, j (channels last)
+    keep = (cols <= rows) & (cols >= last_forget.unsqueeze(-2))  # [B, HV, t, j, K]
+    gap = torch.where(keep, gf.unsqueeze(-2) - gf.unsqueeze(-3), neg_inf)
+    head = torch.where(last_forget < 0, gf, neg_inf)
+    tail = torch.where(idx[:, None] >= last_forget[..., -1:, :], gf[..., -1:, :] - gf, neg_inf)
+    return gap.to(cdt), head.to(cdt), tail.to(cdt)
+
+
 def _chunked_dense(q, k, v, g, beta, state, scale: float, chunk: int):
     """One batch of equal-length sequences. q, k, g: [B, T, HV, K] (q/k already expanded to HV heads),
-    v: [B, T, HV, V], beta: [B, T, HV], state: [B, HV, K, V]; all in the compute dtype."""
+    v: [B, T, HV, V], beta: [B, T, HV], state: [B, HV, K, V]; all in the compute dtype.
+
+    Causality holds for non-finite inputs too: every product that pairs token t with a later token j is masked by
+    torch.where (not multiplied by 0, which would turn a NaN or inf at j into NaN at t), and the triangular solve
+    reads only earlier rows, so a non-finite input at token t reaches outputs at t and later only."""
     q, k, v, g = (x.transpose(1, 2) for x in (q, k, v, g))  # [B, HV, T, *]
     beta = beta.transpose(1, 2)
     T = q.shape[2]
@@ -79,19 +106,20 @@ def _chunked_dense(q, k, v, g, beta, state, scale: float, chunk: int):
         end = min(start + chunk, T)
         qc, kc, vc, gc, bc = (x[:, :, start:end] for x in (q, k, v, g, beta))
         C = end - start
-        G = gc.cumsum(dim=-2)  # [B, HV, C, K]
+        gap, head, tail = _gate_exponents(gc, q.dtype)
+        decay = gap.exp()  # [B, HV, t, j, K], 0 above the diagonal
         causal = torch.ones(C, C, dtype=torch.bool, device=q.device).tril()
-        gap = G.unsqueeze(-2) - G.unsqueeze(-3)  # [B, HV, t, j, K] = G_t - G_j
-        decay = torch.where(causal[..., None], gap, float("-inf")).exp()
-        P = torch.einsum("bhtc,bhjc,bhtjc->bhtj", qc, kc, decay)
-        A = torch.einsum("bhtc,bhjc,bhtjc->bhtj", kc, kc, decay).tril(-1)
+        strict = causal.tril(-1)
+        zero = q.new_zeros(())
+        P = torch.where(causal, torch.einsum("bhtc,bhjc,bhtjc->bhtj", qc, kc, decay), zero)
+        A = torch.where(strict, torch.einsum("bhtc,bhjc,bhtjc->bhtj", kc, kc, decay), zero)
         eye = torch.eye(C, dtype=q.dtype, device=q.device)
-        lhs = eye + bc[..., None] * A
-        rhs = bc[..., None] * (vc - (kc * G.exp()) @ state)
+        lhs = torch.where(strict, bc[..., None] * A, zero) + eye
+        rhs = bc[..., None] * (vc - (kc * head.exp()) @ state)
         E = torch.linalg.solve_triangular(lhs, rhs, upper=False, unitriangular=True)
-        outs.append(scale * ((qc * G.exp()) @ state + P @ E))
-        G_last = G[:, :, -1:]  # [B, HV, 1, K]
-        state = G_last.exp().transpose(-1, -2) * state + (kc * (G_last - G).exp()).transpose(-1, -2) @ E
+        PE = torch.where(causal[..., None], P[..., None] * E.unsqueeze(-3), zero).sum(-2)  # sum over j <= t only
+        outs.append(scale * ((qc * head.exp()) @ state + PE))
+        state = head[:, :, -1:].exp().transpose(-1, -2) * state + (kc * tail.exp()).transpose(-1, -2) @ E
     if not outs:
         return v.transpose(1, 2).new_zeros(v.shape[0], 0, v.shape[1], v.shape[3]), state
     return torch.cat(outs, dim=2).transpose(1, 2), state

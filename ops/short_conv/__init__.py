@@ -136,7 +136,8 @@ def _short_conv_backward_op(x: Tensor, weight: Tensor, bias: Optional[Tensor], i
 @_short_conv_backward_op.register_fake
 def _short_conv_backward_fake(x, weight, bias, initial_state, activation, dy, dstate):
     dbias = x.new_empty(x.shape[2], dtype=weight.dtype if bias is None else bias.dtype)
-    return torch.empty_like(x), torch.empty_like(weight), dbias, torch.empty_like(dstate)
+    # contiguous, as the kernel returns them (empty_like would copy a permuted input's strides)
+    return x.new_empty(x.shape), weight.new_empty(weight.shape), dbias, dstate.new_empty(dstate.shape)
 
 
 def _setup_context(ctx, inputs, output):
