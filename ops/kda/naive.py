@@ -77,9 +77,15 @@ def _gate_exponents(gc, cdt):
     -inf - (-inf); the finite part is summed in float64, so running sums past float32's range do not overflow.
     A NaN / +inf in g at token t reaches only exponents of rows >= t."""
     C = gc.shape[-2]
+    idx = torch.arange(C, device=gc.device)
+    if gc.device.type == "cpu":  # the usual case, checked on the host (CPU data: no sync): plain differences
+        G = gc.cumsum(-2)
+        if bool(torch.isfinite(G).all()):
+            gap = torch.where((idx[None, :] <= idx[:, None])[..., None], G.unsqueeze(-2) - G.unsqueeze(-3),
+                              float("-inf"))
+            return gap, G, G[..., -1:, :] - G
     forget = gc == float("-inf")
     gf = torch.where(forget, torch.zeros_like(gc), gc).to(torch.float64).cumsum(-2)
-    idx = torch.arange(C, device=gc.device)
     # per row t and channel: the last full forget at or before t (-1: none)
     last_forget = torch.where(forget, idx[:, None], -1).cummax(dim=-2).values
     neg_inf = torch.tensor(float("-inf"), dtype=torch.float64, device=gc.device)
@@ -117,7 +123,10 @@ def _chunked_dense(q, k, v, g, beta, state, scale: float, chunk: int):
         lhs = torch.where(strict, bc[..., None] * A, zero) + eye
         rhs = bc[..., None] * (vc - (kc * head.exp()) @ state)
         E = torch.linalg.solve_triangular(lhs, rhs, upper=False, unitriangular=True)
-        PE = torch.where(causal[..., None], P[..., None] * E.unsqueeze(-3), zero).sum(-2)  # sum over j <= t only
+        if q.device.type == "cpu" and bool(torch.isfinite(E).all()):
+            PE = P @ E  # P is 0 above the diagonal and E finite: the plain product is causal (CPU: no sync)
+        else:  # sum over j <= t only: 0 * NaN of a later token would reach row t
+            PE = torch.where(causal[..., None], P[..., None] * E.unsqueeze(-3), zero).sum(-2)
         outs.append(scale * ((qc * head.exp()) @ state + PE))
         state = head[:, :, -1:].exp().transpose(-1, -2) * state + (kc * tail.exp()).transpose(-1, -2) @ E
     if not outs:
