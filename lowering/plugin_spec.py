@@ -201,7 +201,7 @@ KDA = PluginSpec(
     ),
     standard_op="LinearAttention",
     doc="Kimi Delta Attention: S <- diag(exp g_t) S; S <- S + beta_t k_t (v_t - k_t^T S)^T; o_t = scale q_t^T S.",
-    kernel=None,  # bound in lowering/tensorrt.py when ops/kda_triton.py provides a plugin-ABI kernel
+    kernel=None,  # bound in lowering/tensorrt.py to the token-loop kernel of ops/kda/recurrent.py
 )
 
 SHORT_CONV = PluginSpec(
