@@ -112,7 +112,7 @@ def run(report=None, *, N=10, B=2, T=2048, D=2304, dtype=torch.bfloat16, S=6, sw
 
     ``device="cpu"`` (with TRITON_INTERPRET=1 and a small shape) only exercises this code path:
     wall-clock timings of the interpreter mean nothing."""
-    from kimi_compile.ops import attn_res_triton as K
+    from kimi_compile.ops.attn_res import kernel as K
     from kimi_compile.ops.attn_res import attn_res, attn_res_merge, attn_res_phase1
 
     rows = []
@@ -253,7 +253,7 @@ def cpu_smoke(report=None, *, N=4, B=2, T=33, D=72, dtype=torch.float32):
     out(_err_row("two-phase (CPU) vs float64", attn_res_merge(o[1], m[1], l[1], sources[-1], queries[1]),
                  attn_res_float64(sources, queries[1]), rtol, atol))
     if os.environ.get("TRITON_INTERPRET") == "1":
-        from kimi_compile.ops import attn_res_triton as K
+        from kimi_compile.ops.attn_res import kernel as K
 
         out(_err_row("Triton fwd (interpreted) vs float64", K.attn_res_fwd(sources, query, EPS), ref, rtol, atol))
     out(_row("attn_res fwd: kimi op (CPU, wall clock)", _bench_wall(lambda: attn_res(sources, query)), fwd_bytes))

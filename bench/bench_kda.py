@@ -6,8 +6,9 @@
     python bench/bench_kda.py --json out.json
 
 ``run()`` returns the rows that bench/run_all.py prints. FLA (fla-core) is optional: without it the
-FLA column is empty. Correctness: relative error ||ours - ref|| / ||ref|| against an independent
-float64 chunked reference written here (and against FLA where importable).
+FLA column is empty. Correctness: relative error ||ours - ref|| / ||ref|| against the float64 chunked
+reference of ops/kda/naive.py (and against FLA where importable). Kernel configurations are tried through
+``kda_tuning`` (ops/kda/tuning.py); the variants measured slower and removed are in docs/kda_kernels.md.
 """
 from __future__ import annotations
 
@@ -20,12 +21,14 @@ import time
 import torch
 
 try:  # run as a script from the repository root
-    from kimi_compile.ops import kda_triton as kt
-    from kimi_compile.ops import kda_triton_bwd as ktb
+    import kimi_compile  # noqa: F401
 except Exception:  # pragma: no cover
     sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-    from kimi_compile.ops import kda_triton as kt
-    from kimi_compile.ops import kda_triton_bwd as ktb
+from kimi_compile.ops.kda import backward as ktb  # noqa: E402
+from kimi_compile.ops.kda import forward as kt  # noqa: E402
+from kimi_compile.ops.kda.intra import forward_intermediates  # noqa: E402
+from kimi_compile.ops.kda.naive import kda_reference_chunked  # noqa: E402
+from kimi_compile.ops.kda.tuning import current_tuning, kda_tuning  # noqa: E402
 
 H, K, V = 32, 128, 128
 
@@ -58,52 +61,11 @@ def make_inputs(B, T, h=H, hv=None, k=K, v=V, dtype=torch.bfloat16, device="cuda
     return xs + [h0]
 
 
-def _ref_dense(q, k, v, g, beta, S, scale, C=64):
-    """float64 chunked KDA for equal-length sequences; q, k already expanded to HV heads."""
-    B, T, HV, Kd = q.shape
-    Vd = v.shape[-1]
-    q, k, v, g = (x.transpose(1, 2) for x in (q, k, v, g))
-    beta = beta.transpose(1, 2)
-    out = torch.empty(B, HV, T, Vd, dtype=torch.float64, device=q.device)
-    for s in range(0, T, C):
-        e = min(s + C, T)
-        qc, kc, vc, gc, bc = q[:, :, s:e], k[:, :, s:e], v[:, :, s:e], g[:, :, s:e], beta[:, :, s:e]
-        n = e - s
-        G = gc.cumsum(2)
-        low = torch.ones(n, n, dtype=torch.bool, device=q.device).tril()
-        D = torch.where(low[:, :, None], G[:, :, :, None, :] - G[:, :, None, :, :], float("-inf")).exp()
-        P = torch.einsum("bhtk,bhsk,bhtsk->bhts", qc, kc, D)
-        A = torch.einsum("bhtk,bhsk,bhtsk->bhts", kc, kc, D).tril(-1) * bc[..., None]
-        eye = torch.eye(n, dtype=torch.float64, device=q.device)
-        rhs = bc[..., None] * (vc - (kc * G.exp()) @ S)
-        E = torch.linalg.solve_triangular(eye + A, rhs, upper=False, unitriangular=True)
-        out[:, :, s:e] = scale * ((qc * G.exp()) @ S + P @ E)
-        Gl = G[:, :, -1:]
-        S = Gl.exp().transpose(-1, -2) * S + (kc * (Gl - G).exp()).transpose(-1, -2) @ E
-    return out.transpose(1, 2), S
-
-
 def ref_fp64(q, k, v, g, beta, h0, scale=None, cu=None):
-    """Independent float64 reference (chunk 64, exact exponent differences). Returns (o, ht) in fp64."""
-    B, T, h, kd = q.shape
-    hv = v.shape[2]
-    scale = kd ** -0.5 if scale is None else scale
-    q, k = (x.double().repeat_interleave(hv // h, 2) for x in (q, k))
-    v, g, beta = v.double(), g.double(), beta.double()
-    if cu is None:
-        S0 = h0.double() if h0 is not None else torch.zeros(B, hv, kd, v.shape[-1], dtype=torch.float64,
-                                                               device=q.device)
-        return _ref_dense(q, k, v, g, beta, S0, scale)
-    offs = cu.tolist()
-    os_, hs = [], []
-    for n in range(len(offs) - 1):
-        a, b = offs[n], offs[n + 1]
-        S0 = (h0[n:n + 1].double() if h0 is not None
-              else torch.zeros(1, hv, kd, v.shape[-1], dtype=torch.float64, device=q.device))
-        o_n, s_n = _ref_dense(q[:, a:b], k[:, a:b], v[:, a:b], g[:, a:b], beta[:, a:b], S0, scale)
-        os_.append(o_n)
-        hs.append(s_n)
-    return torch.cat(os_, 1), torch.cat(hs, 0)
+    """The float64 chunked reference (ops/kda/naive.py; chunk 64 for fewer steps on the GPU). Returns (o, ht) in fp64."""
+    q, k, v, g, beta = (x.double() for x in (q, k, v, g, beta))
+    h0 = h0.double() if h0 is not None else None
+    return kda_reference_chunked(q, k, v, g, beta, h0, scale, cu, chunk=64)
 
 
 def rel(a, b):
@@ -190,12 +152,12 @@ def prefill_row(T, fla, check=True, B=1):
 
 
 def _forward_intermediates(q, k, v, g, beta, scale):
-    """The intra stage as the forward runs it (one sequence, no segments)."""
-    return kt.forward_intermediates(q, k, v, g, beta, scale, None, kt._CFG["intra_form"] == "tx")
+    """The intra stage as the forward runs it (one sequence)."""
+    return forward_intermediates(q, k, v, g, beta, scale, None, current_tuning().intra_form == "tx")
 
 
 def intra_stage_rows(Ts=(4096, 16384, 65536)):
-    """The intra-chunk stage alone (_intermediates: both launches) beside the whole forward, per T."""
+    """The intra-chunk stage alone (both launches) beside the whole forward, per T."""
     rows = []
     scale = K ** -0.5
     for T in Ts:
@@ -334,18 +296,15 @@ def correctness_rows(extended=True):
     return rows
 
 
-def _variant_row(label, cfg, base, measure):
-    """One configuration's row: measure() -> (ms, check) runs with _CFG = base updated by cfg; an error becomes
-    the row's check; base is restored afterwards."""
-    kt._CFG.update(base)
-    kt._CFG.update(cfg)
+def _variant_row(label, cfg, measure):
+    """One configuration's row: measure() -> (ms, check) runs under kda_tuning(**cfg); an error becomes the row's
+    check."""
     try:
-        ms, check = measure()
+        with kda_tuning(**cfg):
+            ms, check = measure()
         row = _row(label, None, ms, "", check)
     except Exception as e:
         row = _row(label, None, None, "", f"error {type(e).__name__}: {e}"[:160])
-    finally:
-        kt._CFG.update(base)
     print(_fmt(row), flush=True)
     return row
 
@@ -353,14 +312,11 @@ def _variant_row(label, cfg, base, measure):
 def sweep_rows(fla):
     """Forward pass configurations at long T (time, and the output's distance from the default's)."""
     rows = []
-    base = dict(kt._CFG)
     scale = K ** -0.5
-    tries = [("default", {}), ("inverse on tf32 operands (session 9)", dict(inv_lowp=0)),
-             ("WU form, no early first loads of the w / u loops (session 6)", dict(intra_form="wu", intra_prefetch=1)),
+    tries = [("default", {}), ("inverse on tf32 operands", dict(inv_lowp=0)),
              ("pass 2 stages", dict(pass_stages=2)), ("pass bv64", dict(pass_bv=64)),
              ("pass bv16", dict(pass_bv=16)), ("pass 8 warps", dict(pass_warps=8)),
-             ("WU form (sessions 1-8)", dict(intra_form="wu")),
-             ("WU form, pass 2 stages", dict(intra_form="wu", pass_stages=2))]
+             ("WU form (w, u formed in the intra kernel)", dict(intra_form="wu"))]
     for T in (16384, 65536):
         q, k, v, g, beta, h0 = make_inputs(1, T)
         fwd = lambda: kt.kda_forward(q, k, v, g, beta, h0, scale, None)
@@ -371,50 +327,13 @@ def sweep_rows(fla):
             return bench_ms(fwd), f"vs default o {rel(o, o0):.1e} state {rel(ht, h0_):.1e}"
 
         for name, cfg in tries:
-            rows.append(_variant_row(f"sweep T={T} {name}", cfg, base, measure))
+            rows.append(_variant_row(f"sweep T={T} {name}", cfg, measure))
         del q, k, v, g, beta, h0, o0, h0_
     return rows
 
 
-INTRA_VARIANTS = [  # relative to the defaults in ops/kda_triton.py (_CFG)
-    ("default", {}),
-    ("inverse on tf32 operands (session 9)", dict(inv_lowp=0)),
-    ("WU form, no early first loads of the w / u loops (session 6)", dict(intra_form="wu", intra_prefetch=1)),
-    ("SLOW relaunch: one program per chunk slot (session 5)", dict(intra_slow_group=1)),
-    ("WU form, no prefetch, cap 168 (session 4)",
-     dict(intra_form="wu", intra_prefetch=False, intra_maxnreg=168, intra_slow_group=1)),
-    ("cap 168", dict(intra_maxnreg=168)),
-    ("WU form (sessions 1-8: w = T beta k e^G and u = T beta v formed here)", dict(intra_form="wu")),
-]
-
-
-def intra_variant_rows(fla, variants=None, Ts=(16384, 65536)):
-    """Intra-chunk stage configurations: time at B=1 (bf16, H=32) and the largest relative distance of
-    its intermediates (w, u, qg, kg, Aqk) from the default configuration's."""
-    rows = []
-    base = dict(kt._CFG)
-    scale = K ** -0.5
-    names = ("w", "u", "qg", "kg", "aqk", "gam")
-    for T in Ts:
-        q, k, v, g, beta, h0 = make_inputs(1, T)
-        stage = lambda: _forward_intermediates(q, k, v, g, beta, scale)
-        ref = stage()
-
-        def measure():
-            out = stage()
-            # w means T beta k e^G in the WU form, k e^G in the TX form (which has no u)
-            same = [n for n in names if out[n] is not None and ref[n] is not None
-                    and (n not in ("w", "u") or out["tx"] == ref["tx"])]
-            return bench_ms(stage), f"vs default {max(rel(out[n], ref[n]) for n in same):.1e} ({', '.join(same)})"
-
-        for name, cfg in (variants or INTRA_VARIANTS):
-            rows.append(_variant_row(f"intra T={T} {name}", cfg, base, measure))
-        del q, k, v, g, beta, h0, ref
-    return rows
-
-
 INVERSE_VARIANTS = [("inverse bf16 5 levels (default)", {}), ("inverse bf16 3 levels", dict(inv_lowp=3)),
-                    ("inverse tf32 (session 9)", dict(inv_lowp=0))]
+                    ("inverse tf32", dict(inv_lowp=0))]
 INPUT_FAMILIES = [("random", {}), ("decay -3 / step", dict(gmin=-3.0)), ("decay -20 / step", dict(gmin=-20.0)),
                   ("correlated keys 1", dict(kcorr=1.0)), ("correlated keys 3", dict(kcorr=3.0)),
                   ("correlated keys 3, decay -0.1", dict(kcorr=3.0, gmin=-0.1))]
@@ -422,9 +341,8 @@ INPUT_FAMILIES = [("random", {}), ("decay -3 / step", dict(gmin=-3.0)), ("decay 
 
 def inverse_rows(fla, Ts=(65536, 16384)):
     """The intra kernel's inverse on bf16 / tf32 operands: o and state error against float64 for input families
-    (H=32, T=2048; beta uniform in [0, 1]), then the intra stage and the whole forward per variant."""
+    (H=32, T=2048; beta uniform in [0, 1]), then the whole forward per variant."""
     rows = []
-    base = dict(kt._CFG)
     scale = K ** -0.5
     for fam, kw in INPUT_FAMILIES:
         q, k, v, g, beta, h0 = make_inputs(1, 2048, **kw)
@@ -433,15 +351,14 @@ def inverse_rows(fla, Ts=(65536, 16384)):
             def measure():
                 o, ht = kt.kda_forward(q, k, v, g, beta, h0, scale, None)
                 return None, f"o {rel(o, ro):.2e} state {rel(ht, rh):.2e} vs fp64"
-            rows.append(_variant_row(f"err {fam}: {name}", cfg, base, measure))
+            rows.append(_variant_row(f"err {fam}: {name}", cfg, measure))
         del q, k, v, g, beta, h0, ro, rh
-    rows += intra_variant_rows(fla, INVERSE_VARIANTS, Ts=Ts)
     for T in Ts:
         q, k, v, g, beta, h0 = make_inputs(1, T)
         fwd = lambda: kt.kda_forward(q, k, v, g, beta, h0, scale, None)
         f_ms = bench_ms(lambda: fla_chunk(q, k, v, g, beta, h0, scale)) if fla is not None else None
         for name, cfg in INVERSE_VARIANTS:
-            row = _variant_row(f"prefill fwd B=1 T={T} {name}", cfg, base, lambda: (bench_ms(fwd), ""))
+            row = _variant_row(f"prefill fwd B=1 T={T} {name}", cfg, lambda: (bench_ms(fwd), ""))
             row["fla_ms"] = f_ms
             row["ratio"] = f_ms / row["ours_ms"] if (f_ms and row["ours_ms"]) else None
             rows.append(row)
@@ -450,11 +367,11 @@ def inverse_rows(fla, Ts=(65536, 16384)):
     return rows
 
 
-# relative to the defaults in ops/kda_triton_bwd.py
+# relative to KDATuning's backward defaults
 _FP32_BWD = dict(bwd_store_lowp=False, bwd_pass_lowp=False, bwd_a_lowp=False)
 BWD_VARIANTS = [  # defaults: bf16 intermediates and states, chunk BK 64 / BV 64, passes 4 / 3 stages
     ("default", {}),
-    ("passes 2 / 2 stages (session 5)", dict(bwd_fpass_stages=2, bwd_pass_stages=2)),
+    ("passes 2 / 2 stages", dict(bwd_fpass_stages=2, bwd_pass_stages=2)),
     ("fp32 intermediates", _FP32_BWD),
     ("fp32 states h dh U dU", dict(bwd_state_lowp=False)),
     ("chunk bk32 bv32", dict(bwd_bk=32, bwd_bv=32)),
@@ -466,7 +383,6 @@ def bwd_variant_rows(fla, variants=BWD_VARIANTS):
     float64 autograd of the reference at B=2 T=1000 H=4 K=V=128 and at the GPU test's B=2 T=150 H=2 HV=4
     K=V=64 (bf16; the issue's bound is 5e-3)."""
     rows = []
-    base = dict(kt._CFG)
     scale = K ** -0.5
     q, k, v, g, beta, h0 = make_inputs(1, 8192)
     do, dht = torch.randn_like(v), torch.randn_like(h0)
@@ -490,7 +406,7 @@ def bwd_variant_rows(fla, variants=BWD_VARIANTS):
                     + " vs fp64")
 
     for name, cfg in variants:
-        rows.append(_variant_row(f"bwd T=8192 {name}", cfg, base, measure))
+        rows.append(_variant_row(f"bwd T=8192 {name}", cfg, measure))
     return rows
 
 
@@ -570,7 +486,6 @@ def run(sweep=False, checks=True, quick=False, extended=True, only=None):
     if sweep:
         jobs.append(("sweep", sweep_rows, fla))
         jobs.append(("bwd variants", bwd_variant_rows, fla))
-        jobs.append(("intra variants", intra_variant_rows, fla))
         jobs.append(("inverse variants", inverse_rows, fla))
     jobs.append(("profile", profile_rows, fla))
     jobs.append(("fwd+bwd T=8192", fwdbwd_row, 8192, fla))

@@ -25,12 +25,13 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 
-from kimi_compile.ops import kda_triton as kt  # noqa: E402
-from kimi_compile.ops import kda_triton_bwd as ktb  # noqa: E402
+from kimi_compile.ops.kda import backward, chunk_pass, intra, recurrent  # noqa: E402
+from kimi_compile.ops.kda.common import KERNEL_CHUNK  # noqa: E402
+from kimi_compile.ops.kda.tuning import current_tuning  # noqa: E402
 
 H = HV = 32
 K = V = 128
-C = 64
+C = KERNEL_CHUNK
 
 
 def _ptxas():
@@ -97,79 +98,78 @@ F32 = "*fp32"
 
 
 def configs():
-    cfg = kt._CFG
+    cfg = current_tuning()
     common = dict(H=H, HV=HV, K=K, C=C, IS_VARLEN=False)
     rows = []
-    # fused intra kernel (forward: bf16 A dots, tf32 inverse), as configured (the TX form since session 9), and
-    # the WU form of sessions 1-8 (w and u formed in the kernel; the backward's recompute) in three of its configs
-    fz = kt._kda_intra_kernel
-    tx = cfg["intra_form"] == "tx"
+    # fused intra kernel (forward: bf16 A dots), as configured (the TX form), and the WU form (w and u formed in
+    # the kernel; the backward's recompute) in three of its configs
+    fz = intra._kda_intra_kernel
+    tx = cfg.intra_form == "tx"
     t = _types(fz, dict(gam=F32, tinv="*bf16" if tx else F32, bsc=F32, flags="*i32", cu=F32, cseq=F32, cidx=F32))
-    ci = dict(common, V=V, BK=min(128, cfg["intra_bk"]), BV=64, A_LOWP=True, PREC="tf32", STORE_T=False,
-              PREFETCH=cfg["intra_prefetch"], WU=not tx, INV_LOWP_LEVELS=kt.forward_inverse_lowp(tx, True))
+    ci = dict(common, V=V, BK=min(128, cfg.intra_bk), BV=64, A_LOWP=True, PREC="tf32", STORE_T=False,
+              PREFETCH=cfg.intra_prefetch, WU=not tx, INV_LOWP_LEVELS=intra.forward_inverse_lowp(tx, True))
     for slow in (False, True):
-        mx = None if slow else cfg["intra_maxnreg"]
-        grp = cfg["intra_slow_group"] if slow else 1
-        rows.append((f"fused _kda_intra_kernel {cfg['intra_form'].upper()} form SLOW={slow} maxnreg={mx} "
-                     f"prefetch={cfg['intra_prefetch']}" + (f" group={grp}" if slow else ""), fz, t,
-                     dict(ci, SLOW=slow, GROUP=grp), cfg["intra_warps"], mx))
+        mx = None if slow else cfg.intra_maxnreg
+        grp = cfg.intra_slow_group if slow else 1
+        rows.append((f"fused _kda_intra_kernel {cfg.intra_form.upper()} form SLOW={slow} maxnreg={mx} "
+                     f"prefetch={cfg.intra_prefetch}" + (f" group={grp}" if slow else ""), fz, t,
+                     dict(ci, SLOW=slow, GROUP=grp), cfg.intra_warps, mx))
     if tx:
-        rows.append(("fused _kda_intra_kernel TX form SLOW=False, inverse on tf32 operands (session 9)", fz, t,
-                     dict(ci, SLOW=False, GROUP=1, INV_LOWP_LEVELS=0), cfg["intra_warps"], None))
+        rows.append(("fused _kda_intra_kernel TX form SLOW=False, inverse on tf32 operands (float16 inputs)", fz, t,
+                     dict(ci, SLOW=False, GROUP=1, INV_LOWP_LEVELS=0), cfg.intra_warps, None))
     t = _types(fz, dict(gam=F32, tinv=F32, bsc=F32, flags="*i32", cu=F32, cseq=F32, cidx=F32))
-    ci = dict(ci, INV_LOWP_LEVELS=0)  # the WU form (backward recompute, segments) keeps tf32
-    rows.append(("fused _kda_intra_kernel WU form SLOW=False prefetch=2 (sessions 7-8)", fz, t,
-                 dict(ci, SLOW=False, GROUP=1, PREFETCH=2, WU=True), cfg["intra_warps"], None))
-    rows.append(("fused _kda_intra_kernel WU form SLOW=False maxnreg=168 prefetch=False (session 4)", fz, t,
-                 dict(ci, SLOW=False, PREFETCH=False, GROUP=1, WU=True), cfg["intra_warps"], 168))
-    rows.append(("fused _kda_intra_kernel WU form SLOW=False prefetch=1 (sessions 5-6: no early first loads)", fz, t,
-                 dict(ci, SLOW=False, GROUP=1, PREFETCH=1, WU=True), cfg["intra_warps"], None))
+    ci = dict(ci, INV_LOWP_LEVELS=0)  # the WU form (backward recompute) keeps tf32
+    rows.append(("fused _kda_intra_kernel WU form SLOW=False prefetch=2 (backward recompute)", fz, t,
+                 dict(ci, SLOW=False, GROUP=1, PREFETCH=2, WU=True), cfg.intra_warps, None))
+    rows.append(("fused _kda_intra_kernel WU form SLOW=False maxnreg=168 prefetch=False", fz, t,
+                 dict(ci, SLOW=False, PREFETCH=False, GROUP=1, WU=True), cfg.intra_warps, 168))
+    rows.append(("fused _kda_intra_kernel WU form SLOW=False prefetch=1 (no early first loads)", fz, t,
+                 dict(ci, SLOW=False, GROUP=1, PREFETCH=1, WU=True), cfg.intra_warps, None))
     # pass kernel (forward config, and the WU form's)
-    fp = kt._kda_pass_kernel
+    fp = chunk_pass._kda_pass_kernel
     t = _types(fp, dict(gam=F32, bsc=F32, h0=F32, ht=F32, hseg=F32, hs=F32, ubuf=F32, cu=F32, cchunk=F32))
-    ce = dict(H=H, HV=HV, K=K, V=V, BK=128, BV=cfg["pass_bv"], C=C, NSEG=1, IS_VARLEN=False, USE_H0=True,
+    ce = dict(H=H, HV=HV, K=K, V=V, BK=128, BV=cfg.pass_bv, C=C, NSEG=1, IS_VARLEN=False, USE_H0=True,
               STORE_O=True, STORE_HT=True, STORE_H=False, STORE_U=False, LOWP=True, PREC="tf32", TX=tx)
-    rows.append((f"_kda_pass_kernel fwd {cfg['intra_form'].upper()} form", fp, t, ce, cfg["pass_warps"], None,
-                 cfg["pass_stages"]))
-    rows.append(("_kda_pass_kernel fwd WU form (sessions 1-8)", fp, t, dict(ce, TX=False), cfg["pass_warps"], None,
-                 cfg["pass_stages"]))
+    rows.append((f"_kda_pass_kernel fwd {cfg.intra_form.upper()} form", fp, t, ce, cfg.pass_warps, None,
+                 cfg.pass_stages))
+    rows.append(("_kda_pass_kernel fwd WU form", fp, t, dict(ce, TX=False), cfg.pass_warps, None,
+                 cfg.pass_stages))
     # backward chunk kernel
-    fc = getattr(ktb, "_kda_chunk_bwd_kernel", None)
-    if fc is not None:
-        st = "*bf16" if cfg["bwd_state_lowp"] else F32  # h, dh', U, dU as the backward stores them
-        t = _types(fc, dict(tinv=F32, ubuf=st, dubuf=st, hs=st, dhs=st, flags="*i32", cu=F32, cseq=F32,
-                            cidx=F32, dq=F32, dk=F32, dg=F32, dbeta=F32, dv=F32))
-        for slow in (False, True):
-            ce = dict(common, V=V, BK=min(128, cfg["bwd_bk"]), BV=min(128, cfg["bwd_bv"]), PREC="tf32", SLOW=slow,
-                      QK_PER_HV=False)
-            rows.append((f"_kda_chunk_bwd_kernel SLOW={slow}", fc, t, ce, cfg["bwd_warps"], None))
+    fc = backward._kda_chunk_bwd_kernel
+    st = "*bf16" if cfg.bwd_state_lowp else F32  # h, dh', U, dU as the backward stores them
+    t = _types(fc, dict(tinv=F32, ubuf=st, dubuf=st, hs=st, dhs=st, flags="*i32", cu=F32, cseq=F32,
+                        cidx=F32, dq=F32, dk=F32, dg=F32, dbeta=F32, dv=F32))
+    for slow in (False, True):
+        ce = dict(common, V=V, BK=min(128, cfg.bwd_bk), BV=min(128, cfg.bwd_bv), PREC="tf32", SLOW=slow,
+                  QK_PER_HV=False)
+        rows.append((f"_kda_chunk_bwd_kernel SLOW={slow}", fc, t, ce, cfg.bwd_warps, None))
     # backward reverse pass and the decode token loop
-    fr = ktb._kda_pass_bwd_kernel
+    fr = backward._kda_pass_bwd_kernel
     t = _types(fr, dict(w=F32, qg=F32, kg=F32, aqk=F32, gam=F32, dht=F32, dh0=F32, dhs=F32, dubuf=F32, cu=F32,
                         cchunk=F32))
-    ce = dict(H=H, HV=HV, K=K, V=V, BK=128, BV=cfg["bwd_pass_bv"], C=C, IS_VARLEN=False, USE_DHT=True,
+    ce = dict(H=H, HV=HV, K=K, V=V, BK=128, BV=cfg.bwd_pass_bv, C=C, IS_VARLEN=False, USE_DHT=True,
               STORE_DH0=True, LOWP=False, PREC="tf32")
-    rows.append(("_kda_pass_bwd_kernel fp32 intermediates", fr, t, ce, cfg["bwd_pass_warps"], None))
+    rows.append(("_kda_pass_bwd_kernel fp32 intermediates", fr, t, ce, cfg.bwd_pass_warps, None))
     t = _types(fr, dict(gam=F32, dht=F32, dh0=F32, dhs=F32, dubuf=F32, cu=F32, cchunk=F32))
     for lowp in (False, True):
         ce = dict(ce, LOWP=lowp)
-        rows.append((f"_kda_pass_bwd_kernel bf16 intermediates LOWP={lowp}", fr, t, ce, cfg["bwd_pass_warps"],
-                     None, cfg["bwd_pass_stages"] or 3))
+        rows.append((f"_kda_pass_bwd_kernel bf16 intermediates LOWP={lowp}", fr, t, ce, cfg.bwd_pass_warps,
+                     None, cfg.bwd_pass_stages or 3))
     # the forward pass as the backward runs it (h and U stored, no o)
-    fp = kt._kda_pass_kernel
-    ce = dict(H=H, HV=HV, K=K, V=V, BK=128, BV=cfg["bwd_fpass_bv"], C=C, NSEG=1, IS_VARLEN=False, USE_H0=True,
+    fp = chunk_pass._kda_pass_kernel
+    ce = dict(H=H, HV=HV, K=K, V=V, BK=128, BV=cfg.bwd_fpass_bv, C=C, NSEG=1, IS_VARLEN=False, USE_H0=True,
               STORE_O=False, STORE_HT=True, STORE_H=True, STORE_U=True, LOWP=False, PREC="tf32", TX=False)
     t = _types(fp, dict(w=F32, u=F32, qg=F32, kg=F32, aqk=F32, gam=F32, h0=F32, ht=F32, hseg=F32, hs=F32,
                         ubuf=F32, cu=F32, cchunk=F32))
-    rows.append(("_kda_pass_kernel in bwd, fp32 intermediates", fp, t, ce, cfg["pass_warps"], None,
-                 min(2, cfg["bwd_fpass_stages"])))  # what fit_stages leaves of the depth on an H200
+    rows.append(("_kda_pass_kernel in bwd, fp32 intermediates", fp, t, ce, cfg.pass_warps, None,
+                 min(2, cfg.bwd_fpass_stages)))  # what fit_stages leaves of the depth on an H200
     t = _types(fp, dict(gam=F32, h0=F32, ht=F32, hseg=F32, hs=F32, ubuf=F32, cu=F32, cchunk=F32))
-    rows.append(("_kda_pass_kernel in bwd, bf16 intermediates", fp, t, dict(ce, LOWP=cfg["bwd_pass_lowp"]),
-                 cfg["pass_warps"], None, cfg["bwd_fpass_stages"]))
-    fd = kt._kda_recurrent_kernel
+    rows.append(("_kda_pass_kernel in bwd, bf16 intermediates", fp, t, dict(ce, LOWP=cfg.bwd_pass_lowp),
+                 cfg.pass_warps, None, cfg.bwd_fpass_stages))
+    fd = recurrent._kda_recurrent_kernel
     t = _types(fd, dict(h0=F32, ht=F32, cu=F32))
-    ce = dict(H=H, HV=HV, K=K, V=V, BK=128, BV=cfg["decode_bv"], IS_VARLEN=False, USE_H0=True)
-    rows.append(("_kda_recurrent_kernel (decode)", fd, t, ce, cfg["decode_warps"], None))
+    ce = dict(H=H, HV=HV, K=K, V=V, BK=128, BV=cfg.decode_bv, IS_VARLEN=False, USE_H0=True)
+    rows.append(("_kda_recurrent_kernel (decode)", fd, t, ce, cfg.decode_warps, None))
     return rows
 
 

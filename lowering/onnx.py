@@ -31,7 +31,11 @@ from typing import Any, Callable, Optional, Sequence
 import numpy as np
 import onnx_ir as ir
 import onnxscript
+import torch
 from onnxscript import opset18 as op
+
+from .. import ops as _ops  # noqa: F401  (registers torch.ops.kimi)
+from . import registry
 
 __all__ = [
     "OPSET27",
@@ -346,51 +350,15 @@ def moe_experts_onnx(x, topk_ids, topk_weights, w_gate, w_up, w_down):
 # --------------------------------------------------------------------------------------------------------
 
 
-def _lookup(name: str):
-    """``torch.ops.kimi.<name>.default`` if that op is registered, else None."""
-    import importlib
-
-    import torch
-
-    import kimi_compile.ops as ops_pkg  # registers the ops
-
-    for module in ("attn_res", "moe"):  # op modules that ops/__init__ may not import
-        previous = ops_pkg.__dict__.get(module)
-        try:
-            importlib.import_module(f"kimi_compile.ops.{module}")
-        except ImportError:
-            continue
-        if previous is not None:  # a first import binds the submodule over a same-named function
-            setattr(ops_pkg, module, previous)
-    try:
-        packet = getattr(torch.ops.kimi, name)
-    except (AttributeError, RuntimeError):
-        return None
-    return packet.default
-
-
 def custom_translation_table(fallback: bool = False) -> dict[Any, Callable]:
-    """``{torch.ops.kimi.<op>.default: lowering}`` for every registered kimi op.
+    """``{torch.ops.kimi.<op>.default: lowering}`` for every kimi op with an ONNX lowering in the op table
+    (lowering/registry.py).
 
     fallback=False: KDA -> LinearAttention, conv -> CausalConvWithState (opset 27).
     fallback=True: only opset <= 18 ops (chunked KDA Loop, Concat + Conv + Slice).
     """
-    from . import onnx_fallback
-
-    lowerings: dict[str, Callable] = {
-        "kda": onnx_fallback.kda_chunked if fallback else kda_linear_attention,
-        "short_conv": onnx_fallback.short_conv_standard if fallback else short_conv_causal_conv,
-        "attn_res": attn_res_onnx,
-        "attn_res_phase1": attn_res_phase1_onnx,
-        "attn_res_merge": attn_res_merge_onnx,
-        "moe_experts": moe_experts_onnx,
-    }
-    table = {}
-    for name, fn in lowerings.items():
-        target = _lookup(name)
-        if target is not None:
-            table[target] = fn
-    return table
+    return {getattr(torch.ops.kimi, name).default: registry.resolve(ref)
+            for name, ref in registry.onnx_lowerings(fallback).items()}
 
 
 def raise_default_opset(model, version: int = DEFAULT_OPSET) -> None:

@@ -201,7 +201,7 @@ KDA = PluginSpec(
     ),
     standard_op="LinearAttention",
     doc="Kimi Delta Attention: S <- diag(exp g_t) S; S <- S + beta_t k_t (v_t - k_t^T S)^T; o_t = scale q_t^T S.",
-    kernel=None,  # bound in lowering/tensorrt.py when ops/kda_triton.py provides a plugin-ABI kernel
+    kernel=None,  # bound in lowering/tensorrt.py to the token-loop kernel of ops/kda/recurrent.py
 )
 
 SHORT_CONV = PluginSpec(
@@ -226,7 +226,7 @@ SHORT_CONV = PluginSpec(
     standard_op="CausalConvWithState",
     doc="Depthwise causal convolution with carried state (kimi::short_conv).",
     kernel=KernelBinding(
-        module="kimi_compile.ops.short_conv_triton",
+        module="kimi_compile.ops.short_conv.kernel",
         kernel="short_conv_kernel",
         launch_config="short_conv_launch_config",
         launch_args=("x.0", "x.1", "@channels", "@kernel_size"),

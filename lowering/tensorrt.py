@@ -516,36 +516,12 @@ def kernel_variants(model) -> list[KernelVariant]:
 # (value block, sequence x head), the fp32 state kept in registers) serves decode and prefill.  The adapter
 # below only reorders arguments into (inputs, int32 scalars, outputs); Triton inlines the call.
 
-def kda_recurrent_launch_config(B, T, HV, K, V, decode_bv=32, decode_warps=4):
-    """Launch of the KDA token-loop kernel for q [B, T, HV, K], v [B, T, HV, V] (no varlen): the choices of
-    ``kda_triton.kda_forward_recurrent`` (``decode_bv`` / ``decode_warps`` are its ``_CFG`` entries).
-
-    ``B`` and ``T`` may be symbolic (only ``*`` touches ``B``); returns ``dict(grid, num_warps, BK, BV,
-    shared_mem)``.  ``shared_mem`` is 0 here: the kernel's own (compiled) need is added from its metadata,
-    as Triton's launcher does.  Self-contained: the plugin registration module embeds this source.
-    """
-    HV, K, V = int(HV), int(K), int(V)
-    BK = 16
-    while BK < K:
-        BK *= 2
-    BV = 16
-    while BV < V:
-        BV *= 2
-    BV = min(int(decode_bv), BV)
-    grid = ((V + BV - 1) // BV, B * HV, 1)
-    return dict(grid=grid, num_warps=int(decode_warps), BK=BK, BV=BV, shared_mem=0)
-
-
-def kda_plugin_constexprs(HV: int, K: int, V: int, scale: float, decode_bv: int = 32) -> dict:
-    cfg = kda_recurrent_launch_config(1, 1, HV, K, V, decode_bv)
-    return dict(HV=int(HV), K=int(K), V=int(V), BK=cfg["BK"], BV=cfg["BV"], SCALE=float(scale))
-
-
-try:  # the adapter exists only where Triton and ops/kda_triton.py do
+try:  # the adapter exists only where Triton does
     import triton as _triton
     import triton.language as tl  # the name matters: annotations are strings here, Triton reads 'tl.constexpr'
 
-    from kimi_compile.ops import kda_triton as _kda_triton
+    from kimi_compile.ops.kda import recurrent as _kda_triton
+    from kimi_compile.ops.kda.recurrent import kda_plugin_constexprs, kda_recurrent_launch_config  # noqa: F401
 
     _kda_recurrent_kernel = _kda_triton._kda_recurrent_kernel
 except Exception:  # noqa: BLE001
@@ -564,8 +540,8 @@ if _kda_triton is not None:
 def _kda_binding() -> Optional[KernelBinding]:
     if _kda_triton is None:
         return None
-    cfg = getattr(_kda_triton, "_CFG", {})
-    bv, warps = int(cfg.get("decode_bv", 32)), int(cfg.get("decode_warps", 4))
+    cfg = _kda_triton.current_tuning()
+    bv, warps = int(cfg.decode_bv), int(cfg.decode_warps)
     return KernelBinding(
         module=__name__, kernel="kda_plugin_kernel", launch_config="kda_recurrent_launch_config",
         launch_args=("q.0", "q.1", "@num_heads", "@key_dim", "@value_dim", bv, warps),

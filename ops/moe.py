@@ -80,6 +80,22 @@ def _check(x, topk_ids, topk_weights, w_gate, w_up, w_down) -> None:
             raise ValueError(f"{name} is on {t.device} but x is on {x.device}: all inputs must share a device")
 
 
+def _check_expert_ids(topk_ids: Tensor, E: int) -> None:
+    """Range of the expert ids, checked before anything is sized or indexed by them (bincount would allocate up to
+    the largest id). CPU: ValueError naming topk_ids (a host read of CPU data, no device sync). CUDA: a
+    device-side assert (torch._assert_async) with the same message, so the compiled path has no host sync; a bad
+    id aborts the CUDA stream at the next synchronisation instead of raising ValueError."""
+    if topk_ids.numel() == 0:
+        return
+    if topk_ids.is_cuda:
+        torch._assert_async(((topk_ids >= 0) & (topk_ids < E)).all(), f"topk_ids must hold expert ids in [0, E={E})")
+        return
+    lo, hi = int(topk_ids.min()), int(topk_ids.max())
+    if lo < 0 or hi >= E:
+        raise ValueError(f"topk_ids must hold expert ids in [0, E={E}) (E = w_gate.shape[0]), got values in "
+                         f"[{lo}, {hi}]")
+
+
 # ------------------------------------------------------------------------------------------------ forward paths
 
 def _combine(y_slots: Tensor, topk_weights: Tensor, out_dtype: torch.dtype) -> Tensor:
@@ -189,6 +205,7 @@ def moe_experts_reference(x, topk_ids, topk_weights, w_gate, w_up, w_down) -> Te
 def _moe_experts_op(x: Tensor, topk_ids: Tensor, topk_weights: Tensor, w_gate: Tensor, w_up: Tensor,
                     w_down: Tensor) -> Tensor:
     _check(x, topk_ids, topk_weights, w_gate, w_up, w_down)
+    _check_expert_ids(topk_ids, w_gate.shape[0])
     return _moe_forward(x, topk_ids, topk_weights, w_gate, w_up, w_down)
 
 
@@ -206,6 +223,7 @@ def _moe_experts_backward_op(grad_out: Tensor, x: Tensor, topk_ids: Tensor, topk
     """(dx, d_topk_weights, dw_gate, dw_up, dw_down) of kimi::moe_experts, one expert at a time (fp32 math)."""
     T, k = topk_ids.shape
     E = w_gate.shape[0]
+    _check_expert_ids(topk_ids, E)
     acc = torch.float64 if x.dtype == torch.float64 else torch.float32
     dx = torch.zeros(x.shape, dtype=acc, device=x.device)
     dw_slots = torch.zeros(T * k, dtype=acc, device=x.device)
@@ -247,8 +265,8 @@ def _moe_experts_backward_op(grad_out: Tensor, x: Tensor, topk_ids: Tensor, topk
 
 @_moe_experts_backward_op.register_fake
 def _moe_experts_backward_fake(grad_out, x, topk_ids, topk_weights, w_gate, w_up, w_down):
-    return (torch.empty_like(x), torch.empty_like(topk_weights), torch.empty_like(w_gate),
-            torch.empty_like(w_up), torch.empty_like(w_down))
+    # contiguous, as the kernel returns them (empty_like would copy a permuted input's strides)
+    return tuple(t.new_empty(t.shape) for t in (x, topk_weights, w_gate, w_up, w_down))
 
 
 def _setup_context(ctx, inputs, output):

@@ -440,7 +440,7 @@ def test_bad_input_two_phase():
 def _interpreter_main():
     """Runs in a subprocess with TRITON_INTERPRET=1; prints one JSON line of max errors."""
     assert os.environ.get("TRITON_INTERPRET") == "1"
-    from kimi_compile.ops import attn_res_triton as K
+    from kimi_compile.ops.attn_res import kernel as K
 
     errors = {}
 
@@ -505,7 +505,7 @@ def test_triton_kernels_compile_for_sm90():
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    from kimi_compile.ops import attn_res_triton as K
+    from kimi_compile.ops.attn_res import kernel as K
 
     block_r, block_d, warps, stages = K.kernel_config(2304)
     common = {"R": "i32", "D": "i32", "N": "i32", "stride_xn": "i32", "eps": "fp32",

@@ -239,3 +239,92 @@ def test_long_sequence():
     o_head, s_head = kda(q[:, :-100], k[:, :-100], v[:, :-100], g[:, :-100], beta[:, :-100])
     o_tail, s_tail = kda_loop(q[:, -100:], k[:, -100:], v[:, -100:], g[:, -100:], beta[:, -100:], s_head)
     assert rel(o[:, -100:], o_tail) < 1e-4 and rel(s, s_tail) < 1e-4
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the oracle (ops/kda/naive.py) and the kernels' tuning (ops/kda/tuning.py)
+# ---------------------------------------------------------------------------------------------------------------
+
+def test_naive_loop_and_chunked_forms_match_the_plain_loop():
+    from kimi_compile.ops.kda.naive import kda_reference_chunked, kda_reference_loop
+    q, k, v, g, beta, s0 = make_inputs(2, 45, 2, K=8, V=4, HV=4, decay=3.0)
+    ro, rs = kda_loop(q, k, v, g, beta, s0)
+    for fn in (kda_reference_loop, kda_reference_chunked):
+        o, s = fn(q, k, v, g, beta, s0)
+        assert rel(o, ro) < 1e-12 and rel(s, rs) < 1e-12, fn.__name__
+    cu = torch.tensor([0, 7, 7, 30], dtype=torch.int64)
+    q, k, v, g, beta, s0 = make_inputs(1, 30, 1, K=8, V=4, N=3)
+    a = kda_reference_loop(q, k, v, g, beta, s0, None, cu)
+    b = kda_reference_chunked(q, k, v, g, beta, s0, None, cu, chunk=4)
+    assert rel(a[0], b[0]) < 1e-12 and rel(a[1], b[1]) < 1e-12
+
+
+def test_kda_tuning_overrides_restores_and_names_unknown_fields():
+    from kimi_compile.ops.kda.tuning import KDATuning, current_tuning, kda_tuning
+    default = current_tuning()
+    assert default == KDATuning()
+    with kda_tuning(pass_bv=64, bwd_bk=32) as t:
+        assert current_tuning() is t and t.pass_bv == 64 and t.bwd_bk == 32 and t.decode_bv == default.decode_bv
+    assert current_tuning() is default
+    with pytest.raises(RuntimeError):
+        with kda_tuning(span_max=10.0):
+            raise RuntimeError("inside")
+    assert current_tuning() is default
+    with pytest.raises(TypeError, match="pass_bvv"):
+        with kda_tuning(pass_bvv=64):
+            pass
+    with pytest.raises(Exception):  # frozen: no in-place edits
+        default.pass_bv = 16
+
+
+def test_recurrent_launch_config_defaults_are_the_tunings():
+    """The plugin's launch config is embedded as source, so its defaults are literals: they must be KDATuning's."""
+    import inspect
+
+    pytest.importorskip("triton")
+    from kimi_compile.ops.kda.recurrent import kda_plugin_constexprs, kda_recurrent_launch_config
+    from kimi_compile.ops.kda.tuning import KDATuning
+    params = inspect.signature(kda_recurrent_launch_config).parameters
+    assert params["decode_bv"].default == KDATuning.decode_bv and params["decode_warps"].default == KDATuning.decode_warps
+    assert inspect.signature(kda_plugin_constexprs).parameters["decode_bv"].default == KDATuning.decode_bv
+    cfg = kda_recurrent_launch_config(3, 1, 4, 100, 200)
+    assert cfg["BK"] == 128 and cfg["BV"] == 64 and cfg["grid"] == (4, 12, 1)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# non-finite inputs: causality (a bad token reaches only itself and later tokens), g = -inf exact
+# ---------------------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")], ids=["nan", "inf", "-inf"])
+@pytest.mark.parametrize("arg", ["q", "k", "v", "g", "beta"])
+def test_nonfinite_input_reaches_only_later_outputs(arg, bad):
+    """Token 40 sits inside a reference chunk (32 tokens): the chunked CPU path must not pass it to tokens 32-39."""
+    inputs = list(make_inputs(1, 70, 2, K=8, V=4, seed=21))
+    t = 40
+    inputs[["q", "k", "v", "g", "beta"].index(arg)][0, t] = bad
+    o, s = kda(*inputs)
+    ro, rs = kda_loop(*inputs)
+    assert torch.isfinite(o[:, :t]).all() and rel(o[:, :t], ro[:, :t]) < 1e-10
+    finite = torch.isfinite(ro)
+    assert torch.equal(torch.isfinite(o), finite), (arg, bad)
+    if finite.any():
+        assert rel(o[finite], ro[finite]) < 1e-10
+    assert torch.equal(torch.isfinite(s), torch.isfinite(rs))
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_full_forget_and_huge_decays_are_exact(dtype):
+    """g = -inf (a full forget of a channel, or of a whole head) is a legitimate decay: no NaN from -inf - (-inf);
+    decays whose running sum leaves float32's range stay finite too."""
+    q, k, v, g, beta, s0 = make_inputs(2, 70, 2, K=8, V=4, seed=22)
+    g = g.clone()
+    g[0, 0, 0, :3] = -float("inf")  # first token, some channels
+    g[0, 31:33, 1] = -float("inf")  # both sides of a chunk boundary, whole head
+    g[1, 45, :, 5] = -float("inf")  # inside a chunk
+    g[1, 50:] *= 1e37 if dtype == torch.float32 else 1e300  # running sums past the dtype's range
+    inputs = [x.to(dtype) for x in (q, k, v, g, beta)] + [s0.to(dtype)]
+    o, s = kda(*inputs)
+    ro, rs = kda_loop(*inputs)
+    assert torch.isfinite(o).all() and torch.isfinite(s).all()
+    tol = 1e-10 if dtype == torch.float64 else 1e-5
+    assert rel(o, ro) < tol and rel(s, rs) < tol

@@ -148,3 +148,21 @@ def test_cuda_paths(dtype, T):
             captured = moe.moe_experts(*static)
         graph.replay()
         torch.testing.assert_close(captured, out)
+
+
+@pytest.mark.parametrize("bad_id", [-1, 4, 2 ** 40])
+@pytest.mark.parametrize("mode", ["eager", "compiled", "backward_op"])
+def test_out_of_range_expert_ids_raise_before_any_allocation(bad_id, mode):
+    """An id outside [0, E) raises ValueError naming topk_ids before anything is sized from the ids (2**40 would
+    make bincount allocate terabytes)."""
+    x, ids, w, wg, wu, wd = make(5, 16, 8, 4, 2, seed=3)
+    ids = ids.clone()
+    ids[3, 1] = bad_id
+    with pytest.raises(ValueError, match=r"topk_ids must hold expert ids in \[0, E=4\)"):
+        if mode == "eager":
+            moe.moe_experts(x, ids, w, wg, wu, wd)
+        elif mode == "compiled":
+            torch._dynamo.reset()
+            torch.compile(moe.moe_experts, fullgraph=True, backend="aot_eager")(x, ids, w, wg, wu, wd)
+        else:
+            torch.ops.kimi.moe_experts_backward(torch.randn(5, 16), x, ids, w, wg, wu, wd)

@@ -1,4 +1,4 @@
-"""The Triton kernel of kimi::short_conv (ops/short_conv_triton.py).
+"""The Triton kernel of kimi::short_conv (ops/short_conv/kernel.py).
 
 CPU: the kernel runs under TRITON_INTERPRET=1 in a subprocess (the variable must be set before triton is
 imported) and is compared with a plain float64 loop written in that script.  GPU: ``@pytest.mark.cuda``
@@ -19,7 +19,7 @@ INTERPRETER_SCRIPT = textwrap.dedent(r'''
     import json, os, sys
     os.environ["TRITON_INTERPRET"] = "1"
     import torch
-    from kimi_compile.ops import short_conv_triton as sct
+    from kimi_compile.ops.short_conv import kernel as sct
 
     def loop_reference(x, w, b, s, activation):
         """y[b, t, c] = act(bias[c] + sum_j w[c, j] * xpad[b, t + j, c]), xpad = [state | x]; float64 loops."""
@@ -132,7 +132,7 @@ def test_launcher_uses_the_launch_config(interpreted):
 
 
 def test_launch_config_is_symbolic_in_batch_and_length():
-    from kimi_compile.ops.short_conv_triton import short_conv_launch_config
+    from kimi_compile.ops.short_conv.kernel import short_conv_launch_config
 
     B, T = Sym.var("B"), Sym.var("T")
     for C, W in ((8, 4), (96, 4), (130, 3), (4096, 4), (1, 1)):
@@ -152,7 +152,7 @@ def test_launch_config_is_symbolic_in_batch_and_length():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_cuda_kernel_matches_reference(dtype):
     from kimi_compile.ops.short_conv import short_conv_reference
-    from kimi_compile.ops.short_conv_triton import short_conv_forward
+    from kimi_compile.ops.short_conv.kernel import short_conv_forward
 
     g = torch.Generator(device="cuda").manual_seed(0)
     for B, T, C, W, bias, state, act in ((1, 1, 4096, 4, False, True, "silu"), (2, 37, 130, 4, True, True, "none"),
@@ -171,7 +171,7 @@ def test_cuda_kernel_matches_reference(dtype):
 @pytest.mark.cuda
 def test_cuda_op_dispatches_to_triton(monkeypatch):
     import kimi_compile.ops as kops
-    from kimi_compile.ops import short_conv_triton
+    from kimi_compile.ops.short_conv import kernel as short_conv_triton
 
     calls = []
     real = short_conv_triton.short_conv_forward

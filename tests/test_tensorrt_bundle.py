@@ -285,7 +285,7 @@ def test_aot_impl_returns_the_ptx_and_the_launchers_launch(bundle, model_proto, 
 def test_embedded_launch_configs_are_the_launchers_functions(bundle):
     import inspect
 
-    from kimi_compile.ops import short_conv_triton
+    from kimi_compile.ops.short_conv import kernel as short_conv_triton
 
     source = bundle.registration_module.read_text()
     for fn in (short_conv_triton.short_conv_launch_config, lt.kda_recurrent_launch_config):
@@ -320,7 +320,8 @@ PLUGIN_KERNEL_SCRIPT = textwrap.dedent(r'''
     import torch
     from kimi_compile.lowering import plugin_spec as ps
     from kimi_compile.lowering import tensorrt as lt
-    from kimi_compile.ops import kda_triton, short_conv_triton
+    from kimi_compile.ops.kda import recurrent as kda_triton
+    from kimi_compile.ops.short_conv import kernel as short_conv_triton
 
     variants = json.loads(sys.argv[1])
 

@@ -10,7 +10,8 @@ import pytest
 
 triton = pytest.importorskip("triton")
 
-KERNEL_MODULES = ["kda_triton", "kda_triton_bwd", "short_conv_triton", "attn_res_triton"]
+KERNEL_MODULES = ["kda.common", "kda.intra", "kda.chunk_pass", "kda.recurrent", "kda.backward", "short_conv.kernel",
+                  "attn_res.kernel"]
 
 
 def _jit_functions():
@@ -35,8 +36,9 @@ def _kernels():
 
 def test_kernels_found():
     names = [n for n, _ in _kernels()]
-    assert "short_conv_triton.short_conv_kernel" in names and len(names) >= 10, names
-    assert "kda_triton._seq_bounds" not in names  # a helper
+    assert "short_conv.kernel.short_conv_kernel" in names and len(names) == 9, names  # 5 KDA, 1 conv, 3 AttnRes
+    assert "kda.common._seq_bounds" not in names  # a helper
+    assert "kda.intra._kda_intra_kernel" in names and "kda.backward._kda_chunk_bwd_kernel" in names
 
 
 @pytest.mark.parametrize("name,kernel", list(_kernels()), ids=[n for n, _ in _kernels()])

@@ -18,40 +18,32 @@ lowerings all follow it)::
 Per head and token: S <- diag(exp(g_t)) S;  S <- S + beta_t k_t (v_t - k_t^T S)^T;  o_t = scale q_t^T S.
 This is ONNX opset 27 LinearAttention, update_rule "gated_delta", with per-key-channel decay.
 
-Chunked form used by the reference (chunk of C tokens, G_t = sum_{s<=t} g_s inside the chunk, S0 the state
-at the chunk start, e_t = beta_t (v_t - k_t^T diag(exp g_t) S_{t-1}) the delta-rule update of token t):
-
-    S_t = diag(exp G_t) S0 + sum_{j<=t} diag(exp(G_t - G_j)) k_j e_j^T
-    (I + diag(beta) A) E = diag(beta) (V - (K * exp G) S0),  A_tj = sum_c k_tc k_jc exp(G_tc - G_jc), j < t
-    O   = scale ((Q * exp G) S0 + P E),                     P_tj = sum_c q_tc k_jc exp(G_tc - G_jc), j <= t
-    S_C = diag(exp G_C) S0 + (K * exp(G_C - G))^T E
-
-Every exponent is a difference G_t - G_j with j <= t, which is <= 0 for g <= 0: nothing overflows, however
-strong the decay, and no future gate reaches an earlier output.
+The chunked float64 form and a plain token loop are in ``naive.py`` (the oracle).
 
 Precision (CUDA): the state and every accumulation are float32. bf16 inputs keep the chunk intermediates and
 the dot operands in bf16, forward and backward (relative error against float64 <= 5e-3 for outputs and
 gradients, tested); float32 inputs stay float32 throughout (<= 1e-4 with TF32 off); float64 runs the
-reference. docs/kda_kernels.md has the details.
+reference (decided once, in the registration below). docs/kda_kernels.md has the details.
 """
 
 from __future__ import annotations
 
+import functools
+import importlib
 import importlib.util
 from typing import Optional
 
 import torch
 from torch import Tensor
 
-from ._checks import check_dim, check_float, check_same_device, check_tensor
+from .._checks import check_dim, check_float, check_same_device, check_tensor
+from .naive import REFERENCE_CHUNK, kda_reference_backward, kda_reference_chunked, kda_reference_loop, state_dtype
+from .tuning import KDATuning, current_tuning, kda_tuning
 
-CHUNK = 32  # reference chunk: the [C, C, K] decay tile costs T*C*K, so shorter chunks are faster on CPU
+__all__ = ["kda", "kda_reference_chunked", "kda_reference_loop", "check_kda_args", "state_dtype", "KDATuning",
+           "current_tuning", "kda_tuning", "MAX_HEAD_DIM", "REFERENCE_CHUNK"]
+
 MAX_HEAD_DIM = 256  # the largest K or V the Triton kernels accept
-
-
-def state_dtype(v_dtype: torch.dtype) -> torch.dtype:
-    """The recurrent state is float32; float64 inputs keep a float64 state so references stay exact."""
-    return torch.float64 if v_dtype == torch.float64 else torch.float32
 
 
 def check_kda_args(q, k, v, g, beta, initial_state, scale, cu_seqlens) -> None:
@@ -109,87 +101,25 @@ def check_cu_seqlens_values(cu_seqlens: Tensor, T: int) -> None:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Reference implementation (any device; differentiable torch ops; exact in float64)
+# Backend choice, made once here: the Triton kernels for CUDA tensors (float16 / bfloat16 / float32), the
+# reference for float64 (kept exact) and wherever Triton is missing.
 # ---------------------------------------------------------------------------------------------------------------
 
-def _kda_chunked_dense(q, k, v, g, beta, state, scale: float, chunk: int = CHUNK):
-    """One batch of equal-length sequences. q, k, g: [B, T, HV, K] (q/k already expanded to HV heads),
-    v: [B, T, HV, V], beta: [B, T, HV], state: [B, HV, K, V]; all in the compute dtype."""
-    q, k, v, g = (x.transpose(1, 2) for x in (q, k, v, g))  # [B, HV, T, *]
-    beta = beta.transpose(1, 2)
-    T = q.shape[2]
-    outs = []
-    for start in range(0, T, chunk):
-        end = min(start + chunk, T)
-        qc, kc, vc, gc, bc = (x[:, :, start:end] for x in (q, k, v, g, beta))
-        C = end - start
-        G = gc.cumsum(dim=-2)  # [B, HV, C, K]
-        causal = torch.ones(C, C, dtype=torch.bool, device=q.device).tril()
-        gap = G.unsqueeze(-2) - G.unsqueeze(-3)  # [B, HV, t, j, K] = G_t - G_j
-        decay = torch.where(causal[..., None], gap, float("-inf")).exp()
-        P = torch.einsum("bhtc,bhjc,bhtjc->bhtj", qc, kc, decay)
-        A = torch.einsum("bhtc,bhjc,bhtjc->bhtj", kc, kc, decay).tril(-1)
-        eye = torch.eye(C, dtype=q.dtype, device=q.device)
-        lhs = eye + bc[..., None] * A
-        rhs = bc[..., None] * (vc - (kc * G.exp()) @ state)
-        E = torch.linalg.solve_triangular(lhs, rhs, upper=False, unitriangular=True)
-        outs.append(scale * ((qc * G.exp()) @ state + P @ E))
-        G_last = G[:, :, -1:]  # [B, HV, 1, K]
-        state = G_last.exp().transpose(-1, -2) * state + (kc * (G_last - G).exp()).transpose(-1, -2) @ E
-    if not outs:
-        return v.transpose(1, 2).new_zeros(v.shape[0], 0, v.shape[1], v.shape[3]), state
-    return torch.cat(outs, dim=2).transpose(1, 2), state
+@functools.lru_cache(maxsize=None)
+def _triton_modules():
+    """(forward, backward) Triton modules, or None without Triton. Imported on first CUDA use, not with the op:
+    Triton is optional, and its interpreter mode (TRITON_INTERPRET) is fixed when the kernels are decorated."""
+    if importlib.util.find_spec("triton") is None:
+        return None
+    return (importlib.import_module(f"{__name__}.forward"), importlib.import_module(f"{__name__}.backward"))
 
 
-def kda_reference_chunked(q, k, v, g, beta, initial_state=None, scale=None, cu_seqlens=None, chunk: int = CHUNK):
-    """The KDA recurrence in chunked PyTorch (no per-token loop); float64 in, float64-exact out.
-
-    Computes in float32 (float64 for float64 inputs); returns o in v's dtype and a new state."""
-    B, T, H, K = q.shape
-    HV, V = v.shape[2], v.shape[3]
-    sdt = state_dtype(v.dtype)
-    cdt = torch.float64 if v.dtype == torch.float64 else torch.float32
-    scale = K ** -0.5 if scale is None else float(scale)
-    group = HV // H
-    qx, kx = (x.to(cdt).repeat_interleave(group, dim=2) for x in (q, k))
-    vx, gx, bx = v.to(cdt), g.to(cdt), beta.to(cdt)
-    N = B if cu_seqlens is None else cu_seqlens.shape[0] - 1
-    if initial_state is None:
-        s0 = torch.zeros(N, HV, K, V, dtype=cdt, device=q.device)
-    else:
-        s0 = initial_state.to(cdt)
-    if cu_seqlens is None:
-        o, s = _kda_chunked_dense(qx, kx, vx, gx, bx, s0, scale, chunk)
-    else:
-        offsets = cu_seqlens.tolist()
-        outs, states = [], []
-        for n in range(N):
-            lo, hi = offsets[n], offsets[n + 1]
-            o_n, s_n = _kda_chunked_dense(qx[:, lo:hi], kx[:, lo:hi], vx[:, lo:hi], gx[:, lo:hi], bx[:, lo:hi],
-                                          s0[n:n + 1], scale, chunk)
-            outs.append(o_n)
-            states.append(s_n)
-        o, s = torch.cat(outs, dim=1), torch.cat(states, dim=0)
-    return o.to(v.dtype).contiguous(), s.to(sdt).contiguous()
+def _use_triton(q: Tensor, v: Tensor) -> bool:
+    return q.is_cuda and torch.float64 not in (q.dtype, v.dtype) and _triton_modules() is not None
 
 
-def _kda_reference_backward(q, k, v, g, beta, initial_state, scale, cu_seqlens, do, dstate):
-    """Gradients of the chunked reference by reverse-mode AD (torch.func.vjp works inside an op kernel,
-    where plain autograd is switched off)."""
-    has_state = initial_state is not None
-    if not has_state:
-        N = q.shape[0] if cu_seqlens is None else cu_seqlens.shape[0] - 1
-        initial_state = torch.zeros(N, v.shape[2], q.shape[3], v.shape[3], dtype=state_dtype(v.dtype), device=q.device)
-
-    def fwd(q_, k_, v_, g_, b_, s_):
-        return kda_reference_chunked(q_, k_, v_, g_, b_, s_, scale, cu_seqlens)
-
-    _, vjp = torch.func.vjp(fwd, q, k, v, g, beta, initial_state)
-    return vjp((do.to(v.dtype), dstate.to(initial_state.dtype)))
-
-
-def _triton_ready(t: Tensor) -> bool:
-    return t.is_cuda and importlib.util.find_spec("triton") is not None
+def _default_scale(q: Tensor, scale: Optional[float]) -> float:
+    return q.shape[-1] ** -0.5 if scale is None else float(scale)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -208,12 +138,10 @@ def _kda_op(q: Tensor, k: Tensor, v: Tensor, g: Tensor, beta: Tensor, initial_st
 @_kda_op.register_kernel("cuda")
 def _kda_cuda(q, k, v, g, beta, initial_state=None, scale=None, cu_seqlens=None):
     check_kda_args(q, k, v, g, beta, initial_state, scale, cu_seqlens)
-    if not _triton_ready(q):
+    if not _use_triton(q, v):
         return kda_reference_chunked(q, k, v, g, beta, initial_state, scale, cu_seqlens)
-    from . import kda_triton
-
-    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
-    return kda_triton.kda_forward(q, k, v, g, beta, initial_state, scale, cu_seqlens)
+    forward, _ = _triton_modules()
+    return forward.kda_forward(q, k, v, g, beta, initial_state, _default_scale(q, scale), cu_seqlens)
 
 
 @_kda_op.register_fake
@@ -231,30 +159,27 @@ def _kda_fake(q, k, v, g, beta, initial_state=None, scale=None, cu_seqlens=None)
 def _kda_backward_op(q: Tensor, k: Tensor, v: Tensor, g: Tensor, beta: Tensor, initial_state: Optional[Tensor],
                      scale: Optional[float], cu_seqlens: Optional[Tensor], do: Tensor, dstate: Tensor
                      ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """Gradients of kimi::kda for (q, k, v, g, beta, initial_state); the last is zeros when there is no state."""
-    grads = _kda_reference_backward(q, k, v, g, beta, initial_state, scale, cu_seqlens, do, dstate)
-    return tuple(x.contiguous() for x in grads)
+    """Gradients of kimi::kda for (q, k, v, g, beta, initial_state); the last is zeros when there is no state.
+    Every gradient is a new contiguous tensor (the fake says so too)."""
+    return kda_reference_backward(q, k, v, g, beta, initial_state, scale, cu_seqlens, do, dstate)
 
 
 @_kda_backward_op.register_kernel("cuda")
 def _kda_backward_cuda(q, k, v, g, beta, initial_state, scale, cu_seqlens, do, dstate):
-    if not _triton_ready(q):
-        grads = _kda_reference_backward(q, k, v, g, beta, initial_state, scale, cu_seqlens, do, dstate)
-        return tuple(x.contiguous() for x in grads)
-    from . import kda_triton_bwd
-
-    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
-    dq, dk, dv, dg, dbeta, ds0 = kda_triton_bwd.kda_backward(q, k, v, g, beta, initial_state, scale, cu_seqlens,
-                                                             do, dstate)
+    if not _use_triton(q, v) or not _triton_modules()[1].triton_backward_supported(q, v):
+        return kda_reference_backward(q, k, v, g, beta, initial_state, scale, cu_seqlens, do, dstate)
+    _, backward = _triton_modules()
+    dq, dk, dv, dg, dbeta, ds0 = backward.kda_backward(q, k, v, g, beta, initial_state, _default_scale(q, scale),
+                                                       cu_seqlens, do, dstate)
     if ds0 is None:
-        ds0 = torch.zeros_like(dstate)
+        ds0 = torch.zeros_like(dstate, memory_format=torch.contiguous_format)
     return dq, dk, dv, dg, dbeta, ds0
 
 
 @_kda_backward_op.register_fake
 def _kda_backward_fake(q, k, v, g, beta, initial_state, scale, cu_seqlens, do, dstate):
-    return (torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), torch.empty_like(g),
-            torch.empty_like(beta), torch.empty_like(dstate))
+    # contiguous, as every kernel returns them (empty_like would copy a permuted input's strides)
+    return tuple(x.new_empty(x.shape) for x in (q, k, v, g, beta, dstate))
 
 
 def _kda_setup_context(ctx, inputs, output):
@@ -278,6 +203,5 @@ def kda(q: Tensor, k: Tensor, v: Tensor, g: Tensor, beta: Tensor, initial_state:
         scale: Optional[float] = None, cu_seqlens: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
     """Kimi Delta Attention; see the module docstring for shapes and math. Returns (o, final_state)."""
     check_kda_args(q, k, v, g, beta, initial_state, scale, cu_seqlens)
-    if scale is None:
-        scale = q.shape[-1] ** -0.5
-    return torch.ops.kimi.kda(q, k, v, g, beta, initial_state, float(scale), cu_seqlens)
+    return torch.ops.kimi.kda(q, k, v, g, beta, initial_state, _default_scale(q, scale), cu_seqlens)
+

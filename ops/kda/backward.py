@@ -1,16 +1,17 @@
-"""Triton CUDA backward of ``kimi::kda`` (chunked, every stage in Triton).
-
-Entry point used by the op registration in ``ops/kda.py``::
+"""The chunked KDA backward in Triton: gradients of kimi::kda for (q, k, v, g, beta, initial_state).
 
     kda_backward(q, k, v, g, beta, initial_state, scale, cu_seqlens, do, dfinal_state)
-        -> (dq, dk, dv, dg, dbeta, dinitial_state)
+        -> (dq, dk, dv, dg, dbeta, dinitial_state or None)
 
-Stages (per chunk of 64 tokens; docs/kda_kernels.md has the derivation):
+For float16 / bfloat16 / float32 inputs; the registration (ops/kda/__init__.py) sends float64, and float32 /
+float16 at K > 128 (their float32 [C, K] tiles do not fit the reverse pass's shared memory), to the reference.
 
-1. ``_kda_intra_kernel`` (forward module) recomputes w, u, qg, kg, Aqk, gam and stores T = (I+Akk)^-1
-   (float32). w, u, qg, kg, Aqk are bf16 for bf16 inputs (float32 otherwise), as in the forward.
-2. ``_kda_pass_kernel`` recomputes the chunk-start states h_c and U = u - w h_c (stored: bf16 for bf16
-   inputs at K <= 128, else float32; the state itself is carried in float32).
+Stages (per chunk of KERNEL_CHUNK tokens; docs/kda_kernels.md has the derivation):
+
+1. the intra kernel (WU form) recomputes w, u, qg, kg, Aqk, gam and stores T = (I+Akk)^-1 (float32);
+   w, u, qg, kg, Aqk are bf16 for bf16 inputs (float32 otherwise), as in the forward.
+2. the forward pass recomputes the chunk-start states h_c and U = u - w h_c (stored: bf16 for bf16 inputs at
+   K <= 128, else float32; the state itself is carried in float32).
 3. ``_kda_pass_bwd_kernel`` runs the chunks in reverse: stores dh'_c (gradient of the chunk-end state),
    dU = Aqk^T dO + kg dh'_c, and dh_c = qg^T dO + gam dh'_c - w^T dU; the last one is dinitial_state
    (dh carried in float32, stored like h).
@@ -18,6 +19,10 @@ Stages (per chunk of 64 tokens; docs/kda_kernels.md has the derivation):
    dAqk = dO U^T, dBv = T^T dU, dAkk = -dBv U^T, dBk = -dBv h^T = -T^T (dU h^T), dQg = dO h^T,
    dKg = U dh'^T, dgam = sum_v h * dh', through the same three exponent regimes as the forward (one
    anchor per key block when its chunk decay is <= span_max, 16-block anchors, the slow exact path).
+
+Tuning (KDATuning bwd_*): the numbers behind each default are in docs/benchmarks.md and docs/kda_kernels.md
+(e.g. bf16 intermediates and states: kda_backward at T=8192 5.33 -> 3.40 ms, gradient error vs float64
+2.2e-3 -> 3.7e-3, bound 5e-3).
 """
 from __future__ import annotations
 
@@ -25,37 +30,20 @@ import torch
 import triton
 import triton.language as tl
 
-from .kda_triton import (CHUNK, _CFG, _gate2d, _key_block, _block_ends, _anchor_rows, _block_mult, _blockdiag_from_2d,
-                         _seq_bounds, _seq_span, _slow_tiles, _state_tile, _load_state, _launch, _np2, _modes,
-                         _prep, _intermediates, _pass_forward, fit_stages)
+from .chunk_pass import fit_stages, pass_forward
+from .common import (KERNEL_CHUNK, _anchor_rows, _block_ends, _block_mult, _blockdiag_from_2d, _gate2d, _key_block,
+                     _launch, _load_state, _modes, _np2, _seq_bounds, _seq_span, _slow_tiles, _state_tile)
+from .forward import contiguous_inputs
+from .intra import intra_intermediates
+from .tuning import current_tuning
 
-# chunk kernel tiles. Measured at T=8192: BK 16 -> 32 cut kda_backward from 6.17 to 5.36 ms (session 3);
-# BK 32 / BV 32 -> 64 / 64 with bf16 states: 3.76 -> 3.40 ms (session 4 call 3)
-_CFG.setdefault("bwd_bk", 64)
-_CFG.setdefault("bwd_bv", 64)
-_CFG.setdefault("bwd_warps", 8)
-_CFG.setdefault("bwd_pass_bv", 32)
-_CFG.setdefault("bwd_pass_warps", 8)
-# bf16 inputs: w, u, qg, kg, Aqk (what the two sequential passes read) in bf16 instead of float32, their dots
-# on bf16 operands (h, dh' stay float32; only the dot operands are rounded), the recompute's Akk / Aqk dots
-# on bf16 operands. Measured (docs/benchmarks.md, session 4 call 1): kda_backward at T=8192 5.33 -> 3.68 ms,
-# gradient error vs float64 2.2e-3 -> 2.7e-3 (bound 5e-3). Two pipeline stages fit with bf16 tiles.
-_CFG.setdefault("bwd_store_lowp", True)
-_CFG.setdefault("bwd_a_lowp", True)
-_CFG.setdefault("bwd_pass_lowp", True)
-# Forward pass inside the backward: value block 32 (64: 5.33 ms, 32 with two stages: 5.06 ms with float32
-# intermediates). Pipeline depths (run 10, T=8192): forward pass 4 stages (156 KB with bf16 tiles), reverse pass
-# 3 (196 KB): kda_backward 3.405 -> 3.267 ms against 2 / 2. fit_stages lowers a depth that does not fit the
-# device's shared memory (float32 intermediates: the forward pass gets 2 on an H200); the reverse pass keeps one
-# stage for float32 intermediates (bwd_pass_stages None).
-_CFG.setdefault("bwd_fpass_bv", 32)
-_CFG.setdefault("bwd_fpass_stages", 4)
-_CFG.setdefault("bwd_fpass_warps", 4)
-_CFG.setdefault("bwd_pass_stages", None)
-# bf16 inputs: the chunk states h, dh' and U, dU stored in bf16 for the chunk kernel (the passes carry them in
-# float32). Measured: 3.55 -> 3.40 ms at T=8192 (BK 64 / BV 64); largest gradient error vs float64 3.0e-3 ->
-# 3.7e-3 at the GPU test's shape (bound 5e-3; FLA stores its chunk states in bf16 too)
-_CFG.setdefault("bwd_state_lowp", True)
+
+def triton_backward_supported(q: torch.Tensor, v: torch.Tensor) -> bool:
+    """Whether kda_backward handles these inputs: not float64 (kept exact by the reference), and at K > 128 only
+    bf16 (float32 [C, K] tiles of kg, qg, w do not fit the reverse pass's shared memory)."""
+    if torch.float64 in (q.dtype, v.dtype):
+        return False
+    return q.shape[-1] <= 128 or (q.dtype == v.dtype == torch.bfloat16)
 
 
 @triton.jit
@@ -327,11 +315,10 @@ def _kda_chunk_bwd_kernel(q, k, v, g, beta, do, tinv, ubuf, dubuf, hs, dhs, flag
 
 
 def kda_backward(q, k, v, g, beta, initial_state, scale, cu_seqlens, do, dfinal_state):
-    """CUDA (Triton) backward of kimi::kda. Returns (dq, dk, dv, dg, dbeta, dinitial_state)."""
-    if torch.float64 in (q.dtype, k.dtype, v.dtype):
-        return _backward_float64(q, k, v, g, beta, initial_state, scale, cu_seqlens, do, dfinal_state)
+    """CUDA (Triton) backward of kimi::kda. Returns (dq, dk, dv, dg, dbeta, dinitial_state); all contiguous."""
+    cfg = current_tuning()
     q_dtype, k_dtype, v_dtype, g_dtype, b_dtype = q.dtype, k.dtype, v.dtype, g.dtype, beta.dtype
-    q, k, v, g, beta, initial_state = _prep(q, k, v, g, beta, initial_state)
+    q, k, v, g, beta, initial_state = contiguous_inputs(q, k, v, g, beta, initial_state)
     do = do.contiguous()
     if dfinal_state is not None:
         dfinal_state = dfinal_state.contiguous().float()
@@ -343,38 +330,38 @@ def kda_backward(q, k, v, g, beta, initial_state, scale, cu_seqlens, do, dfinal_
     fp32, bf16 = _modes(q, k, v)
     prec = "ieee" if fp32 else "tf32"
     varlen = cu_seqlens is not None
-    store_dtype = torch.bfloat16 if (bf16 and _CFG["bwd_store_lowp"]) else torch.float32
-    if K > 128:
-        # the reverse pass holds [C, K] tiles of kg, qg, w in shared memory: float32 ones do not fit at K = 256
-        if not bf16:
-            return _backward_float64(q, k, v, g, beta, initial_state, scale, cu_seqlens, do, dfinal_state)
+    store_dtype = torch.bfloat16 if (bf16 and cfg.bwd_store_lowp) else torch.float32
+    if not triton_backward_supported(q, v):
+        raise ValueError(f"kda_backward: no Triton backward for {q.dtype} inputs with K={K} (q.shape[3]); "
+                         "the op registration sends these to the reference")
+    if K > 128:  # the reverse pass holds [C, K] tiles of kg, qg, w in shared memory: only 16-bit ones fit at K = 256
         store_dtype = torch.bfloat16
 
-    inter = _intermediates(q, k, v, g, beta, scale, cu_seqlens, store_dtype=store_dtype,
-                           a_lowp=bf16 and _CFG["bwd_a_lowp"], prec=prec, store_t=True)
+    inter = intra_intermediates(q, k, v, g, beta, scale, cu_seqlens, store_dtype=store_dtype,
+                                a_lowp=bf16 and cfg.bwd_a_lowp, prec=prec, store_t=True)
     NS = inter["NS"]
     lowp_inter = store_dtype == torch.bfloat16
-    pass_lowp = lowp_inter and _CFG["bwd_pass_lowp"] and K <= 128
+    pass_lowp = lowp_inter and cfg.bwd_pass_lowp and K <= 128
     # the passes keep h, dh' in float32 registers; state_dtype is only what they store for the chunk kernel
-    state_dtype = torch.bfloat16 if (lowp_inter and _CFG["bwd_state_lowp"] and K <= 128) else torch.float32
+    state_dtype = torch.bfloat16 if (lowp_inter and cfg.bwd_state_lowp and K <= 128) else torch.float32
     hs = torch.empty(HV, NS, K, V, device=dev, dtype=state_dtype)
     ubuf = torch.empty(HV, TT, V, device=dev, dtype=state_dtype)
-    # bv / stages / warps apply at K <= 128 (_pass_forward keeps K = 256 to its own tiles)
-    _pass_forward(inter, initial_state, None, N, HV, H, K, V, T, cu_seqlens, lowp=pass_lowp,
-                  prec=prec, store_o=False, hs=hs, ubuf=ubuf, bv=_CFG["bwd_fpass_bv"],
-                  nseg=1,  # segments measured slower here (session 4 call 1: 5.45-6.20 ms against 5.06)
-                  stages=_CFG["bwd_fpass_stages"], warps=_CFG["bwd_fpass_warps"])
+    # bv / stages / warps apply at K <= 128 (pass_forward keeps K = 256 to its own tiles); one segment: more
+    # measured slower here too (docs/kda_kernels.md)
+    pass_forward(inter, initial_state, None, N, HV, H, K, V, T, cu_seqlens, lowp=pass_lowp,
+                 prec=prec, store_o=False, hs=hs, ubuf=ubuf, bv=cfg.bwd_fpass_bv,
+                 stages=cfg.bwd_fpass_stages, warps=cfg.bwd_fpass_warps)
 
     dhs = torch.empty(HV, NS, K, V, device=dev, dtype=state_dtype)
     dubuf = torch.empty(HV, TT, V, device=dev, dtype=state_dtype)
     dh0 = torch.empty(N, HV, K, V, device=dev, dtype=torch.float32) if initial_state is not None else None
     BKp = _np2(K)
-    BVp = min(_CFG["bwd_pass_bv"], _np2(V))
+    BVp = min(cfg.bwd_pass_bv, _np2(V))
     rev_stages = 1
     if K <= 128:
-        rev_stages = _CFG["bwd_pass_stages"] or (3 if lowp_inter else 1)
+        rev_stages = cfg.bwd_pass_stages or (3 if lowp_inter else 1)
         es = inter["w"].element_size()  # per stage: w, qg, kg, Aqk and the dO tile
-        rev_stages = fit_stages(rev_stages, es * (3 * CHUNK * BKp + CHUNK * CHUNK) + do.element_size() * CHUNK * BVp,
+        rev_stages = fit_stages(rev_stages, es * (3 * KERNEL_CHUNK * BKp + KERNEL_CHUNK * KERNEL_CHUNK) + do.element_size() * KERNEL_CHUNK * BVp,
                                 dev)
     dummy = inter["gam"]
     _launch(_kda_pass_bwd_kernel, (triton.cdiv(V, BVp), N * HV),
@@ -382,9 +369,9 @@ def kda_backward(q, k, v, g, beta, initial_state, scale, cu_seqlens, do, dfinal_
             dfinal_state if dfinal_state is not None else dummy, dh0 if dh0 is not None else dummy,
             dhs, dubuf, cu_seqlens if varlen else dummy, inter["cchunk"] if varlen else dummy,
             T, TT, NS,
-            H=H, HV=HV, K=K, V=V, BK=BKp, BV=BVp, C=CHUNK, IS_VARLEN=varlen,
+            H=H, HV=HV, K=K, V=V, BK=BKp, BV=BVp, C=KERNEL_CHUNK, IS_VARLEN=varlen,
             USE_DHT=dfinal_state is not None, STORE_DH0=dh0 is not None, LOWP=pass_lowp,
-            PREC=prec, num_warps=_CFG["bwd_pass_warps"], num_stages=rev_stages)
+            PREC=prec, num_warps=cfg.bwd_pass_warps, num_stages=rev_stages)
 
     per_hv = HV != H
     if per_hv:
@@ -396,39 +383,20 @@ def kda_backward(q, k, v, g, beta, initial_state, scale, cu_seqlens, do, dfinal_
     dv = torch.empty(B, T, HV, V, device=dev, dtype=v_dtype)
     dg = torch.empty(B, T, HV, K, device=dev, dtype=g_dtype)
     dbeta = torch.empty(B, T, HV, device=dev, dtype=b_dtype)
-    BK = min(_CFG["bwd_bk"], _np2(K))
-    BV = min(_CFG["bwd_bv"], _np2(V))
+    BK = min(cfg.bwd_bk, _np2(K))
+    BV = min(cfg.bwd_bv, _np2(V))
     for slow in (False, True):
         _launch(_kda_chunk_bwd_kernel, (NS, HV),
                 q, k, v, g, beta, do, inter["tinv"], ubuf, dubuf, hs, dhs, inter["flags"],
                 dq, dk, dv, dg, dbeta,
                 cu_seqlens if varlen else dummy,
                 inter["cseq"] if varlen else dummy, inter["cidx"] if varlen else dummy,
-                T, TT, NS, float(scale), float(_CFG["span_max"]),
-                H=H, HV=HV, K=K, V=V, BK=BK, BV=BV, C=CHUNK, IS_VARLEN=varlen, QK_PER_HV=per_hv,
-                PREC=prec, SLOW=slow, num_warps=_CFG["bwd_warps"], num_stages=1)
+                T, TT, NS, float(scale), float(cfg.span_max),
+                H=H, HV=HV, K=K, V=V, BK=BK, BV=BV, C=KERNEL_CHUNK, IS_VARLEN=varlen, QK_PER_HV=per_hv,
+                PREC=prec, SLOW=slow, num_warps=cfg.bwd_warps, num_stages=1)
     if per_hv:
         G = HV // H
         dq = dq.view(B, T, H, G, K).sum(3).to(q_dtype)
         dk = dk.view(B, T, H, G, K).sum(3).to(k_dtype)
     return dq, dk, dv, dg, dbeta, dh0
 
-
-def _backward_float64(q, k, v, g, beta, initial_state, scale, cu_seqlens, do, dfinal_state):
-    """Gradients by reverse-mode AD of the chunked PyTorch reference (ops/kda.py): float64 inputs (exact),
-    and float32 / float16 inputs with K > 128 (no Triton backward there)."""
-    from .kda import kda_reference_chunked
-    has_state = initial_state is not None
-    if not has_state:
-        N = q.shape[0] if cu_seqlens is None else cu_seqlens.shape[0] - 1
-        sdt = torch.float64 if v.dtype == torch.float64 else torch.float32
-        initial_state = torch.zeros(N, v.shape[2], q.shape[3], v.shape[3], dtype=sdt, device=q.device)
-    if dfinal_state is None:
-        dfinal_state = torch.zeros_like(initial_state)
-
-    def fwd(q_, k_, v_, g_, b_, s_):
-        return kda_reference_chunked(q_, k_, v_, g_, b_, s_, scale, cu_seqlens)
-
-    _, vjp = torch.func.vjp(fwd, q, k, v, g, beta, initial_state)
-    dq, dk, dv, dg, db, ds = vjp((do.to(v.dtype), dfinal_state.to(initial_state.dtype)))
-    return dq, dk, dv, dg, db, (ds if has_state else None)

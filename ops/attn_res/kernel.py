@@ -24,7 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._device import device_guard, device_properties
+from .._device import device_guard, device_properties
 
 __all__ = [
     "attn_res_fwd",

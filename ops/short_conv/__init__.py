@@ -19,6 +19,8 @@ This is ONNX opset 27 CausalConvWithState up to layout ([B, C, T] there). Arithm
 
 from __future__ import annotations
 
+import functools
+import importlib
 import importlib.util
 from typing import Optional
 
@@ -26,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ._checks import check_float, check_same_device, check_tensor
+from .._checks import check_float, check_same_device, check_tensor
 
 ACTIVATIONS = ("silu", "none")
 
@@ -88,8 +90,17 @@ def _short_conv_reference_backward(x, weight, bias, initial_state, activation, d
     return vjp((dy.to(x.dtype), dstate.to(x.dtype)))
 
 
+@functools.lru_cache(maxsize=None)
+def _triton_kernel_module():
+    """ops/short_conv/kernel.py, or None without Triton. Imported on first CUDA use, not with the op: Triton is
+    optional, and its interpreter mode (TRITON_INTERPRET) is fixed when the kernel is decorated."""
+    if importlib.util.find_spec("triton") is None:
+        return None
+    return importlib.import_module(f"{__name__}.kernel")
+
+
 def _triton_ready(t: Tensor) -> bool:
-    return t.is_cuda and importlib.util.find_spec("triton") is not None
+    return t.is_cuda and _triton_kernel_module() is not None
 
 
 @torch.library.custom_op("kimi::short_conv", mutates_args=())
@@ -104,9 +115,7 @@ def _short_conv_cuda(x, weight, bias=None, initial_state=None, activation="silu"
     check_short_conv_args(x, weight, bias, initial_state, activation)
     if not _triton_ready(x):
         return short_conv_reference(x, weight, bias, initial_state, activation)
-    from . import short_conv_triton
-
-    return short_conv_triton.short_conv_forward(x, weight, bias, initial_state, activation)
+    return _triton_kernel_module().short_conv_forward(x, weight, bias, initial_state, activation)
 
 
 @_short_conv_op.register_fake
@@ -127,7 +136,8 @@ def _short_conv_backward_op(x: Tensor, weight: Tensor, bias: Optional[Tensor], i
 @_short_conv_backward_op.register_fake
 def _short_conv_backward_fake(x, weight, bias, initial_state, activation, dy, dstate):
     dbias = x.new_empty(x.shape[2], dtype=weight.dtype if bias is None else bias.dtype)
-    return torch.empty_like(x), torch.empty_like(weight), dbias, torch.empty_like(dstate)
+    # contiguous, as the kernel returns them (empty_like would copy a permuted input's strides)
+    return x.new_empty(x.shape), weight.new_empty(weight.shape), dbias, dstate.new_empty(dstate.shape)
 
 
 def _setup_context(ctx, inputs, output):

@@ -39,17 +39,20 @@ Phase 1 and merge are differentiable too (backward formulas in PyTorch, a few no
 path serves training and inference; the two-phase split pays off at inference.
 
 Kernels: the default implementation (any device) is plain PyTorch; on CUDA the float16 / bfloat16 /
-float32 cases run the Triton kernels of ``ops/attn_res_triton.py`` (float64 stays on the PyTorch path).
+float32 cases run the Triton kernels of ``ops/attn_res/kernel.py`` (float64 stays on the PyTorch path).
 """
 
 from __future__ import annotations
 
+import functools
+import importlib
+import importlib.util
 from typing import Tuple
 
 import torch
 from torch import Tensor
 
-from ._checks import check_float, check_same_device, check_tensor
+from .._checks import check_float, check_same_device, check_tensor
 
 __all__ = [
     "attn_res",
@@ -276,11 +279,16 @@ def _triton_kernels(t: Tensor):
     """The Triton launchers module for ``t`` (CUDA, half/bfloat16/float32), else None (-> PyTorch)."""
     if t.dtype not in _TRITON_DTYPES:
         return None
-    try:
-        from . import attn_res_triton
-    except ImportError:  # no Triton installed: the PyTorch implementation serves CUDA too
+    return _triton_kernel_module()
+
+
+@functools.lru_cache(maxsize=None)
+def _triton_kernel_module():
+    """ops/attn_res/kernel.py, or None without Triton (the PyTorch implementation serves CUDA too). Imported on
+    first use, not with the op: Triton is optional, and its interpreter mode is fixed when the kernels are decorated."""
+    if importlib.util.find_spec("triton") is None:
         return None
-    return attn_res_triton
+    return importlib.import_module(f"{__name__}.kernel")
 
 
 # --------------------------------------------------------------------------------------------

@@ -35,7 +35,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ._device import device_guard
+from .._device import device_guard
 
 __all__ = ["short_conv_forward", "short_conv_launch_config", "short_conv_kernel", "short_conv_signature",
            "short_conv_constexprs", "short_conv_plugin_constexprs", "TRITON_DTYPES"]

@@ -1,0 +1,55 @@
+"""The op table (lowering/registry.py) covers every registered kimi op, and every name in it exists."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import kimi_compile.ops  # noqa: F401  (registers torch.ops.kimi)
+from kimi_compile.lowering import plugin_spec, registry
+from kimi_compile.lowering.onnx import custom_translation_table
+
+FIELDS = ("reference", "fake", "cuda", "onnx", "onnx_fallback")
+
+
+def _registered_ops() -> set[str]:
+    return {n for n in torch._C._dispatch_get_all_op_names() if n.startswith("kimi::")}
+
+
+def test_every_registered_op_has_a_row_and_every_row_an_op():
+    rows = {row.op for row in registry.OPS}
+    assert len(rows) == len(registry.OPS), "duplicate rows"
+    assert _registered_ops() - rows == set(), "ops without a row in lowering/registry.py"
+    assert rows - _registered_ops() == set(), "rows for ops that are not registered"
+
+
+@pytest.mark.parametrize("row", registry.OPS, ids=[r.op for r in registry.OPS])
+def test_every_named_piece_exists(row):
+    pytest.importorskip("triton")  # the cuda entries live in the Triton kernel modules
+    for field in FIELDS:
+        ref = getattr(row, field)
+        if ref is not None:
+            assert callable(registry.resolve(ref)), (row.op, field, ref)
+    plugins = {s.op: s.plugin_id for s in plugin_spec.PLUGINS}
+    assert row.tensorrt_plugin == plugins.get(row.op), (row.op, row.tensorrt_plugin, plugins.get(row.op))
+
+
+def test_ops_without_tensorrt_plugin_are_stated():
+    assert {r.op for r in registry.OPS if r.tensorrt_plugin is None and not r.op.endswith("_backward")} == {
+        "kimi::attn_res", "kimi::attn_res_phase1", "kimi::attn_res_merge", "kimi::moe_experts"}
+
+
+def test_a_missing_row_or_name_is_caught(monkeypatch):
+    with pytest.raises(KeyError, match="kimi::nope"):
+        registry.row_for("kimi::nope")
+    with pytest.raises(AttributeError):
+        registry.resolve("kimi_compile.ops.kda.naive:no_such_function")
+
+
+@pytest.mark.parametrize("fallback", [False, True])
+def test_translation_table_is_the_registry(fallback):
+    table = custom_translation_table(fallback)
+    want = {getattr(torch.ops.kimi, n).default: registry.resolve(ref)
+            for n, ref in registry.onnx_lowerings(fallback).items()}
+    assert table == want and len(table) == 6
+    kda_lowering = table[torch.ops.kimi.kda.default].__name__
+    assert kda_lowering == ("kda_chunked" if fallback else "kda_linear_attention")
