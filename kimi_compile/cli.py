@@ -20,13 +20,10 @@ import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
+from .resolve import TINY_MODELS, resolve_model
+
 __all__ = ["main", "build_parser"]
 
-TINY_KINDS = {
-    "kimi_linear": ("kimi_linear", None),
-    "kimi_linear_attnres": ("kimi_linear", 2),
-    "k2": ("k2", None),
-}
 # largest |logits ORT - PyTorch| accepted per dtype (both sides compute in that dtype on CPU)
 TOLERANCE = {"float32": 1e-4, "float16": 5e-2, "bfloat16": 2.5e-1}
 
@@ -47,7 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="27: LinearAttention / CausalConvWithState; 18-21: the fallback graph (chunked KDA Loop)")
     p.add_argument("--fallback", action="store_true",
                    help="same as --opset 18: no opset-27 ops (for runtimes without LinearAttention)")
-    p.add_argument("--tiny", choices=sorted(TINY_KINDS), default="kimi_linear",
+    p.add_argument("--tiny", choices=sorted(TINY_MODELS), default="kimi_linear",
                    help="which built-in tiny model to export when --model is not given")
     p.add_argument("--seed", type=int, default=0, help="weight seed of the built-in tiny model")
     p.add_argument("--external-data", choices=("auto", "always", "never"), default="auto",
@@ -69,25 +66,10 @@ def _fmt_shape(shape) -> str:
 
 
 def _load_model(args):
-    import torch
-
-    from kimi_compile.config import tiny_config
-    from kimi_compile.model import KimiForCausalLM
-
-    dtype = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}.get(args.dtype)
     if args.model is None:
-        kind, block = TINY_KINDS[args.tiny]
-        model = KimiForCausalLM.from_config(tiny_config(kind, attn_res_block_size=block), seed=args.seed,
-                                            dtype=dtype or torch.float32)
-        label = f"built-in tiny {args.tiny}"
-    else:
-        from kimi_compile import load_model
-
-        if not os.path.isdir(args.model):
-            raise FileNotFoundError(f"--model {args.model}: no such directory")
-        model = load_model(args.model, dtype=dtype, progress=not args.quiet)
-        label = args.model
-    return model.eval(), label
+        model = resolve_model(None, args.dtype, tiny=args.tiny, seed=args.seed)
+        return model, f"built-in tiny {args.tiny}"
+    return resolve_model(args.model, args.dtype, progress=not args.quiet), args.model
 
 
 def _run_tensorrt(args) -> int:
