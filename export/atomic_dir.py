@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import secrets
 import shutil
 import tempfile
 from pathlib import Path
@@ -40,14 +41,16 @@ def staging_dir(out_dir: Union[str, os.PathLike]) -> Iterator[Path]:
         raise ValueError(f"out_dir {out_dir} exists and is not a directory")
     parent = out_dir.resolve().parent
     created_parents = [p for p in [parent, *parent.parents] if not p.exists()]
-    parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=parent))
+    # the name is fixed before the folder exists, so that a signal at any point finds it in ``finally``
+    tmp = parent / f".{out_dir.name}.tmp-{secrets.token_hex(6)}"
     done = False
     try:
+        parent.mkdir(parents=True, exist_ok=True)
+        tmp.mkdir(mode=0o700)
         yield tmp
         umask = os.umask(0)
         os.umask(umask)
-        os.chmod(tmp, 0o777 & ~umask)  # mkdtemp made it private
+        os.chmod(tmp, 0o777 & ~umask)  # private while written, like mkdtemp
         move_into_place(tmp, out_dir)
         done = True
     finally:
