@@ -7,7 +7,6 @@ bundle itself in ``test_tensorrt_bundle.py``.)"""
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -16,11 +15,13 @@ import time
 import warnings
 
 import pytest
+import torch
 
 from kimi_compile import KimiForCausalLM, tiny_config
 from kimi_compile.cli import EXIT_CODES, main
 from kimi_compile.config import DENSE, LINEAR
 from kimi_compile.export.onnx import ExportError, export_onnx
+from kimi_compile.resolve import parse_dtype, resolve_model
 
 
 def one_layer_model() -> KimiForCausalLM:
@@ -323,3 +324,55 @@ def test_export_rejects_non_model(tmp_path):
     with pytest.raises(ExportError, match="model must be"):
         export_onnx(object(), tmp_path / "o", progress=False)
     assert list(tmp_path.iterdir()) == []
+
+
+# ------------------------------------------------------------------------------------------------ resolve_model
+
+
+@pytest.mark.parametrize("value,want", [
+    (None, None), ("float32", torch.float32), ("torch.bfloat16", torch.bfloat16), ("bf16", torch.bfloat16),
+    ("half", torch.float16), (torch.float16, torch.float16),
+])
+def test_parse_dtype_accepts(value, want):
+    assert parse_dtype(value) is want
+
+
+@pytest.mark.parametrize("value", ["int8", "float64", torch.float64, torch.int32, 32, "", "floaty"])
+def test_parse_dtype_rejects_and_names_the_argument(value):
+    with pytest.raises(ValueError, match=r"^export dtype must be one of float32, float16, bfloat16, got"):
+        parse_dtype(value, name="export dtype")
+
+
+def test_parse_dtype_choices():
+    from kimi_compile.dtypes import MODEL_DTYPES
+
+    assert parse_dtype("fp64", choices=MODEL_DTYPES) is torch.float64
+
+
+@pytest.mark.parametrize("kwargs,exc,match", [
+    (dict(tiny="gpt2"), ValueError, "tiny must be one of kimi_linear, kimi_linear_attnres, k2"),
+    (dict(seed=-1), ValueError, "seed must be"),
+    (dict(seed=1.5), ValueError, "seed must be"),
+    (dict(dtype="int8"), ValueError, "dtype must be"),
+    (dict(model="/nonexistent/ckpt"), FileNotFoundError, "model /nonexistent/ckpt"),
+    (dict(model=object()), TypeError, "model must be"),
+    (dict(model="MODEL", tiny="k2"), ValueError, "tiny="),
+    (dict(model="MODEL", seed=1), ValueError, "seed="),
+    (dict(model="MODEL", dtype="bfloat16"), ValueError, "dtype=torch.bfloat16"),
+])
+def test_resolve_model_rejects_and_names_the_argument(kwargs, exc, match):
+    if kwargs.get("model") == "MODEL":
+        kwargs["model"] = one_layer_model()
+    with pytest.raises(exc, match=match):
+        resolve_model(**kwargs)
+
+
+def test_resolve_model_builds_the_named_tiny_model():
+    model = resolve_model(None, "bfloat16", tiny="kimi_linear_attnres", seed=4)
+    assert model.dtype == torch.bfloat16 and model.config.attn_res_block_size == 2 and not model.training
+    again = resolve_model(tiny="kimi_linear_attnres", seed=4)
+    other = resolve_model(tiny="kimi_linear_attnres", seed=5)
+    w = "model.embed_tokens.weight"
+    assert torch.equal(again.state_dict()[w], resolve_model(tiny="kimi_linear_attnres", seed=4).state_dict()[w])
+    assert not torch.equal(again.state_dict()[w], other.state_dict()[w])
+    assert resolve_model(tiny="k2").config.model_type == "kimi_k2"
