@@ -145,7 +145,11 @@ def _check_usage(args) -> None:
         if getattr(args, dest) is not None and getattr(args, dest) < 1:
             raise _UsageError(f"{flag} must be >= 1, got {getattr(args, dest)}")
     out = Path(args.out)
-    if out.is_dir() and any(out.iterdir()) and not args.overwrite:
+    try:
+        non_empty = out.is_dir() and any(out.iterdir())
+    except OSError:  # unreadable: the export itself fails on it (exit 3)
+        non_empty = False
+    if non_empty and not args.overwrite:
         raise _UsageError(f"--out {out} exists and is not empty: pass --overwrite to replace it")
 
 
@@ -341,8 +345,11 @@ def _sigterm_raises() -> Iterator[None]:
 
 def _temp_dirs(out: Path) -> set[Path]:
     """The exporters' temporary folders for ``out`` (``.<name>.tmp-*`` next to it)."""
-    parent = out.resolve().parent
-    return set(parent.glob(f".{out.name}.tmp-*")) if parent.is_dir() else set()
+    try:
+        parent = out.resolve().parent
+        return set(parent.glob(f".{out.name}.tmp-*")) if parent.is_dir() else set()
+    except OSError:
+        return set()
 
 
 def _remove_new_temp_dirs(out: Path, before: set[Path]) -> None:
