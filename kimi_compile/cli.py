@@ -185,7 +185,7 @@ def _run_tensorrt(args) -> int:
         from kimi_compile.export.tensorrt import VerificationError, export_tensorrt
     except ImportError as e:
         raise _ExportFailed(f"--target tensorrt is not available in this installation "
-                           f"(kimi_compile.export.tensorrt could not be imported: {e})") from e
+                            f"(kimi_compile.export.tensorrt could not be imported: {e})") from e
     model, _ = _load_model(args)
     try:
         result = export_tensorrt(model, args.out, quiet=args.quiet, verify=not args.no_verify)
