@@ -1,67 +1,166 @@
-"""``kimi-export``: export a Kimi model to ONNX (or TensorRT) and check it against PyTorch.
+"""``kimi-export``: export a Kimi model to ONNX or TensorRT and check it against PyTorch.
 
-    kimi-export --target onnx [--model DIR] [--out DIR] [--dtype float32|float16|bfloat16] [--opset 27|18..21]
+    kimi-export --target onnx|tensorrt [--model DIR | --tiny NAME [--seed N]] [--out DIR [--overwrite]]
+                [--dtype float32|float16|bfloat16] [--no-verify] [--report-json FILE] [--quiet] [--debug]
+                onnx only: [--opset 27|18..21] [--fallback] [--external-data ...] [--new-tokens N]
+                           [--benchmark [--bench-prompt-len N] [--bench-batch N] [--threads N]]
 
-Without ``--model`` it exports the built-in tiny Kimi Linear model (``--tiny`` picks another built-in), runs the
-written graph in ONNX Runtime (CPU) against PyTorch eager and prints a short report: graph op counts, I/O, the
-largest logit difference, whether 32 greedy tokens are identical, prefill and decode times.
+Without ``--model`` it exports a built-in tiny model (``--tiny``, default kimi_linear), checks the written graph
+against PyTorch (ONNX: ONNX Runtime vs eager, 32 greedy tokens; TensorRT: the plugin nodes swapped back to
+standard ops in ONNX Runtime, prefill and decode) and prints a short report.
 
-Exit status: 0 success (and verification passed), 1 verification failed, 2 export failed (no output folder is
-left behind), 3 the requested target is not available.
+Exit status, both targets (:data:`EXIT_CODES`):
+
+* 0 the export was written (and verified, unless ``--no-verify``);
+* 1 verification failed (ONNX: the export stays written; TensorRT: nothing is written);
+* 2 bad usage: an unknown or invalid option, an option the target does not use, ``--tiny`` / ``--seed`` with
+  ``--model``, a ``--model`` folder that does not exist, an existing non-empty ``--out`` without ``--overwrite``;
+* 3 the export failed: ``--out`` is a file or cannot be created, a bad checkpoint, the target is not installed,
+  any error while exporting (the temporary folder is removed; an existing ``--out`` is left as it was);
+* 130 / 143 interrupted by SIGINT / SIGTERM (the temporary folder is removed as well).
+
+Every error is one line on stderr starting ``kimi-export:``; ``--debug`` adds the Python traceback.
 """
 
 from __future__ import annotations
 
 import argparse
-import inspect
+import contextlib
 import json
 import os
+import shutil
+import signal
 import sys
+import threading
+import traceback
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Iterator, NoReturn, Optional, Sequence
 
-__all__ = ["main", "build_parser"]
+from .resolve import TINY_MODELS, resolve_model
 
-TINY_KINDS = {
-    "kimi_linear": ("kimi_linear", None),
-    "kimi_linear_attnres": ("kimi_linear", 2),
-    "k2": ("k2", None),
-}
+__all__ = ["main", "build_parser", "EXIT_CODES"]
+
+EXIT_OK, EXIT_VERIFY_FAILED, EXIT_USAGE, EXIT_EXPORT_FAILED = 0, 1, 2, 3
+EXIT_SIGINT, EXIT_SIGTERM = 128 + signal.SIGINT, 128 + signal.SIGTERM
+EXIT_CODES = {EXIT_OK: "ok", EXIT_VERIFY_FAILED: "verification failed", EXIT_USAGE: "bad usage",
+              EXIT_EXPORT_FAILED: "export failed", EXIT_SIGINT: "interrupted (SIGINT)",
+              EXIT_SIGTERM: "terminated (SIGTERM)"}
+
 # largest |logits ORT - PyTorch| accepted per dtype (both sides compute in that dtype on CPU)
 TOLERANCE = {"float32": 1e-4, "float16": 5e-2, "bfloat16": 2.5e-1}
 
+#: options only one target uses: (flag, argparse dest, targets that use it); the others reject them
+TARGET_OPTIONS = (
+    ("--opset", "opset", ("onnx",)),
+    ("--fallback", "fallback", ("onnx",)),
+    ("--external-data", "external_data", ("onnx",)),
+    ("--new-tokens", "new_tokens", ("onnx",)),
+    ("--benchmark", "benchmark", ("onnx",)),
+    ("--bench-prompt-len", "bench_prompt_len", ("onnx",)),
+    ("--bench-batch", "bench_batch", ("onnx",)),
+    ("--threads", "threads", ("onnx",)),
+)
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with the CLI's error contract: one line on stderr, exit 2."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+class _Terminated(BaseException):
+    """SIGTERM, raised like KeyboardInterrupt so that the exporters' cleanup runs."""
+
+
+class _UsageError(Exception):
+    """Exit 2 with this message."""
+
+
+class _ExportFailed(Exception):
+    """Exit 3 with this message (already names the option or path at fault)."""
+
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = _Parser(
         prog="kimi-export",
         description="Export a Kimi Linear / Kimi K2 model to ONNX (opset 27 LinearAttention + "
-                    "CausalConvWithState, or an opset <= 21 fallback) or TensorRT, and verify it.")
+                    "CausalConvWithState, or an opset <= 21 fallback) or TensorRT, and verify it.",
+        epilog="exit status: " + ", ".join(f"{code} {what}" for code, what in EXIT_CODES.items()))
     p.add_argument("--target", choices=("onnx", "tensorrt"), required=True, help="what to export to")
     p.add_argument("--model", metavar="DIR", default=None,
                    help="checkpoint directory (hub Kimi Linear, transformers KimiLinear, or DeepSeek-V3/K2 format); "
                         "default: the built-in tiny model")
     p.add_argument("--out", metavar="DIR", default=None, help="output folder (default kimi_export_out/<target>)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an existing non-empty --out (it is replaced only once the new export is complete)")
     p.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), default=None,
                    help="model dtype in the graph (default: the checkpoint's; float32 for the tiny model)")
-    p.add_argument("--opset", type=int, choices=(27, 18, 19, 20, 21), default=27,
-                   help="27: LinearAttention / CausalConvWithState; 18-21: the fallback graph (chunked KDA Loop)")
-    p.add_argument("--fallback", action="store_true",
-                   help="same as --opset 18: no opset-27 ops (for runtimes without LinearAttention)")
-    p.add_argument("--tiny", choices=sorted(TINY_KINDS), default="kimi_linear",
-                   help="which built-in tiny model to export when --model is not given")
-    p.add_argument("--seed", type=int, default=0, help="weight seed of the built-in tiny model")
-    p.add_argument("--external-data", choices=("auto", "always", "never"), default="auto",
-                   help="weights in model.onnx.data (auto: above 1 GiB)")
-    p.add_argument("--no-verify", action="store_true", help="skip the ONNX Runtime vs PyTorch check")
-    p.add_argument("--new-tokens", type=int, default=32, help="greedy tokens compared in the check")
-    p.add_argument("--benchmark", action="store_true",
-                   help="also time ONNX Runtime vs PyTorch eager on CPU (median of several runs)")
-    p.add_argument("--bench-prompt-len", type=int, default=64, help="prompt length of the benchmark's prefill")
-    p.add_argument("--bench-batch", type=int, default=1, help="batch size of the benchmark")
-    p.add_argument("--threads", type=int, default=None, help="CPU threads for the benchmark")
+    p.add_argument("--tiny", choices=sorted(TINY_MODELS), default=None,
+                   help="which built-in tiny model to export when --model is not given (default kimi_linear)")
+    p.add_argument("--seed", type=int, default=None, help="weight seed of the built-in tiny model (default 0)")
+    p.add_argument("--no-verify", action="store_true", help="skip the check against PyTorch")
     p.add_argument("--report-json", metavar="FILE", default=None, help="write the report as JSON")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--quiet", action="store_true", help="no progress output")
+    p.add_argument("--debug", action="store_true", help="print the Python traceback of an error")
+    onnx = p.add_argument_group("onnx target only")
+    onnx.add_argument("--opset", type=int, choices=(27, 18, 19, 20, 21), default=None,
+                      help="27 (default): LinearAttention / CausalConvWithState; 18-21: the fallback graph "
+                           "(chunked KDA Loop)")
+    onnx.add_argument("--fallback", action="store_true",
+                      help="same as --opset 18: no opset-27 ops (for runtimes without LinearAttention)")
+    onnx.add_argument("--external-data", choices=("auto", "always", "never"), default=None,
+                      help="weights in model.onnx.data (auto, the default: above 1 GiB)")
+    onnx.add_argument("--new-tokens", type=int, default=None, help="greedy tokens compared in the check (default 32)")
+    onnx.add_argument("--benchmark", action="store_true",
+                      help="also time ONNX Runtime vs PyTorch eager on CPU (median of several runs)")
+    onnx.add_argument("--bench-prompt-len", type=int, default=None,
+                      help="prompt length of the benchmark's prefill (default 64)")
+    onnx.add_argument("--bench-batch", type=int, default=None, help="batch size of the benchmark (default 1)")
+    onnx.add_argument("--threads", type=int, default=None, help="CPU threads for the benchmark")
     return p
+
+
+def _given(args, dest: str) -> bool:
+    value = getattr(args, dest)
+    return value is not None and value is not False
+
+
+def _check_usage(args) -> None:
+    """Raise _UsageError for what argparse cannot see: options the target does not use, contradictions, a
+    missing --model folder, an existing --out that would be replaced without --overwrite."""
+    for flag, dest, targets in TARGET_OPTIONS:
+        if _given(args, dest) and args.target not in targets:
+            raise _UsageError(f"{flag} is not used by --target {args.target} (only by --target {', '.join(targets)})")
+    if args.model is not None:
+        for flag in ("tiny", "seed"):
+            if _given(args, flag):
+                raise _UsageError(f"--{flag} picks a built-in model: it cannot go with --model")
+        if not os.path.isdir(args.model):
+            raise _UsageError(f"--model {args.model}: no such directory")
+    if args.seed is not None and args.seed < 0:
+        raise _UsageError(f"--seed must be >= 0, got {args.seed}")
+    for flag, dest in (("--new-tokens", "new_tokens"), ("--bench-prompt-len", "bench_prompt_len"),
+                       ("--bench-batch", "bench_batch"), ("--threads", "threads")):
+        if getattr(args, dest) is not None and getattr(args, dest) < 1:
+            raise _UsageError(f"{flag} must be >= 1, got {getattr(args, dest)}")
+    out = Path(args.out)
+    try:
+        non_empty = out.is_dir() and any(out.iterdir())
+    except OSError:  # unreadable: the export itself fails on it (exit 3)
+        non_empty = False
+    if non_empty and not args.overwrite:
+        raise _UsageError(f"--out {out} exists and is not empty: pass --overwrite to replace it")
+
+
+def _check_out(out: Path) -> None:
+    """--out must be a folder that can be created: fail before any work (exit 3) when it cannot."""
+    if out.exists() and not out.is_dir():
+        raise _ExportFailed(f"--out {out} is a file, not a folder")
+    parent = out.resolve().parent
+    existing = next(p for p in (parent, *parent.parents) if p.exists())
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        raise _ExportFailed(f"--out {out}: cannot create it ({existing} is not a writable folder)")
 
 
 def _fmt_shape(shape) -> str:
@@ -69,46 +168,40 @@ def _fmt_shape(shape) -> str:
 
 
 def _load_model(args):
-    import torch
-
-    from kimi_compile.config import tiny_config
-    from kimi_compile.model import KimiForCausalLM
-
-    dtype = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}.get(args.dtype)
+    """The model and a label for the report; a checkpoint that cannot be loaded is an export failure that
+    names --model."""
     if args.model is None:
-        kind, block = TINY_KINDS[args.tiny]
-        model = KimiForCausalLM.from_config(tiny_config(kind, attn_res_block_size=block), seed=args.seed,
-                                            dtype=dtype or torch.float32)
-        label = f"built-in tiny {args.tiny}"
-    else:
-        from kimi_compile import load_model
-
-        if not os.path.isdir(args.model):
-            raise FileNotFoundError(f"--model {args.model}: no such directory")
-        model = load_model(args.model, dtype=dtype, progress=not args.quiet)
-        label = args.model
-    return model.eval(), label
+        tiny = args.tiny or "kimi_linear"
+        return resolve_model(None, args.dtype, tiny=tiny, seed=args.seed), f"built-in tiny {tiny}"
+    try:
+        return resolve_model(args.model, args.dtype, progress=not args.quiet), args.model
+    except Exception as e:
+        raise _ExportFailed(f"cannot load --model {args.model}: {type(e).__name__}: {_first_line(e)}") from e
 
 
 def _run_tensorrt(args) -> int:
+    # each target's modules load only when that target runs (TensorRT's pull in Triton and onnx_ir)
     try:
-        from kimi_compile.export.tensorrt import export_tensorrt
+        from kimi_compile.export.tensorrt import VerificationError, export_tensorrt
     except ImportError as e:
-        print(f"kimi-export: --target tensorrt is not available in this installation "
-              f"(kimi_compile.export.tensorrt.export_tensorrt could not be imported: {e})", file=sys.stderr)
-        return 3
-    kwargs = {"model": args.model, "out_dir": args.out or "kimi_export_out/tensorrt", "dtype": args.dtype,
-              "quiet": args.quiet}
+        raise _ExportFailed(f"--target tensorrt is not available in this installation "
+                            f"(kimi_compile.export.tensorrt could not be imported: {e})") from e
+    model, _ = _load_model(args)
     try:
-        params = inspect.signature(export_tensorrt).parameters
-        if not any(p.kind == p.VAR_KEYWORD for p in params.values()):
-            kwargs = {k: v for k, v in kwargs.items() if k in params}
-    except (TypeError, ValueError):
-        pass
-    result = export_tensorrt(**kwargs)
-    if result is not None:
-        print(result)
-    return 0
+        result = export_tensorrt(model, args.out, quiet=args.quiet, verify=not args.no_verify)
+    except VerificationError as e:
+        _report_json(args, {"status": EXIT_VERIFY_FAILED, "verification": e.report})
+        _say(f"{e} (TensorRT: nothing was written to {args.out})")
+        return EXIT_VERIFY_FAILED
+    print(result)
+    _report_json(args, {**result.to_json(), "status": EXIT_OK})
+    return EXIT_OK
+
+
+def _report_json(args, payload: dict) -> None:
+    if args.report_json:
+        with open(args.report_json, "w", encoding="utf-8") as f:
+            json.dump(payload, f, indent=2, default=str)
 
 
 def _print_report(label, result, verify_report, bench, dtype_name, tol, notes=(), out=sys.stdout) -> None:
@@ -166,74 +259,138 @@ def _print_report(label, result, verify_report, bench, dtype_name, tol, notes=()
           "ms/token\n")
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    args = build_parser().parse_args(argv)
-    if args.new_tokens < 1:
-        print("kimi-export: --new-tokens must be >= 1", file=sys.stderr)
-        return 2
-    if args.target == "tensorrt":
-        return _run_tensorrt(args)
+def _run_onnx(args) -> int:
+    from kimi_compile.export.onnx import export_onnx
+    from kimi_compile.export.ort_runtime import benchmark, verify
 
-    from kimi_compile.export.onnx import ExportError, export_onnx
-
-    out_dir = Path(args.out or "kimi_export_out/onnx")
-    opset = 18 if args.fallback and args.opset == 27 else args.opset
-    try:
-        model, label = _load_model(args)
-    except (FileNotFoundError, ValueError, TypeError) as e:
-        print(f"kimi-export: cannot load the model: {e}", file=sys.stderr)
-        return 2
+    out_dir = Path(args.out)
+    opset = args.opset or 27
+    if args.fallback and opset == 27:
+        opset = 18
+    model, label = _load_model(args)
     dtype_name = str(model.dtype).replace("torch.", "")
-    try:
-        result = export_onnx(model, out_dir, opset=opset, fallback=opset < 27,
-                             external_data=args.external_data, progress=not args.quiet)
-    except ExportError as e:
-        print(f"kimi-export: {e}\n  (nothing was written to {out_dir})", file=sys.stderr)
-        return 2
+    result = export_onnx(model, out_dir, opset=opset, fallback=opset < 27, external_data=args.external_data or "auto",
+                         progress=not args.quiet)
 
     verify_report = bench = None
     notes: list[str] = []
-    status = 0
+    status = EXIT_OK
     tol = TOLERANCE[dtype_name]
     if not args.no_verify:
-        from kimi_compile.export.ort_runtime import verify
-
         try:
-            verify_report = verify(out_dir, model, new_tokens=args.new_tokens)
+            verify_report = verify(out_dir, model, new_tokens=args.new_tokens or 32)
         except Exception as e:
-            first = str(e).splitlines()[0][:300] if str(e) else ""
+            first = _first_line(e)
             if dtype_name == "bfloat16" and "NOT_IMPLEMENTED" in first:
                 # ONNX Runtime's CPU provider has no bfloat16 kernels for ordinary ops (Mul, MatMul): the graph
                 # is valid (checked above) and meant for GPU runtimes.
                 notes.append(f"verification skipped: ONNX Runtime (CPU) has no bfloat16 kernels for this graph "
                              f"({first}); the graph passed onnx.checker (full check)")
             else:
-                print(f"kimi-export: the export was written, but ONNX Runtime (CPU) could not run it: "
-                      f"{type(e).__name__}: {first}", file=sys.stderr)
-                status = 1
+                _say(f"verification FAILED: the export was written to {out_dir}, but ONNX Runtime (CPU) could "
+                     f"not run it: {type(e).__name__}: {first}")
+                return EXIT_VERIFY_FAILED
         else:
             bad = verify_report["max_logit_err"] > tol
             if dtype_name == "float32":
                 bad = bad or not verify_report["tokens_identical"]
-            status = 1 if bad else 0
+            status = EXIT_VERIFY_FAILED if bad else EXIT_OK
     if args.benchmark:
-        from kimi_compile.export.ort_runtime import benchmark
-
-        bench = benchmark(out_dir, model, threads=args.threads, prompt_len=args.bench_prompt_len,
-                          batch_size=args.bench_batch)
+        bench = benchmark(out_dir, model, threads=args.threads, prompt_len=args.bench_prompt_len or 64,
+                          batch_size=args.bench_batch or 1)
     _print_report(label, result, verify_report, bench, dtype_name, tol, notes)
-    if args.report_json:
-        payload = {
-            "out_dir": str(result.out_dir), "opset": result.opset, "fallback": result.fallback,
-            "dtype": dtype_name, "op_counts": result.op_counts, "inputs": result.input_names,
-            "outputs": result.output_names, "export_seconds": result.seconds, "verify": verify_report,
-            "benchmark": bench, "status": status, "notes": notes,
-        }
-        with open(args.report_json, "w", encoding="utf-8") as f:
-            json.dump(payload, f, indent=2)
+    _report_json(args, {
+        "out_dir": str(result.out_dir), "opset": result.opset, "fallback": result.fallback,
+        "dtype": dtype_name, "op_counts": result.op_counts, "inputs": result.input_names,
+        "outputs": result.output_names, "export_seconds": result.seconds, "verify": verify_report,
+        "benchmark": bench, "status": status, "notes": notes,
+    })
     if status:
-        print("kimi-export: verification FAILED", file=sys.stderr)
+        _say(f"verification FAILED (max |logits ORT - PyTorch| above {tol:g} or greedy tokens differ); "
+             f"the export was written to {out_dir}")
     return status
+
+
+_RUNNERS = {"onnx": _run_onnx, "tensorrt": _run_tensorrt}
+
+
+def _say(message: str) -> None:
+    print(f"kimi-export: {message}", file=sys.stderr, flush=True)
+
+
+def _first_line(e: BaseException, limit: int = 400) -> str:
+    text = str(e).strip()
+    line = text.splitlines()[0] if text else ""
+    return line if len(line) <= limit else line[:limit] + " ..."
+
+
+@contextlib.contextmanager
+def _sigterm_raises() -> Iterator[None]:
+    """While exporting, SIGTERM raises :class:`_Terminated` (as SIGINT raises KeyboardInterrupt), so the
+    temporary output folder is removed on the way out; a second SIGTERM during that cleanup is ignored."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def on_sigterm(signum, frame):
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        raise _Terminated()
+
+    previous = signal.signal(signal.SIGTERM, on_sigterm)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _temp_dirs(out: Path) -> set[Path]:
+    """The exporters' temporary folders for ``out`` (``.<name>.tmp-*`` next to it)."""
+    try:
+        parent = out.resolve().parent
+        return set(parent.glob(f".{out.name}.tmp-*")) if parent.is_dir() else set()
+    except OSError:
+        return set()
+
+
+def _remove_new_temp_dirs(out: Path, before: set[Path]) -> None:
+    """Remove temporary folders this run created and left behind: the exporters remove their own, but a signal
+    that lands between creating the folder and entering their cleanup block would leave it."""
+    for path in _temp_dirs(out) - before:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Run ``kimi-export``; returns the exit status (bad usage that argparse sees exits 2 via SystemExit)."""
+    args = build_parser().parse_args(argv)
+    args.out = args.out or f"kimi_export_out/{args.target}"
+    try:
+        _check_usage(args)
+    except _UsageError as e:
+        _say(f"error: {e} (see kimi-export --help)")
+        return EXIT_USAGE
+    out = Path(args.out)
+    before = _temp_dirs(out)
+    try:
+        with _sigterm_raises():
+            _check_out(out)
+            return _RUNNERS[args.target](args)
+    except _Terminated:
+        _remove_new_temp_dirs(out, before)
+        _say(f"terminated (SIGTERM); --out {out} is unchanged")
+        return EXIT_SIGTERM
+    except KeyboardInterrupt:
+        _remove_new_temp_dirs(out, before)
+        _say(f"interrupted (SIGINT); --out {out} is unchanged")
+        return EXIT_SIGINT
+    except Exception as e:
+        _remove_new_temp_dirs(out, before)
+        if args.debug:
+            traceback.print_exc()
+        if isinstance(e, _ExportFailed):
+            _say(f"export failed: {e}")
+        else:
+            _say(f"export failed: {type(e).__name__}: {_first_line(e)} (--out {out} is unchanged)")
+        return EXIT_EXPORT_FAILED
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -40,13 +40,10 @@ import torch
 from torch import Tensor
 
 from .config import LINEAR, SPARSE, KimiConfig
+from .dtypes import MODEL_DTYPES, parse_dtype
 from .model import KimiForCausalLM
 
 __all__ = ["load_model", "checkpoint_files"]
-
-_DTYPES = {"float32": torch.float32, "float": torch.float32, "fp32": torch.float32,
-           "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-           "float16": torch.float16, "half": torch.float16, "fp16": torch.float16}
 
 _FP8 = tuple(getattr(torch, n) for n in ("float8_e4m3fn", "float8_e5m2") if hasattr(torch, n))
 
@@ -59,14 +56,6 @@ class _Piece:
     dst: Union[int, slice]
     shapes: tuple[tuple[int, ...], ...]  # accepted checkpoint shapes
     src_fn: Callable[[Tensor], Tensor] = lambda t: t
-
-
-def _parse_dtype(dtype) -> Optional[torch.dtype]:
-    if dtype is None or isinstance(dtype, torch.dtype):
-        return dtype
-    if isinstance(dtype, str) and dtype.replace("torch.", "") in _DTYPES:
-        return _DTYPES[dtype.replace("torch.", "")]
-    raise ValueError(f"dtype must be a torch.dtype or one of {sorted(_DTYPES)}, got {dtype!r}")
 
 
 # ------------------------------------------------------------------------------------------------ files
@@ -259,7 +248,8 @@ def load_model(path: Union[str, os.PathLike], *, dtype: Optional[torch.dtype] = 
         overrides["attn_res_block_size"] = attn_res_block_size
     if overrides:
         config = config.replace(**overrides)
-    dtype = _parse_dtype(dtype) or _parse_dtype(config.torch_dtype) or torch.float32
+    dtype = (parse_dtype(dtype, choices=MODEL_DTYPES)
+             or parse_dtype(config.torch_dtype, name="config.json torch_dtype", choices=MODEL_DTYPES) or torch.float32)
     device = torch.device(device)
 
     files = checkpoint_files(path)

@@ -1,5 +1,5 @@
 """One description per kimi op of its TensorRT plugin: the single source for the ONNX plugin nodes and
-for the generated ``tensorrt.plugin`` registration code (``lowering/tensorrt.py``).
+for the generated ``tensorrt.plugin`` registration code (``lowering/tensorrt/``).
 
 A :class:`PluginSpec` says, for one op:
 
@@ -36,6 +36,8 @@ from typing import Any, Optional, Sequence, Union
 
 __all__ = [
     "COMPUTE_DTYPES",
+    "TRITON_DTYPE",
+    "AUTOTUNE_DTYPE",
     "PARSER_ATTRIBUTES",
     "TensorSpec",
     "AttrSpec",
@@ -53,6 +55,10 @@ __all__ = [
 
 #: dtypes a plugin's ``"T"`` tensors may take (ONNX / TensorRT spelling: float, float16, bfloat16)
 COMPUTE_DTYPES = ("float32", "float16", "bfloat16")
+
+#: the compute dtypes as Triton signatures spell them (fp32, ...) and as tensorrt.plugin's autotune does (FP32, ...)
+TRITON_DTYPE = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}
+AUTOTUNE_DTYPE = {"float32": "FP32", "float16": "FP16", "bfloat16": "BF16"}
 
 #: attributes that only the ONNX parser reads (not plugin fields)
 PARSER_ATTRIBUTES = ("plugin_namespace", "aot")
@@ -201,7 +207,7 @@ KDA = PluginSpec(
     ),
     standard_op="LinearAttention",
     doc="Kimi Delta Attention: S <- diag(exp g_t) S; S <- S + beta_t k_t (v_t - k_t^T S)^T; o_t = scale q_t^T S.",
-    kernel=None,  # bound in lowering/tensorrt.py to the token-loop kernel of ops/kda/recurrent.py
+    kernel=None,  # bound in lowering/tensorrt/kda_plugin.py (an adapter around ops/kda/recurrent.py's kernel)
 )
 
 SHORT_CONV = PluginSpec(

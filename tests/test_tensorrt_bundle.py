@@ -1,4 +1,4 @@
-"""TensorRT bundle of the tiny model (export/tensorrt.py, lowering/tensorrt.py, lowering/plugin_spec.py).
+"""TensorRT bundle of the tiny model (export/tensorrt.py, lowering/tensorrt/, lowering/plugin_spec.py).
 
 TensorRT cannot be installed here, so the bundle is checked piece by piece on CPU:
 
@@ -238,7 +238,7 @@ def test_registration_module_matches_the_descriptions(model_proto, registration)
         assert module.PLUGIN_SPECS[spec.plugin_id]["inputs"] == list(spec.input_names)
         assert module.PLUGIN_SPECS[spec.plugin_id]["outputs"] == list(spec.output_names)
         combos = [c.spec for c in reg["autotune"](*[None] * len(spec.inputs), outputs=None)]
-        assert combos == [", ".join(lt.AUTOTUNE_DTYPE[d] for d in sum(spec.io_dtypes("float32"), []))]
+        assert combos == [", ".join(ps.AUTOTUNE_DTYPE[d] for d in sum(spec.io_dtypes("float32"), []))]
 
     # the register functions reproduce every node's output shapes and dtypes
     for pn in lt.plugin_nodes(model_proto):
@@ -283,24 +283,28 @@ def test_aot_impl_returns_the_ptx_and_the_launchers_launch(bundle, model_proto, 
 
 
 def test_embedded_launch_configs_are_the_launchers_functions(bundle):
+    import importlib
     import inspect
 
     from kimi_compile.ops.short_conv import kernel as short_conv_triton
 
     source = bundle.registration_module.read_text()
-    for fn in (short_conv_triton.short_conv_launch_config, lt.kda_recurrent_launch_config):
+    kda = lt.kernel_binding(ps.KDA)
+    kda_launch_config = getattr(importlib.import_module(kda.module), kda.launch_config)
+    for fn in (short_conv_triton.short_conv_launch_config, kda_launch_config):
         assert textwrap.dedent(inspect.getsource(fn)) in source
 
 
 def test_ptx_assembles_with_tritons_ptxas(bundle, manifest):
-    ptxas = lt.ptxas_path()
-    assert ptxas is not None and ptxas.endswith(os.path.join("backends", "nvidia", "bin", "ptxas"))
     assert len(manifest["kernels"]) == len(bundle.ptx_files) == 4  # 2 plugins x sm_80, sm_90
     for entry in manifest["kernels"]:
         path = bundle.out_dir / "plugins" / "ptx" / entry["file"]
         for arch in {"sm_90", entry["target"]}:
+            ptxas = lt.ptxas_path(arch)  # Triton's assembler for that arch (>= 3.8 ships two)
+            assert ptxas is not None and os.path.join("backends", "nvidia", "bin", "ptxas") in ptxas
             proc = subprocess.run([ptxas, f"-arch={arch}", str(path), "-o", os.devnull], capture_output=True, text=True)
             assert proc.returncode == 0, (entry["file"], arch, proc.stderr)
+        assert entry["ptxas"]["passed"] and entry["ptxas"]["path"] == lt.ptxas_path(entry["target"])
         assert entry["target"] == f"sm_{entry['arch']}"
         assert entry["shared_mem"] >= entry["compiled_shared_mem"]
         sig = list(entry["signature"].values())
@@ -521,3 +525,93 @@ def test_failed_export_leaves_the_destination_alone(tmp_path, monkeypatch):
         export_tensorrt(None, out, "int8", quiet=True)
     with pytest.raises(ValueError, match="archs"):
         export_tensorrt(None, out, archs=(50,), quiet=True)
+
+
+# ------------------------------------------------------------------------------------------------ bundle files
+
+
+def test_bundle_scripts_are_the_packaged_files(bundle):
+    from kimi_compile.export.tensorrt_bundle import SCRIPTS, script_path
+
+    for name in SCRIPTS:
+        assert (bundle.out_dir / name).read_bytes() == script_path(name).read_bytes(), name
+
+
+@pytest.mark.parametrize("name", ["build_engine", "run_engine"])
+def test_engine_scripts_run_standalone_without_tensorrt(name, tmp_path):
+    """The scripts import with the standard library only (tensorrt / torch load where they run): --help works
+    from a folder holding nothing but the script."""
+    from kimi_compile.export.tensorrt_bundle import script_path
+
+    copy = tmp_path / f"{name}.py"
+    copy.write_bytes(script_path(f"{name}.py").read_bytes())
+    probe = textwrap.dedent(f"""
+        import runpy, sys
+        sys.argv = [{str(copy)!r}, "--help"]
+        try:
+            runpy.run_path(sys.argv[0], run_name="__main__")
+        except SystemExit as e:
+            assert e.code == 0, e.code
+        assert "tensorrt" not in sys.modules and "torch" not in sys.modules
+    """)
+    proc = subprocess.run([sys.executable, "-I", "-c", probe], capture_output=True, text=True, cwd=tmp_path,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "--bundle" in proc.stdout
+
+
+def test_runner_positions_follow_the_cache_length():
+    from kimi_compile.export.tensorrt_bundle import run_engine
+
+    bundle = {"inputs": [{"name": "input_ids", "shape": ["batch_size", "sequence_length"]},
+                         {"name": "position_ids", "shape": ["batch_size", "sequence_length"]},
+                         {"name": "past_key_values.0.key", "shape": ["batch_size", 1, "past_sequence_length", 40]}]}
+    state = {"past_key_values.0.key": torch.zeros(2, 1, 7, 40)}
+    assert run_engine.past_length(bundle, None) == 0
+    assert run_engine.past_length(bundle, state) == 7
+    assert run_engine.position_ids(7, 2, 3) == [[7, 8, 9], [7, 8, 9]]
+    kda_only = {"inputs": [{"name": "past_key_values.0.recurrent_state", "shape": ["batch_size", 2, 16, 16]}]}
+    assert run_engine.past_length(kda_only, {"past_key_values.0.recurrent_state": torch.zeros(1, 2, 16, 16)}) == 0
+
+
+@pytest.fixture
+def plugin_runtime(monkeypatch):
+    """The fixed part of the generated registration module (templates/plugin_runtime.py) against the stub."""
+    from kimi_compile.lowering.tensorrt.codegen import RUNTIME_TEMPLATE
+
+    trt, trtp = stub_tensorrt()
+    monkeypatch.setitem(sys.modules, "tensorrt", trt)
+    monkeypatch.setitem(sys.modules, "tensorrt.plugin", trtp)
+    spec = importlib.util.spec_from_file_location("kimi_plugin_runtime_under_test", RUNTIME_TEMPLATE)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_runtime_template_picks_the_newest_ptx_the_gpu_runs(plugin_runtime, monkeypatch):
+    rt = plugin_runtime
+    attrs = dict(num_heads=2, key_dim=16, value_dim=16, scale=0.25)
+    entries = [dict(plugin="kimi::kda", dtype="float32", arch=arch, attributes=dict(attrs), file=f"k{arch}.ptx")
+               for arch in (80, 90)]
+    entries.append(dict(plugin="kimi::kda", dtype="float32", arch=90, attributes=dict(attrs, key_dim=32), file="x"))
+    monkeypatch.setattr(rt, "MANIFEST", {"kernels": entries})
+    assert rt.select_kernel("kimi::kda", attrs, "float32", sm=86)["arch"] == 80
+    assert rt.select_kernel("kimi::kda", attrs, "float32", sm=100)["file"] == "k90.ptx"
+    assert rt.select_kernel("kimi::kda", dict(attrs, scale=0.25 + 1e-9), "float32", sm=90)["arch"] == 90
+    monkeypatch.setenv("KIMI_TRT_SM", "90")
+    assert rt.select_kernel("kimi::kda", attrs, "float32")["file"] == "k90.ptx"
+    for bad in (dict(sm=75), dict(dtype="float16"), dict(attributes=dict(attrs, value_dim=32))):
+        kwargs = dict(plugin_id="kimi::kda", attributes=attrs, dtype="float32", sm=90) | bad
+        with pytest.raises(RuntimeError, match="no PTX"):
+            rt.select_kernel(**kwargs)
+    assert rt._dtype_name("trt.bfloat16") == "bfloat16"
+    with pytest.raises(TypeError, match="float32"):
+        rt._dtype_name("trt.int32")
+
+
+def test_runtime_template_has_a_jit_fallback_per_plugin(plugin_runtime):
+    import inspect
+
+    for spec in ps.PLUGINS:
+        fn = getattr(plugin_runtime, f"{spec.name}_jit")
+        assert list(inspect.signature(fn).parameters) == [*spec.input_names, *spec.attribute_names, "outputs", "stream"]
