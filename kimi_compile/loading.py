@@ -115,7 +115,7 @@ def _read_header(path: str) -> dict[str, _Entry]:
     if not isinstance(header, dict):
         raise ValueError(f"corrupt safetensors file {path}: header is not a JSON object")
     entries: dict[str, _Entry] = {}
-    end = 0
+    end, last = 0, None
     for name, info in header.items():
         if name == "__metadata__":
             continue
@@ -130,9 +130,11 @@ def _read_header(path: str) -> dict[str, _Entry]:
             raise ValueError(f"corrupt safetensors file {path}: tensor {name!r} declares shape {list(shape)} "
                              f"{dtype} but {stop - begin} bytes")
         entries[name] = _Entry(dtype, tuple(shape))
-        end = max(end, stop)
+        if stop > end:
+            end, last = stop, name
     if 8 + n + end > size:
-        raise ValueError(f"truncated safetensors file {path}: tensors need {8 + n + end} bytes, the file has {size}")
+        raise ValueError(f"truncated safetensors file {path}: tensor {last!r} ends at byte {8 + n + end}, the file "
+                         f"has {size} bytes")
     return entries
 
 
