@@ -22,9 +22,18 @@ Accepted names (prefix ``model.`` except ``lm_head.weight``):
   multi-token-prediction layers (index >= num_hidden_layers, < + num_nextn_predict_layers) are skipped;
 * kimi-compile's own parameter names (``experts.w_gate``, ``conv1d.weight [3C,W]``, AttnRes parameters).
 
-Errors: FileNotFoundError for a missing directory / config.json / shard; ValueError naming the tensor and the
-file for missing, unexpected, duplicated or mis-shaped tensors, truncated or corrupt safetensors files, and
-unknown model_type / architecture.
+Validation before allocation: ``config.json`` is checked first (types, finiteness and the documented
+:data:`kimi_compile.config.INT_BOUNDS`), then every safetensors header (size, JSON, dtype, shape and byte span of
+each entry, the file size), then the whole plan against the model built on the meta device: names, shapes, dtype
+class (an integer tensor where a float parameter is expected is refused, never cast), duplicates, FP8 scales.
+Only then are the parameters allocated and the data read. So an absurd size or a bad file fails in milliseconds,
+and the largest allocation is bounded by what the files actually hold.
+
+Errors: FileNotFoundError for a missing directory / config.json / shard; ValueError naming the config field, or the
+tensor and the file, for everything else: out-of-range or mistyped config values, missing, unexpected, duplicated
+(also the same tensor in two shards) or mis-shaped tensors, wrong dtype classes, truncated or corrupt safetensors
+files, an index naming a shard outside the checkpoint directory (``../x.safetensors``, an absolute path) or the
+same tensor twice, and unknown model_type / architecture.
 """
 
 from __future__ import annotations
