@@ -10,8 +10,6 @@ with the backend's message instead of this one.
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 from torch import Tensor
 

@@ -124,7 +124,7 @@ def _read_header(path: str) -> dict[str, _Entry]:
     if not isinstance(header, dict):
         raise ValueError(f"corrupt safetensors file {path}: header is not a JSON object")
     entries: dict[str, _Entry] = {}
-    end, last = 0, None
+    spans: list[tuple[int, int, str]] = []
     for name, info in header.items():
         if name == "__metadata__":
             continue
@@ -139,11 +139,20 @@ def _read_header(path: str) -> dict[str, _Entry]:
             raise ValueError(f"corrupt safetensors file {path}: tensor {name!r} declares shape {list(shape)} "
                              f"{dtype} but {stop - begin} bytes")
         entries[name] = _Entry(dtype, tuple(shape))
-        if stop > end:
-            end, last = stop, name
-    if 8 + n + end > size:
-        raise ValueError(f"truncated safetensors file {path}: tensor {last!r} ends at byte {8 + n + end}, the file "
-                         f"has {size} bytes")
+        spans.append((begin, stop, name))
+    # as safetensors itself: the tensors tile the data area exactly (no overlap, so the declared sizes, and with
+    # them what the loader allocates, are bounded by the file size)
+    end = 0
+    for begin, stop, name in sorted(spans):
+        if begin != end:
+            raise ValueError(f"corrupt safetensors file {path}: tensor {name!r} starts at data byte {begin}, "
+                             f"expected {end} (tensors overlap or leave a gap)")
+        end = stop
+        if 8 + n + end > size:
+            raise ValueError(f"truncated safetensors file {path}: tensor {name!r} ends at byte {8 + n + end}, the "
+                             f"file has {size} bytes")
+    if 8 + n + end != size:
+        raise ValueError(f"corrupt safetensors file {path}: {size - 8 - n - end} bytes after the last tensor")
     return entries
 
 
