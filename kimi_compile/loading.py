@@ -356,7 +356,13 @@ def load_model(path: Union[str, os.PathLike], *, dtype: Optional[torch.dtype] = 
         overrides["attn_res_block_size"] = attn_res_block_size
     if overrides:
         config = config.replace(**overrides)
-    dtype = _parse_dtype(dtype) or _parse_dtype(config.torch_dtype) or torch.float32
+    dtype = _parse_dtype(dtype)
+    if dtype is None:
+        try:
+            dtype = _parse_dtype(config.torch_dtype) or torch.float32
+        except ValueError as e:
+            raise ValueError(f"config.json: torch_dtype / dtype {config.torch_dtype!r} is not a model dtype "
+                             f"(pass dtype= to override it): {e}") from e
     device = torch.device(device)
     block = _fp8_block(config)
 

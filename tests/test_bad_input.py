@@ -606,6 +606,7 @@ LOAD_CASES = [
              ValueError, ("rope_theta",)),
     LoadCase("fp8-block-zero", lambda p: _config(p, quantization_config={"weight_block_size": [0, 0]}),
              ValueError, ("weight_block_size",)),
+    LoadCase("torch_dtype-int8", lambda p: _config(p, torch_dtype="int8"), ValueError, ("torch_dtype",)),
     LoadCase("config-not-json", lambda p: (p / "config.json").write_text("{hidden_size: 64"), ValueError,
              ("config.json",)),
     LoadCase("config-array", lambda p: (p / "config.json").write_text("[1, 2]"), ValueError, ("config.json",)),
