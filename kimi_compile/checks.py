@@ -42,8 +42,9 @@ def check_forward_inputs(model, input_ids: object, state: object, position_ids: 
         raise TypeError(f"input_ids must be int64, got {input_ids.dtype}")
     B, T = input_ids.shape
     if B == 0 or T == 0:
-        raise ValueError(f"input_ids must hold at least one token per row and one row, got shape {list(input_ids.shape)}"
-                         f" ({'sequence length T' if T == 0 else 'batch B'} = 0)")
+        empty = "sequence length T" if T == 0 else "batch B"
+        raise ValueError(f"input_ids must hold at least one row and one token per row, got shape "
+                         f"{list(input_ids.shape)} ({empty} = 0)")
     device = model.device
     if input_ids.device != device:
         raise ValueError(f"input_ids is on {input_ids.device}, the model on {device}")

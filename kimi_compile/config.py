@@ -30,7 +30,8 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["KimiConfig", "tiny_config", "TINY_KINDS", "INT_BOUNDS", "FLOAT_BOUNDS", "kimi_linear_48b_config", "LINEAR", "FULL", "DENSE", "SPARSE"]
+__all__ = ["KimiConfig", "tiny_config", "TINY_KINDS", "INT_BOUNDS", "FLOAT_BOUNDS", "kimi_linear_48b_config",
+           "LINEAR", "FULL", "DENSE", "SPARSE"]
 
 TINY_KINDS = ("kimi_linear", "kimi_linear_attnres", "k2", "kimi_k2", "deepseek_v3")
 
@@ -377,7 +378,7 @@ class KimiConfig:
         try:
             return cls.from_dict(data)
         except (TypeError, ValueError) as e:  # name the file as well as the field
-            raise type(e)(f"{path}: {e}") from e
+            raise (TypeError if isinstance(e, TypeError) else ValueError)(f"{path}: {e}") from e
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "KimiConfig":

@@ -257,7 +257,8 @@ OP_CASES = [
            ValueError, ("topk_ids",)),
     OpCase("moe_experts", "ids-negative", _edit("topk_ids", lambda t: t.clone().index_fill_(1, torch.tensor([0]), -1)),
            ValueError, ("topk_ids",), xfail="moe_experts checks the id range in ops/moe.py (issue 20, ops part)"),
-    OpCase("moe_experts", "ids-huge", _edit("topk_ids", lambda t: t.clone().index_fill_(1, torch.tensor([0]), 10 ** 12)),
+    OpCase("moe_experts", "ids-huge",
+           _edit("topk_ids", lambda t: t.clone().index_fill_(1, torch.tensor([0]), 10 ** 12)),
            ValueError, ("topk_ids",), xfail="moe_experts sizes an allocation from the id values (issue 20, ops part)"),
     OpCase("moe_experts", "device", _edit("w_up", lambda t: t.to("meta")), ValueError, ("w_up", "meta")),
 ]
