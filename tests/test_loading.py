@@ -274,3 +274,24 @@ def test_loader_checks_everything_before_allocating(hf_kimi, tmp_path, monkeypat
         assert not allocated, what
     load_model(hf_kimi[1] / "single", progress=False)
     assert allocated == [1]
+
+
+def test_shards_in_subfolders_and_symlinked_blobs_load(hf_kimi, tmp_path):
+    """The out-of-folder check is on the index's names, not on where files resolve: shards in a subfolder load, and
+    so do shard files that are symlinks into a blob store elsewhere (the Hugging Face cache layout)."""
+    _, root = hf_kimi
+    ckpt = copy_dir(root / "sharded", tmp_path / "ckpt")
+    blobs = tmp_path / "blobs"
+    blobs.mkdir()
+    (ckpt / "shards").mkdir()
+    index = json.loads((ckpt / "model.safetensors.index.json").read_text())
+    for j, shard in enumerate(sorted(set(index["weight_map"].values()))):
+        if j % 2:
+            shutil.move(ckpt / shard, blobs / f"blob{j}")
+            os.symlink(blobs / f"blob{j}", ckpt / shard)
+        else:
+            shutil.move(ckpt / shard, ckpt / "shards" / shard)
+            index["weight_map"] = {n: (f"shards/{s}" if s == shard else s) for n, s in index["weight_map"].items()}
+    (ckpt / "model.safetensors.index.json").write_text(json.dumps(index))
+    torch.testing.assert_close(logits_of(load_model(ckpt, progress=False)),
+                               logits_of(load_model(root / "single", progress=False)), rtol=0, atol=0)
