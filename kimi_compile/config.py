@@ -30,7 +30,10 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["KimiConfig", "tiny_config", "kimi_linear_48b_config", "LINEAR", "FULL", "DENSE", "SPARSE"]
+__all__ = ["KimiConfig", "tiny_config", "TINY_KINDS", "INT_BOUNDS", "FLOAT_BOUNDS", "kimi_linear_48b_config",
+           "LINEAR", "FULL", "DENSE", "SPARSE"]
+
+TINY_KINDS = ("kimi_linear", "kimi_linear_attnres", "k2", "kimi_k2", "deepseek_v3")
 
 LINEAR = "linear_attention"  # a KDA layer
 FULL = "full_attention"  # an MLA layer
@@ -41,6 +44,78 @@ _KIMI_LINEAR_TYPES = ("kimi_linear",)
 _DEEPSEEK_TYPES = ("deepseek_v3", "kimi_k2")
 _KIMI_LINEAR_ARCHS = ("KimiLinearForCausalLM",)
 _DEEPSEEK_ARCHS = ("DeepseekV3ForCausalLM",)
+
+# Sane bounds on the sizes a config may declare, inclusive. Far above every released Kimi / DeepSeek model (Kimi K2:
+# hidden 7168, 61 layers, 384 experts, vocab 163840; Kimi Linear 48B: KDA 32 x 128), far below sizes that would
+# make building or loading a model allocate terabytes or run for minutes. A value outside (or of the wrong type)
+# raises ValueError naming the field before anything is built. linear_head_dim stops at kimi::kda's 256.
+INT_BOUNDS: dict[str, tuple[int, int]] = {
+    "vocab_size": (1, 1 << 22),
+    "hidden_size": (1, 1 << 16),
+    "intermediate_size": (1, 1 << 18),
+    "num_hidden_layers": (1, 1024),
+    "linear_num_heads": (1, 1024),
+    "linear_head_dim": (1, 256),
+    "linear_conv_kernel_dim": (1, 64),
+    "num_attention_heads": (1, 1024),
+    "q_lora_rank": (1, 1 << 16),
+    "kv_lora_rank": (1, 1 << 16),
+    "qk_nope_head_dim": (1, 1024),
+    "qk_rope_head_dim": (0, 1024),
+    "v_head_dim": (1, 1024),
+    "max_position_embeddings": (1, 1 << 40),
+    "num_experts": (1, 1 << 14),
+    "num_experts_per_token": (1, 1 << 14),
+    "moe_intermediate_size": (1, 1 << 18),
+    "num_shared_experts": (0, 64),
+    "n_group": (1, 1 << 14),
+    "topk_group": (1, 1 << 14),
+    "attn_res_block_size": (1, 1 << 16),
+    "num_nextn_predict_layers": (0, 64),
+}
+# finite floats, inclusive bounds (eps > 0 is enforced separately where 0 would divide by zero)
+FLOAT_BOUNDS: dict[str, tuple[float, float]] = {
+    "rms_norm_eps": (0.0, 1.0),
+    "mla_norm_eps": (0.0, 1.0),
+    "attn_res_eps": (0.0, 1.0),
+    "initializer_range": (0.0, 1e3),
+    "rope_theta": (0.0, 1e12),
+    "routed_scaling_factor": (0.0, 1e6),
+}
+BOOL_FIELDS = ("tie_word_embeddings", "attention_bias", "use_rope", "rope_interleave", "moe_renormalize",
+               "moe_combine_with_bias")
+POSITIVE_FLOATS = ("rms_norm_eps", "mla_norm_eps", "rope_theta")
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def check_int(v: Any, field_name: str, where: str) -> int:
+    """``v`` as an int within :data:`INT_BOUNDS` of ``field_name``; ValueError naming ``where`` otherwise."""
+    lo, hi = INT_BOUNDS[field_name]
+    if not _is_int(v):
+        raise ValueError(f"{where} must be an int, got {v!r} ({type(v).__name__})")
+    if not lo <= v <= hi:
+        raise ValueError(f"{where} = {v} is outside the supported range [{lo}, {hi}]")
+    return v
+
+
+def check_float(v: Any, field_name: str, where: str) -> float:
+    """``v`` as a finite float within :data:`FLOAT_BOUNDS` of ``field_name``; ValueError naming ``where``."""
+    lo, hi = FLOAT_BOUNDS[field_name]
+    if not _is_number(v):
+        raise ValueError(f"{where} must be a number, got {v!r} ({type(v).__name__})")
+    if not math.isfinite(v):
+        raise ValueError(f"{where} must be finite, got {v!r}")
+    if not lo <= v <= hi or (field_name in POSITIVE_FLOATS and v <= 0):
+        raise ValueError(f"{where} = {v!r} is outside the supported range "
+                         f"{'(' if field_name in POSITIVE_FLOATS else '['}{lo}, {hi}]")
+    return float(v)
 
 
 @dataclass
@@ -151,6 +226,7 @@ class KimiConfig:
     extra: dict[str, Any] = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
+        check_int(self.num_hidden_layers, "num_hidden_layers", "KimiConfig.num_hidden_layers")  # sizes the lists
         if self.layer_types is None:
             self.layer_types = [FULL] * self.num_hidden_layers
         if self.mlp_layer_types is None:
@@ -208,19 +284,33 @@ class KimiConfig:
 
     # ------------------------------------------------------------------ validation
     def validate(self) -> None:
-        def positive(name: str) -> None:
+        """Types and :data:`INT_BOUNDS` / :data:`FLOAT_BOUNDS` of every field, then their consistency."""
+        for name in INT_BOUNDS:
             v = getattr(self, name)
-            if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
-                raise ValueError(f"KimiConfig.{name} must be a positive int, got {v!r}")
-
-        for name in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "kv_lora_rank",
-                     "qk_nope_head_dim", "v_head_dim", "linear_num_heads", "linear_head_dim",
-                     "linear_conv_kernel_dim"):
-            positive(name)
-        if not isinstance(self.qk_rope_head_dim, int) or self.qk_rope_head_dim < 0:
-            raise ValueError(f"KimiConfig.qk_rope_head_dim must be an int >= 0, got {self.qk_rope_head_dim!r}")
-        if self.q_lora_rank is not None:
-            positive("q_lora_rank")
+            if v is not None or name not in ("q_lora_rank", "attn_res_block_size"):
+                check_int(v, name, f"KimiConfig.{name}")
+        for name in FLOAT_BOUNDS:
+            check_float(getattr(self, name), name, f"KimiConfig.{name}")
+        for name in BOOL_FIELDS:
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"KimiConfig.{name} must be a bool, got {getattr(self, name)!r}")
+        for name in ("model_type", "hidden_act", "moe_router_activation"):
+            if not isinstance(getattr(self, name), str):
+                raise ValueError(f"KimiConfig.{name} must be a str, got {getattr(self, name)!r}")
+        for name in ("bos_token_id", "pad_token_id"):
+            v = getattr(self, name)
+            if v is not None and not _is_int(v):
+                raise ValueError(f"KimiConfig.{name} must be an int or None, got {v!r}")
+        eos = self.eos_token_id
+        if eos is not None and not (_is_int(eos) or (isinstance(eos, list) and all(_is_int(e) for e in eos))):
+            raise ValueError(f"KimiConfig.eos_token_id must be an int, a list of ints or None, got {eos!r}")
+        for name in ("rope_scaling", "quantization_config"):
+            v = getattr(self, name)
+            if v is not None and not isinstance(v, dict):
+                raise ValueError(f"KimiConfig.{name} must be a dict or None, got {v!r}")
+        for name in ("layer_types", "mlp_layer_types"):
+            if not isinstance(getattr(self, name), list):
+                raise ValueError(f"KimiConfig.{name} must be a list, got {getattr(self, name)!r}")
         if len(self.layer_types) != self.num_hidden_layers:
             raise ValueError(f"KimiConfig.layer_types has {len(self.layer_types)} entries, expected "
                              f"num_hidden_layers={self.num_hidden_layers}")
@@ -233,11 +323,7 @@ class KimiConfig:
         for i, t in enumerate(self.mlp_layer_types):
             if t not in (DENSE, SPARSE):
                 raise ValueError(f"KimiConfig.mlp_layer_types[{i}] = {t!r}: expected {DENSE!r} or {SPARSE!r}")
-        if DENSE in self.mlp_layer_types:
-            positive("intermediate_size")
         if SPARSE in self.mlp_layer_types:
-            for name in ("num_experts", "num_experts_per_token", "moe_intermediate_size", "n_group", "topk_group"):
-                positive(name)
             if self.num_experts_per_token > self.num_experts:
                 raise ValueError(f"KimiConfig.num_experts_per_token={self.num_experts_per_token} exceeds "
                                  f"num_experts={self.num_experts}")
@@ -248,8 +334,6 @@ class KimiConfig:
                 raise ValueError(f"KimiConfig.topk_group={self.topk_group} exceeds n_group={self.n_group}")
             if self.n_group > 1 and self.num_experts // self.n_group < 2:
                 raise ValueError("KimiConfig.n_group > 1 needs at least 2 experts per group")
-            if self.num_shared_experts < 0:
-                raise ValueError(f"KimiConfig.num_shared_experts must be >= 0, got {self.num_shared_experts}")
             if self.moe_router_activation not in ("sigmoid", "softmax"):
                 raise ValueError(f"KimiConfig.moe_router_activation must be 'sigmoid' or 'softmax', got "
                                  f"{self.moe_router_activation!r}")
@@ -263,13 +347,12 @@ class KimiConfig:
                                  "(supported: default, yarn)")
             if self.rope_type == "yarn":
                 for key in ("factor", "original_max_position_embeddings"):
-                    if self.rope_scaling.get(key) is None:
+                    v = self.rope_scaling.get(key)
+                    if v is None:
                         raise ValueError(f"KimiConfig.rope_scaling (yarn) needs {key!r}")
-        if self.attn_res_block_size is not None:
-            if (not isinstance(self.attn_res_block_size, int) or isinstance(self.attn_res_block_size, bool)
-                    or self.attn_res_block_size <= 0):
-                raise ValueError(f"KimiConfig.attn_res_block_size must be None or a positive int, got "
-                                 f"{self.attn_res_block_size!r}")
+                    if not _is_number(v) or not math.isfinite(v) or not 0 < v <= 1 << 40:
+                        raise ValueError(f"KimiConfig.rope_scaling.{key} must be a finite number in (0, 2**40], "
+                                         f"got {v!r}")
 
     # ------------------------------------------------------------------ (de)serialisation
     def to_dict(self) -> dict[str, Any]:
@@ -292,7 +375,10 @@ class KimiConfig:
             raise ValueError(f"config file {path} is not valid JSON: {e}") from e
         if not isinstance(data, dict):
             raise ValueError(f"config file {path} must hold a JSON object")
-        return cls.from_dict(data)
+        try:
+            return cls.from_dict(data)
+        except (TypeError, ValueError) as e:  # name the file as well as the field
+            raise (TypeError if isinstance(e, TypeError) else ValueError)(f"{path}: {e}") from e
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "KimiConfig":
@@ -336,25 +422,64 @@ def _first(d: dict[str, Any], *keys: str, default: Any = None) -> Any:
     return default
 
 
+def _where(d: dict[str, Any], keys: tuple[str, ...], prefix: str = "") -> str:
+    """'config.json: <the key that was read>' for error messages (the first key when none is present)."""
+    key = next((k for k in keys if d.get(k) is not None), keys[0])
+    return f"config.json: {prefix}{key}"
+
+
+def _int(d: dict[str, Any], field_name: str, *keys: str, default: Any, prefix: str = "") -> int:
+    """The first present key of ``keys`` as an int within the bounds of ``field_name`` (ValueError naming the key:
+    no silent int() of a float, a bool or a string)."""
+    return check_int(_first(d, *keys, default=default), field_name, _where(d, keys, prefix))
+
+
+def _count(d: dict[str, Any], key: str, default: int, lo: int, hi: int) -> int:
+    """A layer count / stride that is not a KimiConfig field (first_k_dense_replace, moe_layer_freq)."""
+    v = _first(d, key, default=default)
+    if not _is_int(v) or not lo <= v <= hi:
+        raise ValueError(f"config.json: {key} must be an int in [{lo}, {hi}], got {v!r}")
+    return v
+
+
+def _float(d: dict[str, Any], field_name: str, *keys: str, default: float) -> float:
+    return check_float(_first(d, *keys, default=default), field_name, _where(d, keys))
+
+
+def _bool(d: dict[str, Any], *keys: str, default: bool) -> bool:
+    v = _first(d, *keys, default=default)
+    if not isinstance(v, bool):
+        raise ValueError(f"{_where(d, keys)} must be true or false, got {v!r}")
+    return v
+
+
+def _str(d: dict[str, Any], *keys: str, default: str) -> str:
+    v = _first(d, *keys, default=default)
+    if not isinstance(v, str):
+        raise ValueError(f"{_where(d, keys)} must be a string, got {v!r}")
+    return v
+
+
 def _mlp_types_from_freq(n_layers: int, n_experts: int | None, first_dense: int, freq: int) -> list[str]:
     if not n_experts:
         return [DENSE] * n_layers
-    freq = max(int(freq or 1), 1)
     return [SPARSE if (i >= first_dense and i % freq == 0) else DENSE for i in range(n_layers)]
 
 
 def _shared_fields(d: dict[str, Any]) -> dict[str, Any]:
     """Fields both families read from the same keys with the same defaults (MLA dims, tokens, dtype, ...)."""
-    return dict(hidden_act=str(_first(d, "hidden_act", default="silu")),
-                tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
-                initializer_range=float(_first(d, "initializer_range", default=0.02)),
-                kv_lora_rank=int(_first(d, "kv_lora_rank", default=512)),
-                qk_nope_head_dim=int(_first(d, "qk_nope_head_dim", default=128)),
-                qk_rope_head_dim=int(_first(d, "qk_rope_head_dim", default=64)),
-                v_head_dim=int(_first(d, "v_head_dim", default=128)),
-                attention_bias=bool(d.get("attention_bias", False)),
-                moe_combine_with_bias=bool(d.get("moe_combine_with_bias", False)),
-                attn_res_block_size=d.get("attn_res_block_size"),
+    block = d.get("attn_res_block_size")
+    return dict(hidden_act=_str(d, "hidden_act", default="silu"),
+                tie_word_embeddings=_bool(d, "tie_word_embeddings", default=False),
+                initializer_range=_float(d, "initializer_range", "initializer_range", default=0.02),
+                kv_lora_rank=_int(d, "kv_lora_rank", "kv_lora_rank", default=512),
+                qk_nope_head_dim=_int(d, "qk_nope_head_dim", "qk_nope_head_dim", default=128),
+                qk_rope_head_dim=_int(d, "qk_rope_head_dim", "qk_rope_head_dim", default=64),
+                v_head_dim=_int(d, "v_head_dim", "v_head_dim", default=128),
+                attention_bias=_bool(d, "attention_bias", default=False),
+                moe_combine_with_bias=_bool(d, "moe_combine_with_bias", default=False),
+                attn_res_block_size=None if block is None else _int(d, "attn_res_block_size", "attn_res_block_size",
+                                                                    default=None),
                 bos_token_id=d.get("bos_token_id"), eos_token_id=d.get("eos_token_id"),
                 pad_token_id=d.get("pad_token_id"),
                 torch_dtype=_first(d, "dtype", "torch_dtype"),
@@ -362,7 +487,7 @@ def _shared_fields(d: dict[str, Any]) -> dict[str, Any]:
 
 
 def _parse_kimi_linear(d: dict[str, Any]) -> KimiConfig:
-    n_layers = int(_first(d, "num_hidden_layers", default=27))
+    n_layers = _int(d, "num_hidden_layers", "num_hidden_layers", default=27)
     lac = d.get("linear_attn_config")
     if lac is not None and not isinstance(lac, dict):
         raise ValueError(f"config.json: linear_attn_config must be an object, got {type(lac).__name__}")
@@ -374,7 +499,7 @@ def _parse_kimi_linear(d: dict[str, Any]) -> KimiConfig:
             layer_types = [None] * n_layers
             for key, kind in (("full_attn_layers", FULL), ("kda_layers", LINEAR)):
                 for one_based in lac.get(key) or []:
-                    if not isinstance(one_based, int) or not 1 <= one_based <= n_layers:
+                    if not _is_int(one_based) or not 1 <= one_based <= n_layers:
                         raise ValueError(f"config.json: linear_attn_config.{key} holds {one_based!r}, expected "
                                          f"1-indexed layer numbers in [1, {n_layers}]")
                     layer_types[one_based - 1] = kind
@@ -387,52 +512,63 @@ def _parse_kimi_linear(d: dict[str, Any]) -> KimiConfig:
         else:  # transformers' KimiLinearConfig default pattern
             layer_types = [FULL if i and i % 4 == 0 else LINEAR for i in range(n_layers)]
 
-    n_experts = _first(d, "num_experts", "num_local_experts", "n_routed_experts", default=256)
+    expert_keys = ("num_experts", "num_local_experts", "n_routed_experts")
+    n_experts = _first(d, *expert_keys, default=256)
+    n_experts = 0 if n_experts == 0 and _is_int(n_experts) else _int(d, "num_experts", *expert_keys, default=256)
     mlp_layer_types = d.get("mlp_layer_types")
     if mlp_layer_types is None:
-        mlp_layer_types = _mlp_types_from_freq(n_layers, n_experts, int(_first(d, "first_k_dense_replace", default=1)),
-                                               int(_first(d, "moe_layer_freq", default=1)))
+        mlp_layer_types = _mlp_types_from_freq(n_layers, n_experts,
+                                               _count(d, "first_k_dense_replace", 1, 0, n_layers),
+                                               _count(d, "moe_layer_freq", 1, 1, n_layers))
 
     if d.get("mla_use_nope") is False:
         raise ValueError("config.json: mla_use_nope=false (RoPE inside Kimi Linear MLA) is not supported")
-    use_grouped = d.get("use_grouped_topk", True)
-    n_group = int(_first(d, "num_expert_group", "n_group", default=1)) if use_grouped else 1
-    topk_group = int(_first(d, "topk_group", default=1)) if use_grouped else 1
+    use_grouped = _bool(d, "use_grouped_topk", default=True)
+    n_group = _int(d, "n_group", "num_expert_group", "n_group", default=1) if use_grouped else 1
+    topk_group = _int(d, "topk_group", "topk_group", default=1) if use_grouped else 1
     q_lora = d.get("q_lora_rank")
-    n_heads = int(_first(d, "num_attention_heads", default=32))
-    kv_heads = _first(d, "num_key_value_heads", default=n_heads)
-    if int(kv_heads) != n_heads:
+    n_heads = _int(d, "num_attention_heads", "num_attention_heads", default=32)
+    kv_heads = _int(d, "num_attention_heads", "num_key_value_heads", default=n_heads)
+    if kv_heads != n_heads:
         raise ValueError(f"config.json: num_key_value_heads={kv_heads} != num_attention_heads={n_heads} is not "
                          "supported for MLA")
 
     return KimiConfig(
         model_type="kimi_linear",
-        vocab_size=int(_first(d, "vocab_size", default=163840)),
-        hidden_size=int(_first(d, "hidden_size", default=2304)),
-        intermediate_size=int(_first(d, "intermediate_size", default=9216)),
+        vocab_size=_int(d, "vocab_size", "vocab_size", default=163840),
+        hidden_size=_int(d, "hidden_size", "hidden_size", default=2304),
+        intermediate_size=_int(d, "intermediate_size", "intermediate_size", default=9216),
         num_hidden_layers=n_layers,
-        rms_norm_eps=float(_first(d, "rms_norm_eps", default=1e-5)),
+        rms_norm_eps=_float(d, "rms_norm_eps", "rms_norm_eps", default=1e-5),
         layer_types=list(layer_types),
         mlp_layer_types=list(mlp_layer_types),
-        linear_num_heads=int(_first(lac, "num_heads", default=_first(d, "linear_num_heads", default=32))),
-        linear_head_dim=int(_first(lac, "head_dim", default=_first(d, "linear_head_dim", default=128))),
-        linear_conv_kernel_dim=int(_first(lac, "short_conv_kernel_size",
-                                          default=_first(d, "linear_conv_kernel_dim", default=4))),
+        linear_num_heads=_linear_int(d, lac, "linear_num_heads", "num_heads", 32),
+        linear_head_dim=_linear_int(d, lac, "linear_head_dim", "head_dim", 128),
+        linear_conv_kernel_dim=_linear_int(d, lac, "linear_conv_kernel_dim", "short_conv_kernel_size", 4),
         num_attention_heads=n_heads,
-        q_lora_rank=None if q_lora is None else int(q_lora),
+        q_lora_rank=None if q_lora is None else _int(d, "q_lora_rank", "q_lora_rank", default=None),
         use_rope=False,
-        max_position_embeddings=int(_first(d, "model_max_length", "max_position_embeddings", default=1048576)),
-        num_experts=int(n_experts or 0) or 1,
-        num_experts_per_token=int(_first(d, "num_experts_per_token", "num_experts_per_tok", default=8)),
-        moe_intermediate_size=int(_first(d, "moe_intermediate_size", default=1024)),
-        num_shared_experts=int(_first(d, "num_shared_experts", "n_shared_experts", default=1)),
-        routed_scaling_factor=float(_first(d, "routed_scaling_factor", default=2.446)),
-        moe_renormalize=bool(_first(d, "moe_renormalize", "norm_topk_prob", default=True)),
-        moe_router_activation=str(_first(d, "moe_router_activation_func", "scoring_func", default="sigmoid")),
+        max_position_embeddings=_int(d, "max_position_embeddings", "model_max_length", "max_position_embeddings",
+                                     default=1048576),
+        num_experts=n_experts or 1,
+        num_experts_per_token=_int(d, "num_experts_per_token", "num_experts_per_token", "num_experts_per_tok",
+                                   default=8),
+        moe_intermediate_size=_int(d, "moe_intermediate_size", "moe_intermediate_size", default=1024),
+        num_shared_experts=_int(d, "num_shared_experts", "num_shared_experts", "n_shared_experts", default=1),
+        routed_scaling_factor=_float(d, "routed_scaling_factor", "routed_scaling_factor", default=2.446),
+        moe_renormalize=_bool(d, "moe_renormalize", "norm_topk_prob", default=True),
+        moe_router_activation=_str(d, "moe_router_activation_func", "scoring_func", default="sigmoid"),
         n_group=n_group,
         topk_group=topk_group,
         **_shared_fields(d),
     )
+
+
+def _linear_int(d: dict[str, Any], lac: dict[str, Any], field_name: str, lac_key: str, default: int) -> int:
+    """A KDA size from ``linear_attn_config.<lac_key>`` (hub) or the top-level ``field_name`` (transformers)."""
+    if lac.get(lac_key) is not None:
+        return _int(lac, field_name, lac_key, default=default, prefix="linear_attn_config.")
+    return _int(d, field_name, field_name, default=default)
 
 
 def _parse_rope(d: dict[str, Any]) -> tuple[float, dict[str, Any] | None]:
@@ -452,28 +588,29 @@ def _parse_rope(d: dict[str, Any]) -> tuple[float, dict[str, Any] | None]:
     if theta is None:
         theta = 10000.0
     rope_type = merged.get("rope_type", merged.get("type", "default"))
+    theta = check_float(theta, "rope_theta", "config.json: rope_theta")
     if rope_type == "default":
-        return float(theta), None
+        return theta, None
     merged["rope_type"] = rope_type
     merged.pop("type", None)
     merged.pop("rope_theta", None)
     if rope_type == "yarn":
         merged.setdefault("original_max_position_embeddings",
                           _first(d, "original_max_position_embeddings", "max_position_embeddings", default=4096))
-    return float(theta), merged
+    return theta, merged
 
 
 def _parse_deepseek(d: dict[str, Any]) -> KimiConfig:
     # defaults follow transformers' DeepseekV3Config
-    n_layers = int(_first(d, "num_hidden_layers", default=61))
-    n_experts = int(_first(d, "n_routed_experts", "num_local_experts", default=256))
+    n_layers = _int(d, "num_hidden_layers", "num_hidden_layers", default=61)
+    n_experts = _int(d, "num_experts", "n_routed_experts", "num_local_experts", default=256)
     mlp_layer_types = d.get("mlp_layer_types") or _mlp_types_from_freq(
-        n_layers, n_experts, int(_first(d, "first_k_dense_replace", default=3)),
-        int(_first(d, "moe_layer_freq", default=1)))
+        n_layers, n_experts, _count(d, "first_k_dense_replace", 3, 0, n_layers),
+        _count(d, "moe_layer_freq", 1, 1, n_layers))
     theta, scaling = _parse_rope(d)
-    n_heads = int(_first(d, "num_attention_heads", default=128))
-    kv_heads = _first(d, "num_key_value_heads", default=n_heads)
-    if int(kv_heads) != n_heads:
+    n_heads = _int(d, "num_attention_heads", "num_attention_heads", default=128)
+    kv_heads = _int(d, "num_attention_heads", "num_key_value_heads", default=n_heads)
+    if kv_heads != n_heads:
         raise ValueError(f"config.json: num_key_value_heads={kv_heads} != num_attention_heads={n_heads} is not "
                          "supported for MLA")
     topk_method = d.get("topk_method", "noaux_tc")
@@ -481,31 +618,33 @@ def _parse_deepseek(d: dict[str, Any]) -> KimiConfig:
         raise ValueError(f"config.json: topk_method {topk_method!r} is not supported")
     q_lora = d["q_lora_rank"] if "q_lora_rank" in d else 1536
     return KimiConfig(
-        model_type=str(d.get("model_type") or "deepseek_v3"),
-        vocab_size=int(_first(d, "vocab_size", default=129280)),
-        hidden_size=int(_first(d, "hidden_size", default=7168)),
-        intermediate_size=int(_first(d, "intermediate_size", default=18432)),
+        model_type=_str(d, "model_type", default="deepseek_v3"),
+        vocab_size=_int(d, "vocab_size", "vocab_size", default=129280),
+        hidden_size=_int(d, "hidden_size", "hidden_size", default=7168),
+        intermediate_size=_int(d, "intermediate_size", "intermediate_size", default=18432),
         num_hidden_layers=n_layers,
-        rms_norm_eps=float(_first(d, "rms_norm_eps", default=1e-6)),
+        rms_norm_eps=_float(d, "rms_norm_eps", "rms_norm_eps", default=1e-6),
         layer_types=[FULL] * n_layers,
         mlp_layer_types=list(mlp_layer_types),
         num_attention_heads=n_heads,
-        q_lora_rank=None if q_lora is None else int(q_lora),
+        q_lora_rank=None if q_lora is None else _int(d, "q_lora_rank", "q_lora_rank", default=None),
         use_rope=True,
         rope_theta=theta,
         rope_scaling=scaling,
-        rope_interleave=bool(d.get("rope_interleave", True)),
-        max_position_embeddings=int(_first(d, "max_position_embeddings", default=4096)),
+        rope_interleave=_bool(d, "rope_interleave", default=True),
+        max_position_embeddings=_int(d, "max_position_embeddings", "max_position_embeddings", default=4096),
         num_experts=n_experts,
-        num_experts_per_token=int(_first(d, "num_experts_per_tok", "num_experts_per_token", default=8)),
-        moe_intermediate_size=int(_first(d, "moe_intermediate_size", default=2048)),
-        num_shared_experts=int(_first(d, "n_shared_experts", "num_shared_experts", default=1)),
-        routed_scaling_factor=float(_first(d, "routed_scaling_factor", default=2.5)),
-        moe_renormalize=bool(_first(d, "norm_topk_prob", "moe_renormalize", default=True)),
-        moe_router_activation=str(_first(d, "scoring_func", default="sigmoid")),
-        n_group=int(_first(d, "n_group", default=8)),
-        topk_group=int(_first(d, "topk_group", default=4)),
-        num_nextn_predict_layers=int(_first(d, "num_nextn_predict_layers", "num_mtp_layers", default=0)),
+        num_experts_per_token=_int(d, "num_experts_per_token", "num_experts_per_tok", "num_experts_per_token",
+                                   default=8),
+        moe_intermediate_size=_int(d, "moe_intermediate_size", "moe_intermediate_size", default=2048),
+        num_shared_experts=_int(d, "num_shared_experts", "n_shared_experts", "num_shared_experts", default=1),
+        routed_scaling_factor=_float(d, "routed_scaling_factor", "routed_scaling_factor", default=2.5),
+        moe_renormalize=_bool(d, "norm_topk_prob", "moe_renormalize", default=True),
+        moe_router_activation=_str(d, "scoring_func", default="sigmoid"),
+        n_group=_int(d, "n_group", "n_group", default=8),
+        topk_group=_int(d, "topk_group", "topk_group", default=4),
+        num_nextn_predict_layers=_int(d, "num_nextn_predict_layers", "num_nextn_predict_layers", "num_mtp_layers",
+                                      default=0),
         **_shared_fields(d),
     )
 
@@ -513,11 +652,18 @@ def _parse_deepseek(d: dict[str, Any]) -> KimiConfig:
 def tiny_config(kind: str = "kimi_linear", attn_res_block_size: int | None = None) -> KimiConfig:
     """The built-in tiny model (runs in milliseconds on CPU), used by tests and the demo.
 
+    ``kind`` is one of :data:`TINY_KINDS` (the names ``kimi-export --tiny`` accepts, plus the aliases ``kimi_k2``
+    and ``deepseek_v3`` of ``k2``). ``kind="kimi_linear_attnres"`` is ``kimi_linear`` with Block AttnRes of
+    block size 2 (``attn_res_block_size`` overrides it).
+
     ``kind="kimi_linear"``: 5 layers ``[KDA, MLA, KDA, KDA, MLA]``, hidden 64, KDA 2 heads x 16 with conv 4,
     MLA 4 heads (nope 16 + rope 8, v 16, latent 32, NoPE), layer 0 dense, MoE of 8 experts (top 2, shared 1).
     ``kind="k2"``: 4 MLA layers with q-LoRA 32 and YaRN RoPE (factor 4, original 64 positions), hidden 64,
     layer 0 dense, MoE of 8 experts in 2 groups (top 2 from 1 group).
     """
+    if kind == "kimi_linear_attnres":
+        kind = "kimi_linear"
+        attn_res_block_size = 2 if attn_res_block_size is None else attn_res_block_size
     common = dict(vocab_size=256, hidden_size=64, intermediate_size=128, rms_norm_eps=1e-5,
                   num_attention_heads=4, kv_lora_rank=32, qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16,
                   num_experts=8, num_experts_per_token=2, moe_intermediate_size=32, num_shared_experts=1,
@@ -540,7 +686,7 @@ def tiny_config(kind: str = "kimi_linear", attn_res_block_size: int | None = Non
                           rope_interleave=True, max_position_embeddings=256, routed_scaling_factor=2.827,
                           n_group=2, topk_group=1, rms_norm_eps=1e-6,
                           **{k: v for k, v in common.items() if k != "rms_norm_eps"})
-    raise ValueError(f"tiny_config kind must be 'kimi_linear' or 'k2', got {kind!r}")
+    raise ValueError(f"tiny_config kind must be one of {TINY_KINDS}, got {kind!r}")
 
 
 def kimi_linear_48b_config(**overrides: Any) -> KimiConfig:

@@ -22,14 +22,24 @@ Accepted names (prefix ``model.`` except ``lm_head.weight``):
   multi-token-prediction layers (index >= num_hidden_layers, < + num_nextn_predict_layers) are skipped;
 * kimi-compile's own parameter names (``experts.w_gate``, ``conv1d.weight [3C,W]``, AttnRes parameters).
 
-Errors: FileNotFoundError for a missing directory / config.json / shard; ValueError naming the tensor and the
-file for missing, unexpected, duplicated or mis-shaped tensors, truncated or corrupt safetensors files, and
-unknown model_type / architecture.
+Validation before allocation: ``config.json`` is checked first (types, finiteness and the documented
+:data:`kimi_compile.config.INT_BOUNDS`), then every safetensors header (size, JSON, dtype, shape and byte span of
+each entry, the file size), then the whole plan against the model built on the meta device: names, shapes, dtype
+class (an integer tensor where a float parameter is expected is refused, never cast), duplicates, FP8 scales.
+Only then are the parameters allocated and the data read. So an absurd size or a bad file fails in milliseconds,
+and the largest allocation is bounded by what the files actually hold.
+
+Errors: FileNotFoundError for a missing directory / config.json / shard; ValueError naming the config field, or the
+tensor and the file, for everything else: out-of-range or mistyped config values, missing, unexpected, duplicated
+(also the same tensor in two shards) or mis-shaped tensors, wrong dtype classes, truncated or corrupt safetensors
+files, an index naming a shard outside the checkpoint directory (``../x.safetensors``, an absolute path) or the
+same tensor twice, and unknown model_type / architecture.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import struct
@@ -60,8 +70,32 @@ class _Piece:
 
 # ------------------------------------------------------------------------------------------------ files
 
-def _check_safetensors_file(path: str) -> None:
-    """Header sanity (size, JSON, offsets within the file) so truncated / corrupt files fail with a clear error."""
+MAX_HEADER_BYTES = 100_000_000  # safetensors' own limit on the JSON header
+
+# safetensors dtype tag -> (bytes per element, class); the class must match the parameter's (a float weight stored
+# as integers is refused, never cast)
+_ST_DTYPES = {"F64": (8, "float"), "F32": (4, "float"), "F16": (2, "float"), "BF16": (2, "float"),
+              "F8_E4M3": (1, "float"), "F8_E5M2": (1, "float"),
+              "I64": (8, "int"), "I32": (4, "int"), "I16": (2, "int"), "I8": (1, "int"),
+              "U64": (8, "int"), "U32": (4, "int"), "U16": (2, "int"), "U8": (1, "int"), "BOOL": (1, "bool")}
+
+
+@dataclass(frozen=True)
+class _Entry:
+    """One tensor as a safetensors header declares it."""
+
+    dtype: str
+    shape: tuple[int, ...]
+
+    @property
+    def kind(self) -> str:
+        return _ST_DTYPES.get(self.dtype, (0, "unknown"))[1]
+
+
+def _read_header(path: str) -> dict[str, _Entry]:
+    """The tensors a safetensors file declares, checked against the file size before anything is read: the header
+    length, JSON, each entry's dtype, shape and offsets (span = elements x element size, inside the file), so that
+    truncated and corrupt files fail naming the file and the tensor."""
     size = os.path.getsize(path)
     try:
         with open(path, "rb") as f:
@@ -71,36 +105,84 @@ def _check_safetensors_file(path: str) -> None:
             (n,) = struct.unpack("<Q", head)
             if n > size - 8:
                 raise ValueError(f"header length {n} exceeds the file size {size}")
+            if n > MAX_HEADER_BYTES:
+                raise ValueError(f"header length {n} exceeds safetensors' limit of {MAX_HEADER_BYTES} bytes")
             header = json.loads(f.read(n))
     except (ValueError, UnicodeDecodeError) as e:
         raise ValueError(f"corrupt safetensors file {path}: {e}") from e
     if not isinstance(header, dict):
         raise ValueError(f"corrupt safetensors file {path}: header is not a JSON object")
-    end = 0
+    entries: dict[str, _Entry] = {}
+    spans: list[tuple[int, int, str]] = []
     for name, info in header.items():
         if name == "__metadata__":
             continue
         try:
-            end = max(end, int(info["data_offsets"][1]))
-        except (KeyError, TypeError, IndexError, ValueError) as e:
-            raise ValueError(f"corrupt safetensors file {path}: bad entry for tensor {name!r}") from e
-    if 8 + n + end > size:
-        raise ValueError(f"truncated safetensors file {path}: tensors need {8 + n + end} bytes, the file has {size}")
+            dtype, shape, (begin, stop) = info["dtype"], info["shape"], info["data_offsets"]
+            if not isinstance(dtype, str) or not all(isinstance(x, int) and x >= 0 for x in (*shape, begin, stop)):
+                raise TypeError("dtype, shape or data_offsets of the wrong type")
+        except (KeyError, TypeError, ValueError) as e:
+            raise ValueError(f"corrupt safetensors file {path}: bad entry for tensor {name!r}: {e}") from e
+        itemsize = _ST_DTYPES.get(dtype, (None,))[0]
+        if itemsize is not None and stop - begin != math.prod(shape) * itemsize:
+            raise ValueError(f"corrupt safetensors file {path}: tensor {name!r} declares shape {list(shape)} "
+                             f"{dtype} but {stop - begin} bytes")
+        entries[name] = _Entry(dtype, tuple(shape))
+        spans.append((begin, stop, name))
+    # as safetensors itself: the tensors tile the data area exactly (no overlap, so the declared sizes, and with
+    # them what the loader allocates, are bounded by the file size)
+    end = 0
+    for begin, stop, name in sorted(spans):
+        if begin != end:
+            raise ValueError(f"corrupt safetensors file {path}: tensor {name!r} starts at data byte {begin}, "
+                             f"expected {end} (tensors overlap or leave a gap)")
+        end = stop
+        if 8 + n + end > size:
+            raise ValueError(f"truncated safetensors file {path}: tensor {name!r} ends at byte {8 + n + end}, the "
+                             f"file has {size} bytes")
+    if 8 + n + end != size:
+        raise ValueError(f"corrupt safetensors file {path}: {size - 8 - n - end} bytes after the last tensor")
+    return entries
+
+
+def _check_safetensors_file(path: str) -> None:
+    """:func:`_read_header`'s checks alone, for callers that read the tensors themselves."""
+    _read_header(path)
+
+
+def _no_duplicate_keys(where: str):
+    def hook(pairs):
+        seen = set()
+        for key, _ in pairs:
+            if key in seen:
+                raise ValueError(f"{where} lists {key!r} twice")
+            seen.add(key)
+        return dict(pairs)
+    return hook
 
 
 def checkpoint_files(path: str) -> dict[str, str]:
-    """Map every tensor name to the safetensors file holding it (checks that each shard exists)."""
+    """Map every tensor name to the safetensors file holding it (checks that each shard exists and lies inside
+    ``path``: an index naming ``../x.safetensors`` or an absolute path is refused)."""
     index = os.path.join(path, "model.safetensors.index.json")
     single = os.path.join(path, "model.safetensors")
     if os.path.isfile(index):
         try:
             with open(index, encoding="utf-8") as f:
-                weight_map = json.load(f)["weight_map"]
+                weight_map = json.load(f, object_pairs_hook=_no_duplicate_keys(index))["weight_map"]
+            if not isinstance(weight_map, dict):
+                raise TypeError(f"weight_map is a {type(weight_map).__name__}")
         except (json.JSONDecodeError, KeyError, TypeError) as e:
             raise ValueError(f"{index} is not a valid safetensors index (needs a 'weight_map' object): {e}") from e
         files = {}
         for name, shard in weight_map.items():
-            full = os.path.join(path, shard)
+            if not isinstance(shard, str) or not shard.endswith(".safetensors"):
+                raise ValueError(f"{index}: tensor {name!r} maps to {shard!r}, not a .safetensors file name")
+            rel = os.path.normpath(shard)
+            if os.path.isabs(shard) or rel == ".." or rel.startswith(".." + os.sep):
+                raise ValueError(f"{index}: shard {shard!r} (for tensor {name!r}) lies outside the checkpoint "
+                                 f"directory {path}; shards must be relative paths inside it")
+            full = os.path.join(path, rel)
             if full not in files.values() and not os.path.isfile(full):
                 raise FileNotFoundError(f"shard {shard!r} listed in {index} (for tensor {name!r}) is missing: "
                                         f"{full}")
@@ -112,6 +194,25 @@ def checkpoint_files(path: str) -> dict[str, str]:
     if len(others) == 1:
         return {None: os.path.join(path, others[0])}
     raise FileNotFoundError(f"no model.safetensors or model.safetensors.index.json in {path}")
+
+
+def _tensor_files(files: dict, headers: dict[str, dict[str, _Entry]]) -> dict[str, str]:
+    """tensor name -> shard, every name held by exactly the shard the index says (and by no other shard)."""
+    if None in files:
+        shard = files[None]
+        return {name: shard for name in headers[shard]}
+    holders: dict[str, str] = {}
+    for shard in sorted(headers):
+        for name in headers[shard]:
+            if name in holders:
+                raise ValueError(f"tensor {name!r} is in two shards, {holders[name]} and {shard} (duplicate "
+                                 "weights: the checkpoint is ambiguous)")
+            holders[name] = shard
+    for name, shard in files.items():
+        if name not in headers[shard]:
+            raise ValueError(f"tensor {name!r} is listed in model.safetensors.index.json for {shard} but the file "
+                             "does not hold it")
+    return files
 
 
 # ------------------------------------------------------------------------------------------------ name mapping
@@ -240,6 +341,7 @@ def load_model(path: Union[str, os.PathLike], *, dtype: Optional[torch.dtype] = 
     path = os.fspath(path)
     if not os.path.isdir(path):
         raise FileNotFoundError(f"checkpoint directory not found: {path}")
+    # ---- validate before allocating: the config (types and INT_BOUNDS), then every file header against it
     config = KimiConfig.from_json_file(os.path.join(path, "config.json"))
     overrides = {}
     if moe_combine_with_bias is not None:
@@ -251,28 +353,22 @@ def load_model(path: Union[str, os.PathLike], *, dtype: Optional[torch.dtype] = 
     dtype = (parse_dtype(dtype, choices=MODEL_DTYPES)
              or parse_dtype(config.torch_dtype, name="config.json torch_dtype", choices=MODEL_DTYPES) or torch.float32)
     device = torch.device(device)
+    block = _fp8_block(config)
 
     files = checkpoint_files(path)
-    shard_paths = sorted(set(files.values()))
-    for shard in shard_paths:
-        _check_safetensors_file(shard)
+    headers = {shard: _read_header(shard) for shard in sorted(set(files.values()))}
+    files = _tensor_files(files, headers)
 
-    with torch.device("meta"):
+    with torch.device("meta"):  # shapes only: nothing is allocated until the plan below holds
         model = KimiForCausalLM(config)
+    plan, optional = _plan(path, config, _Mapper(model, config), files, headers, block)
+
+    # ---- allocate once, then stream: one tensor in memory at a time, copied into its place
     model.materialize_(dtype, device)
     mapper = _Mapper(model, config)
-    filled = {name: torch.zeros(max(t.shape[0] if t.dim() else 1, 1), dtype=torch.bool)
-              for name, t in mapper.params.items()}
-    optional = set()  # AttnRes parameters: absent from ordinary checkpoints, then the paper's init stands
-    if config.attn_res_block_size is not None:
-        for name in filled:
-            if ".attn_res_" in name or name.startswith("model.attn_res_"):
-                with torch.no_grad():
-                    mapper.params[name].fill_(0.0 if "attn_res_query" in name else 1.0)
-                optional.add(name)
-    qcfg = config.quantization_config or {}
-    block = tuple(qcfg.get("weight_block_size") or (128, 128))
-
+    with torch.no_grad():
+        for name in optional:  # AttnRes parameters the checkpoint does not hold keep the paper's init
+            mapper.params[name].fill_(0.0 if "attn_res_query" in name else 1.0)
     handles: dict[str, object] = {}
 
     def handle(shard: str):
@@ -283,19 +379,51 @@ def load_model(path: Union[str, os.PathLike], *, dtype: Optional[torch.dtype] = 
                 raise ValueError(f"corrupt or truncated safetensors file {shard}: {e}") from e
         return handles[shard]
 
-    # tensor name -> shard (for single files, read the key list)
-    if None in files:
-        shard = files[None]
-        files = {k: shard for k in handle(shard).keys()}
-    else:
-        for shard in shard_paths:
-            present = set(handle(shard).keys())
-            for name, s in files.items():
-                if s == shard and name not in present:
-                    raise ValueError(f"tensor {name!r} is listed in model.safetensors.index.json for {shard} but "
-                                     "the file does not hold it")
+    bar = tqdm(total=len(plan), desc=f"loading {os.path.basename(os.path.normpath(path))}", unit="tensor",
+               disable=not progress)
+    try:
+        with torch.no_grad():
+            for name, shard, pieces in plan:
+                try:
+                    tensor = handle(shard).get_tensor(name)
+                except SafetensorError as e:
+                    raise ValueError(f"cannot read tensor {name!r} from {shard}: {e}") from e
+                if tensor.dtype in _FP8:
+                    scale_name = name + "_scale_inv"
+                    tensor = _dequant_fp8(tensor, handle(files[scale_name]).get_tensor(scale_name), block)
+                for piece in pieces:
+                    dst = mapper.params[piece.param][piece.dst]
+                    dst.copy_(piece.src_fn(tensor).reshape(dst.shape))
+                del tensor
+                bar.update(1)
+    finally:
+        bar.close()
+        handles.clear()
+    return model.eval()
 
-    # ---- plan from the headers alone: every problem is reported before any tensor data is read
+
+def _fp8_block(config: KimiConfig) -> tuple[int, int]:
+    qcfg = config.quantization_config or {}
+    block = qcfg.get("weight_block_size") or (128, 128)
+    if (not isinstance(block, (list, tuple)) or len(block) != 2
+            or not all(isinstance(b, int) and not isinstance(b, bool) and 1 <= b <= 1 << 16 for b in block)):
+        raise ValueError(f"config.json: quantization_config.weight_block_size must be two ints in [1, 65536], "
+                         f"got {block!r}")
+    return tuple(block)
+
+
+def _plan(path: str, config: KimiConfig, mapper: _Mapper, files: dict[str, str],
+          headers: dict[str, dict[str, _Entry]], block: tuple[int, int]
+          ) -> tuple[list[tuple[str, str, list[_Piece]]], set[str]]:
+    """From the headers alone (``mapper`` may sit on the meta device): which tensor fills which parameter piece.
+    Every problem is reported here, before any parameter is allocated or any tensor data is read: unexpected,
+    missing, duplicated or mis-shaped tensors, a wrong dtype class, an FP8 weight without its scale.
+    Returns the plan and the AttnRes parameters that no tensor fills (they keep their init)."""
+    filled = {name: torch.zeros(max(t.shape[0] if t.dim() else 1, 1), dtype=torch.bool)
+              for name, t in mapper.params.items()}
+    optional = set()  # AttnRes parameters: absent from ordinary checkpoints, then the paper's init stands
+    if config.attn_res_block_size is not None:
+        optional = {name for name in filled if ".attn_res_" in name or name.startswith("model.attn_res_")}
     unexpected: list[str] = []
     plan: list[tuple[str, str, list[_Piece]]] = []
     for name in sorted((n for n in files if not n.endswith("_scale_inv")), key=lambda n: (files[n], n)):
@@ -306,17 +434,23 @@ def load_model(path: Union[str, os.PathLike], *, dtype: Optional[torch.dtype] = 
             continue
         if not pieces:
             continue
-        shape = tuple(handle(shard).get_slice(name).get_shape())
+        entry = headers[shard][name]
         for piece in pieces:
-            if shape not in piece.shapes:
-                raise ValueError(f"tensor {name!r} in {shard} has shape {list(shape)}, expected "
+            if entry.shape not in piece.shapes:
+                raise ValueError(f"tensor {name!r} in {shard} has shape {list(entry.shape)}, expected "
                                  f"{' or '.join(str(list(s)) for s in piece.shapes)} (for parameter {piece.param})")
+            want = "float" if mapper.params[piece.param].dtype.is_floating_point else "int"
+            if entry.kind != want:
+                raise ValueError(f"tensor {name!r} in {shard} is {entry.dtype}, but parameter {piece.param} needs a "
+                                 f"{want} dtype (refusing to cast {entry.kind} values)")
             rows = filled[piece.param][piece.dst]
             if bool(rows.any()):
                 where = f" row {piece.dst}" if isinstance(piece.dst, int) else ""
                 raise ValueError(f"tensor {name!r} in {shard} fills {piece.param}{where}, which another tensor of "
                                  "the checkpoint already fills (duplicate weights)")
             filled[piece.param][piece.dst] = True
+        if entry.dtype.startswith("F8_"):
+            _check_fp8_scale(name, shard, entry, files, headers, block)
         plan.append((name, shard, pieces))
     if unexpected:
         shown = ", ".join(repr(n) for n in unexpected[:8])
@@ -336,28 +470,16 @@ def load_model(path: Union[str, os.PathLike], *, dtype: Optional[torch.dtype] = 
         shown = "; ".join(missing[:8])
         more = f" (and {len(missing) - 8} more)" if len(missing) > 8 else ""
         raise ValueError(f"missing tensor(s) in checkpoint {path}: {shown}{more}")
+    return plan, optional
 
-    # ---- stream: one tensor in memory at a time, copied into its place in the preallocated parameters
-    bar = tqdm(total=len(plan), desc=f"loading {os.path.basename(os.path.normpath(path))}", unit="tensor",
-               disable=not progress)
-    try:
-        with torch.no_grad():
-            for name, shard, pieces in plan:
-                try:
-                    tensor = handle(shard).get_tensor(name)
-                except SafetensorError as e:
-                    raise ValueError(f"cannot read tensor {name!r} from {shard}: {e}") from e
-                if tensor.dtype in _FP8:
-                    scale_name = name + "_scale_inv"
-                    if scale_name not in files:
-                        raise ValueError(f"FP8 tensor {name!r} in {shard} has no {scale_name!r} to dequantise it")
-                    tensor = _dequant_fp8(tensor, handle(files[scale_name]).get_tensor(scale_name), block)
-                for piece in pieces:
-                    dst = mapper.params[piece.param][piece.dst]
-                    dst.copy_(piece.src_fn(tensor).reshape(dst.shape))
-                del tensor
-                bar.update(1)
-    finally:
-        bar.close()
-        handles.clear()
-    return model.eval()
+
+def _check_fp8_scale(name: str, shard: str, entry: _Entry, files: dict[str, str],
+                     headers: dict[str, dict[str, _Entry]], block: tuple[int, int]) -> None:
+    scale_name = name + "_scale_inv"
+    if scale_name not in files:
+        raise ValueError(f"FP8 tensor {name!r} in {shard} has no {scale_name!r} to dequantise it")
+    scale = headers[files[scale_name]][scale_name]
+    want = tuple(-(-n // b) for n, b in zip(entry.shape, block))
+    if len(entry.shape) != 2 or scale.shape != want or scale.kind != "float":
+        raise ValueError(f"tensor {scale_name!r} in {files[scale_name]} is {list(scale.shape)} {scale.dtype}; the "
+                         f"FP8 weight {list(entry.shape)} with blocks {list(block)} needs a float {list(want)}")

@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .checks import check_forward_inputs
 from .config import LINEAR, SPARSE, KimiConfig
 from .ops.attn_res import attn_res as _attn_res_op
 from .ops.kda import kda as _kda_op
@@ -676,19 +677,7 @@ class KimiForCausalLM(nn.Module):
     def forward(self, input_ids: Tensor, state: Optional[dict[str, Tensor]] = None,
                 position_ids: Optional[Tensor] = None, *, logits_to_keep: int = 0,
                 cache_position: Optional[Tensor] = None) -> tuple[Tensor, dict[str, Tensor]]:
-        if not isinstance(input_ids, Tensor) or input_ids.dim() != 2:
-            raise ValueError(f"input_ids must be an int64 tensor [B, T], got "
-                             f"{getattr(input_ids, 'shape', type(input_ids).__name__)}")
-        if input_ids.dtype not in (torch.int64, torch.int32):
-            raise TypeError(f"input_ids must be int64, got {input_ids.dtype}")
-        if state is not None:
-            if not isinstance(state, dict):
-                raise TypeError(f"state must be a dict[str, Tensor] or None, got {type(state).__name__}")
-            for spec in state_specs(self.config):
-                if spec.name not in state:
-                    raise ValueError(f"state is missing {spec.name!r}")
-        if isinstance(logits_to_keep, bool) or not isinstance(logits_to_keep, int) or logits_to_keep < 0:
-            raise ValueError(f"logits_to_keep must be an int >= 0, got {logits_to_keep!r}")
+        check_forward_inputs(self, input_ids, state, position_ids, logits_to_keep)
         hidden, new_state = self.model(input_ids, state, position_ids, cache_position)
         if logits_to_keep:
             hidden = hidden[:, -logits_to_keep:]

@@ -25,7 +25,7 @@ from torch import Tensor
 from .config import FULL, LINEAR, KimiConfig
 
 __all__ = ["StateSpec", "state_specs", "empty_state", "present_name", "state_names", "past_length",
-           "select_batch", "BATCH", "PAST"]
+           "select_batch", "check_state", "BATCH", "PAST"]
 
 BATCH = "batch_size"
 PAST = "past_sequence_length"
@@ -95,6 +95,43 @@ def empty_state(config: KimiConfig, batch_size: int, dtype: torch.dtype = torch.
         raise TypeError(f"dtype must be a floating torch.dtype, got {dtype!r}")
     return {s.name: torch.zeros(s.concrete_shape(batch_size, 0), dtype=s.dtype, device=device)
             for s in state_specs(config, dtype)}
+
+
+def check_state(config: KimiConfig, state: object, batch_size: int, dtype: torch.dtype,
+                device: torch.device) -> None:
+    """Check a state dict against ``state_specs(config, dtype)`` for ``batch_size`` rows on ``device``: exactly the
+    expected keys (a missing or unknown key raises naming it) and, per key, a tensor of the spec's rank, fixed
+    sizes, batch, dtype and device, all MLA caches with one past length. Every message names the state key the
+    caller passed (not the inner op's argument). Shapes and dtypes only: no data is read, so no host sync, and
+    under torch.compile these are guards, not graph code."""
+    if not isinstance(state, dict):
+        raise TypeError(f"state must be a dict[str, Tensor] or None, got {type(state).__name__}")
+    specs = state_specs(config, dtype)
+    expected = {spec.name for spec in specs}
+    for key in state:
+        if key not in expected:
+            raise ValueError(f"state has an unknown key {key!r}; this model's state is {sorted(expected)}")
+    past_key = None
+    for spec in specs:
+        if spec.name not in state:
+            raise ValueError(f"state is missing {spec.name!r}")
+        t = state[spec.name]
+        if not isinstance(t, Tensor):
+            raise TypeError(f"state[{spec.name!r}] must be a torch.Tensor, got {type(t).__name__}")
+        want = spec.concrete_shape(batch_size, t.shape[2] if spec.part == "key" and t.dim() == 4 else 0)
+        if t.dim() != len(want) or any(a != b for a, b in zip(t.shape, want)):
+            shape = ", ".join(str(d) for d in spec.shape)
+            raise ValueError(f"state[{spec.name!r}] must have shape {list(want)} ([{shape}] with batch_size "
+                             f"{batch_size}), got {list(t.shape)}")
+        if t.dtype != spec.dtype:
+            raise TypeError(f"state[{spec.name!r}] must be {spec.dtype}, got {t.dtype}")
+        if t.device != device:
+            raise ValueError(f"state[{spec.name!r}] is on {t.device}, the model on {device}")
+        if spec.part == "key":
+            if past_key is not None and t.shape[2] != state[past_key].shape[2]:
+                raise ValueError(f"state[{spec.name!r}] holds {t.shape[2]} past tokens but state[{past_key!r}] "
+                                 f"holds {state[past_key].shape[2]}: all MLA caches share one past length")
+            past_key = spec.name
 
 
 def past_length(config: KimiConfig, state: dict[str, Tensor] | None) -> int:

@@ -224,3 +224,74 @@ def test_unknown_model_type_and_missing_files(hf_kimi, tmp_path):
 def test_public_api_exports():
     for name in ("load_model", "generate", "tiny_config", "KimiConfig", "KimiForCausalLM", "empty_state"):
         assert hasattr(kimi_compile, name)
+
+
+# ------------------------------------------------------------------------------------------------ config checks
+
+def test_tiny_config_accepts_every_cli_kind():
+    from kimi_compile.resolve import TINY_MODELS as CLI_KINDS
+    from kimi_compile.config import TINY_KINDS
+
+    for kind, (base, block) in CLI_KINDS.items():
+        assert kind in TINY_KINDS
+        assert tiny_config(kind) == tiny_config(base, attn_res_block_size=block)
+    assert tiny_config("kimi_linear_attnres", attn_res_block_size=3).attn_res_block_size == 3
+    with pytest.raises(ValueError, match="kind.*'kimi_linear_attnres'.*got 'llama'"):
+        tiny_config("llama")
+
+
+def test_config_bounds_name_the_field():
+    """Every bounded field refuses one past each end and a bool, naming itself; real model shapes pass."""
+    from kimi_compile.config import FLOAT_BOUNDS, INT_BOUNDS, kimi_linear_48b_config
+
+    base = tiny_config("k2")  # has q_lora_rank, so every INT_BOUNDS field is set
+    for name, (lo, hi) in INT_BOUNDS.items():
+        for bad in (lo - 1, hi + 1, True, float(max(lo, 1))):
+            with pytest.raises(ValueError, match=f"KimiConfig.{name}"):
+                base.replace(**{name: bad})
+    for name in FLOAT_BOUNDS:
+        for bad in (float("nan"), float("inf"), -1.0, "1e-6"):
+            with pytest.raises(ValueError, match=f"KimiConfig.{name}"):
+                base.replace(**{name: bad})
+    kimi_linear_48b_config()
+    kimi_linear_48b_config(num_experts=384, hidden_size=7168, num_hidden_layers=61,
+                           layer_types=["full_attention"] * 61, mlp_layer_types=["sparse"] * 61)
+
+
+def test_loader_checks_everything_before_allocating(hf_kimi, tmp_path, monkeypatch):
+    """A checkpoint that cannot load fails before the model gets any storage (15f1186 allocated every parameter
+    first, then read the headers)."""
+    allocated = []
+    real = KimiForCausalLM.materialize_
+    monkeypatch.setattr(KimiForCausalLM, "materialize_", lambda self, *a: allocated.append(1) or real(self, *a))
+    bad = {"missing": lambda t: t.pop("model.layers.3.block_sparse_moe.experts.6.w3.weight"),
+           "int weight": lambda t: t.__setitem__("model.norm.weight", torch.ones(64, dtype=torch.int64)),
+           "unexpected": lambda t: t.__setitem__("model.rogue.weight", torch.ones(2))}
+    for what, edit in bad.items():
+        ckpt = rewrite_single(hf_kimi, tmp_path / what.replace(" ", "_"), edit)
+        with pytest.raises(ValueError):
+            load_model(ckpt, progress=False)
+        assert not allocated, what
+    load_model(hf_kimi[1] / "single", progress=False)
+    assert allocated == [1]
+
+
+def test_shards_in_subfolders_and_symlinked_blobs_load(hf_kimi, tmp_path):
+    """The out-of-folder check is on the index's names, not on where files resolve: shards in a subfolder load, and
+    so do shard files that are symlinks into a blob store elsewhere (the Hugging Face cache layout)."""
+    _, root = hf_kimi
+    ckpt = copy_dir(root / "sharded", tmp_path / "ckpt")
+    blobs = tmp_path / "blobs"
+    blobs.mkdir()
+    (ckpt / "shards").mkdir()
+    index = json.loads((ckpt / "model.safetensors.index.json").read_text())
+    for j, shard in enumerate(sorted(set(index["weight_map"].values()))):
+        if j % 2:
+            shutil.move(ckpt / shard, blobs / f"blob{j}")
+            os.symlink(blobs / f"blob{j}", ckpt / shard)
+        else:
+            shutil.move(ckpt / shard, ckpt / "shards" / shard)
+            index["weight_map"] = {n: (f"shards/{s}" if s == shard else s) for n, s in index["weight_map"].items()}
+    (ckpt / "model.safetensors.index.json").write_text(json.dumps(index))
+    torch.testing.assert_close(logits_of(load_model(ckpt, progress=False)),
+                               logits_of(load_model(root / "single", progress=False)), rtol=0, atol=0)
