@@ -280,7 +280,8 @@ def export_tensorrt(model=None, out_dir: Union[str, os.PathLike] = "kimi_export_
         t0 = time.perf_counter()
         say("exporting the ONNX graph (opset 27)")
         std_dir = tmp / "_onnx"
-        res = export_onnx(model, std_dir, opset=27, optimize=optimize, check=False, progress=False)
+        res = export_onnx(model, std_dir, opset=27, mla_cache="absorbed", optimize=optimize, check=False,
+                              progress=False)
         seconds["onnx export"] = time.perf_counter() - t0
 
         # 2. plugin nodes
