@@ -44,6 +44,9 @@ def _progress_bar(total: int, enabled: Optional[bool], desc: str):
 
 
 def _onnx_generate(model, input_ids: Tensor, max_new_tokens: int, onnx_dir, eos_token_id, onnx_runtime: str):
+    if onnx_dir is None and not isinstance(model, (str, os.PathLike)):
+        raise ValueError("backend='onnx' needs onnx_dir= (the folder written by kimi-export --target onnx); it runs "
+                         "that folder's weights, so model must be None or the folder")
     if isinstance(model, KimiForCausalLM):
         raise TypeError("backend='onnx' runs the exported folder (its own weights), so model must be None or that "
                         "folder; got a KimiForCausalLM, which would be ignored: pass model=None, onnx_dir=DIR")
@@ -52,8 +55,6 @@ def _onnx_generate(model, input_ids: Tensor, max_new_tokens: int, onnx_dir, eos_
     if model is not None and onnx_dir is not None:
         raise ValueError("backend='onnx': give the exported folder once, as model or as onnx_dir, not both")
     folder = onnx_dir if onnx_dir is not None else model
-    if folder is None:
-        raise ValueError("backend='onnx' needs onnx_dir= (the folder written by kimi-export --target onnx)")
     if onnx_runtime not in ONNX_RUNTIMES:
         raise ValueError(f"onnx_runtime must be one of {ONNX_RUNTIMES}, got {onnx_runtime!r}")
     if onnx_runtime in ("auto", "genai"):
