@@ -45,7 +45,7 @@ import torch
 from .atomic_dir import move_into_place
 
 __all__ = ["export_onnx", "OnnxExportResult", "ExportError", "MODEL_FILE", "DATA_FILE", "graph_op_counts",
-           "DTYPES"]
+           "DTYPES", "DEFAULT_LOWERING_NOTE"]
 
 MODEL_FILE = "model.onnx"
 DATA_FILE = "model.onnx.data"
@@ -60,6 +60,11 @@ TOTAL = "total_sequence_length"
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 #: above this many bytes of weights the graph keeps them in model.onnx.data (protobuf caps a file at 2 GiB)
 EXTERNAL_DATA_THRESHOLD = 1 << 30
+
+#: why export_onnx() writes the fallback graph unless asked for opset 27 (numbers: docs/benchmarks.md)
+DEFAULT_LOWERING_NOTE = ("fallback lowering by default: faster CPU prefill than opset 27 in ONNX Runtime 1.32 "
+                         "(which runs LinearAttention as a per-token loop), and it runs where opset 27 does not "
+                         "(onnxruntime-gpu 1.31); opset=27 writes LinearAttention / CausalConvWithState")
 
 STAGES = ("prepare", "capture", "translate", "finish graph", "save", "check", "describe", "finalize")
 _FAIL_ENV = "KIMI_EXPORT_FAIL_AT"  # test hook: inject a failure at the start of a stage
@@ -82,6 +87,8 @@ class OnnxExportResult:
     external_data: bool
     seconds: dict[str, float] = field(default_factory=dict)
     mla_cache: str = "split"
+    #: why this lowering (the default's reason when neither opset nor fallback was given, else "as asked")
+    lowering_note: str = "as asked"
     #: None when onnxruntime-genai can run the folder (genai_config.json written), else the reason
     genai_unsupported: Optional[str] = None
 
@@ -292,7 +299,8 @@ def _progress(enabled: bool):
 
 
 def export_onnx(model=None, out_dir: Union[str, os.PathLike] = "kimi_export_out/onnx", *,
-                dtype: Union[str, torch.dtype, None] = None, opset: int = 27, fallback: Optional[bool] = None,
+                dtype: Union[str, torch.dtype, None] = None, opset: Optional[int] = None,
+                fallback: Optional[bool] = None,
                 external_data: Union[bool, str] = "auto", mla_cache: str = "split", optimize: bool = True,
                 check: bool = True, progress: bool = True, _fail_at: Optional[str] = None) -> OnnxExportResult:
     """Export a Kimi model to one ONNX graph serving prefill and decode.
@@ -302,9 +310,10 @@ def export_onnx(model=None, out_dir: Union[str, os.PathLike] = "kimi_export_out/
             :func:`kimi_compile.load_model`), or None for the built-in tiny Kimi Linear model.
         out_dir: destination folder (replaced when the export succeeds; untouched when it fails).
         dtype: "float32" / "float16" / "bfloat16" (or the torch dtype); default the model's dtype.
-        opset: 27 (LinearAttention / CausalConvWithState) or 18..21 (the fallback graph).
-        fallback: force the opset <= 18 lowering (KDA as a chunked Loop, the conv as Conv); default
-            ``opset < 27``.
+        opset: 27 (LinearAttention / CausalConvWithState) or 18..21 (the fallback graph); default 18 with the
+            fallback lowering, 27 without.
+        fallback: the opset <= 21 lowering (KDA as a chunked Loop, the conv as Conv). Default: ``opset < 27``;
+            with neither given, True (:data:`DEFAULT_LOWERING_NOTE` says why).
         external_data: "auto" (external when weights exceed 1 GiB), True / "always", False / "never".
         mla_cache: "split" (default: each MLA cache as ``.key`` + ``.value`` halves, the layout
             onnxruntime-genai runs; same bytes as absorbed) or "absorbed" (one ``.key``, the model's own state
@@ -320,6 +329,11 @@ def export_onnx(model=None, out_dir: Union[str, os.PathLike] = "kimi_export_out/
 
     from .mla_cache import check_layout, graph_state_specs
 
+    lowering_note = DEFAULT_LOWERING_NOTE if opset is None and fallback is None else "as asked"
+    if opset is None:
+        opset = 27 if fallback is False else 18
+        if fallback is None:
+            fallback = True
     if isinstance(opset, bool) or not isinstance(opset, int) or not (18 <= opset <= 21 or opset == 27):
         raise ValueError(f"opset must be 27 or 18..21 (the fallback graph), got {opset!r}")
     if fallback is None:
@@ -472,4 +486,4 @@ def export_onnx(model=None, out_dir: Union[str, os.PathLike] = "kimi_export_out/
     return OnnxExportResult(out_dir=out_dir, model_path=out_dir / MODEL_FILE, opset=27 if not fallback else opset,
                             fallback=fallback, dtype=dtype, input_names=in_names, output_names=out_names,
                             op_counts=op_counts, external_data=external, seconds=seconds, mla_cache=mla_cache,
-                            genai_unsupported=genai)
+                            genai_unsupported=genai, lowering_note=lowering_note)

@@ -118,12 +118,12 @@ def _export_fixture(tmp_path_factory, key, model_fn, **kwargs) -> Path:
 
 @pytest.fixture(scope="module")
 def attnres_dir(tmp_path_factory):
-    return _export_fixture(tmp_path_factory, "attnres", lambda: tiny_model("attnres"))
+    return _export_fixture(tmp_path_factory, "attnres", lambda: tiny_model("attnres"), opset=27)
 
 
 @pytest.fixture(scope="module")
 def k2_dir(tmp_path_factory):
-    return _export_fixture(tmp_path_factory, "k2", lambda: tiny_model("k2"))
+    return _export_fixture(tmp_path_factory, "k2", lambda: tiny_model("k2"), opset=27)
 
 
 @pytest.fixture(scope="module")
@@ -394,7 +394,7 @@ def test_half_precision_export(tmp_path, dtype):
     out = tmp_path / "half"
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        export_onnx(model, out, progress=False)  # runs onnx.checker (full) itself
+        export_onnx(model, out, opset=27, progress=False)  # runs onnx.checker (full) itself
     assert_contract_io(out, model)
     m, _, _ = _io(out)
     elem = {torch.float16: onnx.TensorProto.FLOAT16, torch.bfloat16: onnx.TensorProto.BFLOAT16}[dtype]
