@@ -11,7 +11,7 @@
     out_dir/build_engine.py            TensorRT build: ONNX parser + plugins, prefill / decode profiles
     out_dir/run_engine.py              runner: feeds present.* back as past_key_values.*, greedy generation
     out_dir/bundle.json                I/O, plugins, kernels, what was verified here
-    out_dir/genai_config.json, config.json   as written by the ONNX exporter
+    out_dir/kimi_compile.json, config.json   as written by the ONNX exporter (I/O description, model config)
     out_dir/README.md
 
 Steps: the ONNX exporter (``export/onnx.py``, opset 27) writes the standard graph; ``to_plugin_graph``
@@ -338,7 +338,7 @@ def export_tensorrt(model=None, out_dir: Union[str, os.PathLike] = "kimi_export_
         ir.save(m, tmp / MODEL_FILE, external_data=DATA_FILE if external else None)
         onnx.checker.check_model(str(tmp / MODEL_FILE), full_check=True)
         (tmp / PLUGIN_DIR / f"{REGISTRATION_MODULE}.py").write_text(lt.registration_module_source(manifest))
-        for name in ("genai_config.json", "config.json"):
+        for name in ("genai_config.json", "kimi_compile.json", "config.json"):
             if (std_dir / name).exists():
                 shutil.copy2(std_dir / name, tmp / name)
         shutil.rmtree(std_dir)
