@@ -15,7 +15,9 @@ for everything else.
   the caches; it has no in-place cache update op).
 
 Which layers carry which state GenAI learns from the graph's inputs: it binds ``past_key_values.%d.key`` for
-every layer that has such an input, and so on for each template.
+every layer that has such an input, and so on for each template. No ``state_groups``: they configure GenAI's
+paged / continuous-batching engine, which needs paged-attention graph inputs (``block_table``, ...) this graph
+does not have (``og.Engine`` requests fail on it; tests/test_genai.py).
 
 ``kimi_compile.json`` lists every graph input and output exactly (name, layer, part, shape with symbolic axes,
 dtype), the lowering and the MLA cache layout; :mod:`kimi_compile.export.ort_runtime` and the tests read it.
