@@ -4,13 +4,18 @@
 
     out_dir/model.onnx            the graph (opset 27 by default; weights inline, or in model.onnx.data)
     out_dir/model.onnx.data       external weights (large models, or external_data="always")
-    out_dir/genai_config.json     inputs / outputs / state description (see ``export/genai_config.py``)
+    out_dir/genai_config.json     onnxruntime-genai's config (``onnxruntime_genai.Model(out_dir)`` loads the folder)
+    out_dir/kimi_compile.json     every graph input / output / state tensor, lowering, MLA cache layout
     out_dir/config.json           the model's KimiConfig (kimi_compile format)
+
+(see ``export/genai_config.py``; genai_config.json is left out when GenAI cannot run the graph, e.g. with
+``mla_cache="absorbed"``).
 
 Graph I/O (CONTRACT.md): ``input_ids`` int64 [batch_size, sequence_length]; ``position_ids`` int64
 [batch_size, sequence_length] only for rotary models (K2); ``past_key_values.{i}.<part>`` for every piece of
 state; outputs ``logits`` float32 [batch_size, sequence_length, vocab] and ``present.{i}.<part>``.
-MLA caches have axis ``past_sequence_length`` in and ``total_sequence_length`` out.
+MLA caches have axis ``past_sequence_length`` in and ``total_sequence_length`` out; by default each is two
+halves ``.key`` / ``.value`` (``export/mla_cache.py``).
 
 Steps: capture with ``torch.export`` (dynamic batch / sequence / past axes), translate with
 ``torch.onnx.export(dynamo=True, custom_translation_table=...)`` (lowerings in ``lowering/onnx.py``), rename the
@@ -40,7 +45,7 @@ import torch
 from .atomic_dir import move_into_place
 
 __all__ = ["export_onnx", "OnnxExportResult", "ExportError", "MODEL_FILE", "DATA_FILE", "graph_op_counts",
-           "DTYPES"]
+           "DTYPES", "DEFAULT_LOWERING_NOTE"]
 
 MODEL_FILE = "model.onnx"
 DATA_FILE = "model.onnx.data"
@@ -55,6 +60,11 @@ TOTAL = "total_sequence_length"
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 #: above this many bytes of weights the graph keeps them in model.onnx.data (protobuf caps a file at 2 GiB)
 EXTERNAL_DATA_THRESHOLD = 1 << 30
+
+#: why export_onnx() writes the fallback graph unless asked for opset 27 (numbers: docs/benchmarks.md)
+DEFAULT_LOWERING_NOTE = ("fallback lowering by default: faster CPU prefill than opset 27 in ONNX Runtime 1.32 "
+                         "(which runs LinearAttention as a per-token loop), and it runs where opset 27 does not "
+                         "(onnxruntime-gpu 1.31); opset=27 writes LinearAttention / CausalConvWithState")
 
 STAGES = ("prepare", "capture", "translate", "finish graph", "save", "check", "describe", "finalize")
 _FAIL_ENV = "KIMI_EXPORT_FAIL_AT"  # test hook: inject a failure at the start of a stage
@@ -76,6 +86,11 @@ class OnnxExportResult:
     op_counts: dict[str, int]
     external_data: bool
     seconds: dict[str, float] = field(default_factory=dict)
+    mla_cache: str = "split"
+    #: why this lowering (the default's reason when neither opset nor fallback was given, else "as asked")
+    lowering_note: str = "as asked"
+    #: None when onnxruntime-genai can run the folder (genai_config.json written), else the reason
+    genai_unsupported: Optional[str] = None
 
 
 # ------------------------------------------------------------------------------------------------ helpers
@@ -111,20 +126,30 @@ def _resolve_model(model, dtype: Optional[torch.dtype]):
 
 
 class _GraphModule(torch.nn.Module):
-    """The model with flat graph I/O: (input_ids, [position_ids], *state) -> (logits, *new_state)."""
+    """The model with flat graph I/O: (input_ids, [position_ids], *state) -> (logits, *new_state).
 
-    def __init__(self, model, names: list[str], use_positions: bool) -> None:
+    ``specs`` are the graph's state inputs (:func:`~kimi_compile.export.mla_cache.graph_state_specs`); with the
+    split MLA layout each cache arrives as two halves that are joined for the model and split again after it.
+    """
+
+    def __init__(self, model, specs, use_positions: bool, mla_cache: str) -> None:
         super().__init__()
         self.model = model
-        self.names = names
+        self.names = [s.name for s in specs]
         self.use_positions = use_positions
+        self.mla_cache = mla_cache
 
     def forward(self, input_ids, *args):
+        from .mla_cache import from_graph_state, to_graph_state
+
         if self.use_positions:
             position_ids, flat = args[0], args[1:]
         else:
             position_ids, flat = None, args
-        logits, new_state = self.model(input_ids, dict(zip(self.names, flat)), position_ids)
+        config = self.model.config
+        state = from_graph_state(dict(zip(self.names, flat)), config, self.mla_cache)
+        logits, new_state = self.model(input_ids, state, position_ids)
+        new_state = to_graph_state(new_state, config, self.mla_cache)
         return (logits, *[new_state[n] for n in self.names])
 
 
@@ -274,9 +299,10 @@ def _progress(enabled: bool):
 
 
 def export_onnx(model=None, out_dir: Union[str, os.PathLike] = "kimi_export_out/onnx", *,
-                dtype: Union[str, torch.dtype, None] = None, opset: int = 27, fallback: Optional[bool] = None,
-                external_data: Union[bool, str] = "auto", optimize: bool = True, check: bool = True,
-                progress: bool = True, _fail_at: Optional[str] = None) -> OnnxExportResult:
+                dtype: Union[str, torch.dtype, None] = None, opset: Optional[int] = None,
+                fallback: Optional[bool] = None,
+                external_data: Union[bool, str] = "auto", mla_cache: str = "split", optimize: bool = True,
+                check: bool = True, progress: bool = True, _fail_at: Optional[str] = None) -> OnnxExportResult:
     """Export a Kimi model to one ONNX graph serving prefill and decode.
 
     Args:
@@ -284,10 +310,14 @@ def export_onnx(model=None, out_dir: Union[str, os.PathLike] = "kimi_export_out/
             :func:`kimi_compile.load_model`), or None for the built-in tiny Kimi Linear model.
         out_dir: destination folder (replaced when the export succeeds; untouched when it fails).
         dtype: "float32" / "float16" / "bfloat16" (or the torch dtype); default the model's dtype.
-        opset: 27 (LinearAttention / CausalConvWithState) or 18..21 (the fallback graph).
-        fallback: force the opset <= 18 lowering (KDA as a chunked Loop, the conv as Conv); default
-            ``opset < 27``.
+        opset: 27 (LinearAttention / CausalConvWithState) or 18..21 (the fallback graph); default 18 with the
+            fallback lowering, 27 without.
+        fallback: the opset <= 21 lowering (KDA as a chunked Loop, the conv as Conv). Default: ``opset < 27``;
+            with neither given, True (:data:`DEFAULT_LOWERING_NOTE` says why).
         external_data: "auto" (external when weights exceed 1 GiB), True / "always", False / "never".
+        mla_cache: "split" (default: each MLA cache as ``.key`` + ``.value`` halves, the layout
+            onnxruntime-genai runs; same bytes as absorbed) or "absorbed" (one ``.key``, the model's own state
+            layout, for runtimes that take any state names). See :mod:`kimi_compile.export.mla_cache`.
         optimize: run the exporter's graph optimiser (constant folding, dead code).
         check: run ``onnx.checker.check_model(full_check=True)`` on the written file.
         progress: show a progress bar (stderr).
@@ -295,8 +325,15 @@ def export_onnx(model=None, out_dir: Union[str, os.PathLike] = "kimi_export_out/
     Returns:
         :class:`OnnxExportResult` with the paths, I/O names, op counts and per-stage seconds.
     """
-    from kimi_compile.state import present_name, state_specs
+    from kimi_compile.state import present_name
 
+    from .mla_cache import check_layout, graph_state_specs
+
+    lowering_note = DEFAULT_LOWERING_NOTE if opset is None and fallback is None else "as asked"
+    if opset is None:
+        opset = 27 if fallback is False else 18
+        if fallback is None:
+            fallback = True
     if isinstance(opset, bool) or not isinstance(opset, int) or not (18 <= opset <= 21 or opset == 27):
         raise ValueError(f"opset must be 27 or 18..21 (the fallback graph), got {opset!r}")
     if fallback is None:
@@ -308,6 +345,7 @@ def export_onnx(model=None, out_dir: Union[str, os.PathLike] = "kimi_export_out/
         opset = 18
     if external_data not in (True, False, "auto", "always", "never"):
         raise ValueError(f"external_data must be 'auto', 'always', 'never' or a bool, got {external_data!r}")
+    check_layout(mla_cache)
     dtype = _resolve_dtype(dtype)
     out_dir = Path(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
@@ -336,7 +374,7 @@ def export_onnx(model=None, out_dir: Union[str, os.PathLike] = "kimi_export_out/
         model.eval()
         dtype = model.dtype
         config = model.config
-        specs = state_specs(config, dtype)
+        specs = graph_state_specs(config, dtype, mla_cache)
         names = [s.name for s in specs]
         use_positions = bool(config.use_rope)
         in_names = ["input_ids"] + (["position_ids"] if use_positions else []) + names
@@ -349,7 +387,7 @@ def export_onnx(model=None, out_dir: Union[str, os.PathLike] = "kimi_export_out/
         enter("capture")
         from kimi_compile.lowering.onnx import custom_translation_table, raise_default_opset
 
-        wrapper = _GraphModule(model, names, use_positions).eval()
+        wrapper = _GraphModule(model, specs, use_positions, mla_cache).eval()
         with _quiet(), torch.no_grad():
             exported = torch.export.export(wrapper, _sample_inputs(model, specs, 2, 3, 4),
                                            dynamic_shapes=_dynamic_shapes(specs, use_positions))
@@ -418,10 +456,13 @@ def export_onnx(model=None, out_dir: Union[str, os.PathLike] = "kimi_export_out/
 
         t0 = time.perf_counter()
         enter("describe")
-        from .genai_config import write_genai_config
+        from .genai_config import genai_unsupported_reason, write_genai_config, write_io_description
 
-        write_genai_config(tmp, config, specs, dtype=dtype, opset=27 if not fallback else opset, fallback=fallback,
-                           external_data=external)
+        genai = genai_unsupported_reason(config, mla_cache)
+        if genai is None:
+            write_genai_config(tmp, config, specs)
+        write_io_description(tmp, config, specs, dtype=dtype, opset=27 if not fallback else opset,
+                             fallback=fallback, external_data=external, mla_cache=mla_cache, genai=genai)
         seconds["describe"] = time.perf_counter() - t0
 
         enter("finalize")
@@ -444,4 +485,5 @@ def export_onnx(model=None, out_dir: Union[str, os.PathLike] = "kimi_export_out/
 
     return OnnxExportResult(out_dir=out_dir, model_path=out_dir / MODEL_FILE, opset=27 if not fallback else opset,
                             fallback=fallback, dtype=dtype, input_names=in_names, output_names=out_names,
-                            op_counts=op_counts, external_data=external, seconds=seconds)
+                            op_counts=op_counts, external_data=external, seconds=seconds, mla_cache=mla_cache,
+                            genai_unsupported=genai, lowering_note=lowering_note)

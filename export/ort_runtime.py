@@ -4,11 +4,12 @@
     m = OrtKimiModel("kimi_export_out/onnx")
     logits, state = m(input_ids)              # first call: zero state, past_sequence_length 0
     logits, state = m(next_ids, state)        # present.* fed back as past_key_values.*
-    tokens = generate("kimi_export_out/onnx", input_ids, 32)   # == kimi_compile.generate(..., backend="onnx")
+    tokens = generate("kimi_export_out/onnx", input_ids, 32)   # the greedy loop of kimi_compile.greedy
 
 The state stays in ONNX Runtime ``OrtValue`` objects between calls (no host copies of the caches). The
-runner needs only the graph: the state inputs, their dtypes and axes are read from the session (and
-``genai_config.json`` when present, for token ids).
+runner needs only the graph: the state inputs, their dtypes and axes are read from the session; the MLA cache
+layout (``export/mla_cache.py``) from ``kimi_compile.json`` (:meth:`OrtKimiModel.model_state` converts a state
+to the PyTorch model's layout, :meth:`OrtKimiModel.graph_state` back).
 """
 
 from __future__ import annotations
@@ -21,6 +22,12 @@ from pathlib import Path
 from typing import Any, Optional, Union
 
 import numpy as np
+import torch
+
+from kimi_compile.greedy import greedy, model_step
+
+from .genai_config import read_io_description
+from .mla_cache import from_graph_state, to_graph_state
 
 __all__ = ["OrtKimiModel", "generate", "load", "benchmark"]
 
@@ -41,13 +48,8 @@ _CACHE_LOCK = threading.Lock()
 
 
 def _as_numpy_ids(x, name: str) -> np.ndarray:
-    try:
-        import torch
-
-        if isinstance(x, torch.Tensor):
-            x = x.detach().cpu().numpy()
-    except ImportError:  # pragma: no cover
-        pass
+    if isinstance(x, torch.Tensor):
+        x = x.detach().cpu().numpy()
     arr = np.asarray(x)
     if arr.ndim != 2:
         raise ValueError(f"{name} must be a 2-D [batch, sequence] array, got shape {arr.shape}")
@@ -88,12 +90,7 @@ class OrtKimiModel:
                 session_options.add_session_config_entry("session.inter_op.allow_spinning", "0")
         self.session = ort.InferenceSession(str(path), session_options,
                                             providers=providers or ["CPUExecutionProvider"])
-        self.genai_config: dict[str, Any] = {}
-        cfg_path = self.dir / "genai_config.json"
-        if cfg_path.is_file():
-            from .genai_config import read_genai_config
-
-            self.genai_config = read_genai_config(self.dir)
+        self.io = read_io_description(self.dir)
 
         self.inputs = {i.name: i for i in self.session.get_inputs()}
         self.outputs = [o.name for o in self.session.get_outputs()]
@@ -112,6 +109,10 @@ class OrtKimiModel:
                     self._past_axis[n] = axis
         self._run_outputs = ["logits"] + self.present_names
         self._map = dict(zip(self.present_names, self.state_names))
+        self.mla_cache = "split" if any(n.endswith(".value") for n in self.state_names) else "absorbed"
+        self._mla_width = self.io.get("mla_cache_width")
+        if self.mla_cache == "split" and not self._mla_width:
+            raise ValueError(f"{self.dir}: split MLA cache but no mla_cache_width in kimi_compile.json")
 
     # ------------------------------------------------------------------------------------------------ state
     def _ort_value(self, arr: np.ndarray, type_str: str):
@@ -180,29 +181,26 @@ class OrtKimiModel:
         new_state = {self._map[n]: v for n, v in zip(self.present_names, results[1:])}
         return logits, new_state
 
+    def model_state(self, state: dict[str, Any]) -> dict[str, torch.Tensor]:
+        """A state of this graph (OrtValues or arrays) as torch tensors in the PyTorch model's layout."""
+        arrays = {n: torch.from_numpy(np.asarray(v.numpy() if hasattr(v, "numpy") else v)) for n, v in state.items()}
+        return from_graph_state(arrays, self._mla_width or 0, self.mla_cache)
+
+    def graph_state(self, model_state: dict[str, Any]) -> dict[str, np.ndarray]:
+        """A PyTorch model state as numpy arrays in this graph's layout (feed it as ``state``)."""
+        arrays = {n: np.ascontiguousarray(v.detach().cpu().numpy() if isinstance(v, torch.Tensor) else v)
+                  for n, v in model_state.items()}
+        return to_graph_state(arrays, self._mla_width or 0, self.mla_cache)
+
+    def step(self, input_ids, state):
+        """The greedy loop's step: torch logits, OrtValue state."""
+        logits, state = self(input_ids, state)
+        return torch.from_numpy(logits), state
+
     def generate(self, input_ids, max_new_tokens: int, *, eos_token_id: Optional[int] = None) -> np.ndarray:
-        """Greedy decoding; returns int64 ``[B, T + max_new_tokens]``. With ``eos_token_id``, rows that produced
-        it keep producing it (same rule as :func:`kimi_compile.generate`)."""
-        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
-            raise ValueError(f"max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
-        ids = _as_numpy_ids(input_ids, "input_ids")
-        if ids.shape[1] == 0:
-            raise ValueError("input_ids must hold at least one token per row")
-        if max_new_tokens == 0:
-            return ids.copy()
-        logits, state = self(ids)
-        token = logits[:, -1].argmax(-1).astype(np.int64)[:, None]
-        done = (token == eos_token_id) if eos_token_id is not None else None
-        out = [ids, token]
-        for _ in range(max_new_tokens - 1):
-            logits, state = self(token, state)
-            nxt = logits[:, -1].argmax(-1).astype(np.int64)[:, None]
-            if done is not None:
-                nxt = np.where(done, eos_token_id, nxt)
-                done = done | (nxt == eos_token_id)
-            token = nxt
-            out.append(token)
-        return np.concatenate(out, axis=1)
+        """Greedy decoding (:func:`kimi_compile.greedy.greedy`); returns int64 ``[B, T + max_new_tokens]``."""
+        ids = torch.from_numpy(_as_numpy_ids(input_ids, "input_ids"))
+        return greedy(self.step, ids, max_new_tokens, eos_token_id=eos_token_id).numpy()
 
 
 def load(onnx_dir: Union[str, os.PathLike], **kwargs) -> OrtKimiModel:
@@ -230,13 +228,8 @@ def generate(onnx_dir: Union[str, os.PathLike], input_ids, max_new_tokens: int, 
     """
     runner = load(onnx_dir, **session_kwargs)
     out = runner.generate(input_ids, max_new_tokens, eos_token_id=eos_token_id)
-    try:
-        import torch
-
-        if isinstance(input_ids, torch.Tensor):
-            return torch.from_numpy(out).to(input_ids.device)
-    except ImportError:  # pragma: no cover
-        pass
+    if isinstance(input_ids, torch.Tensor):
+        return torch.from_numpy(out).to(input_ids.device)
     return out
 
 
@@ -322,88 +315,105 @@ def benchmark(onnx_dir: Union[str, os.PathLike], model=None, *, batch_size: int 
 # ------------------------------------------------------------------------------------------------ verification
 
 
-def _torch_state_max_err(ort_state: dict[str, Any], torch_state: dict[str, Any]) -> float:
+def _torch_state_max_err(runner: "OrtKimiModel", ort_state: dict[str, Any], torch_state: dict[str, Any]) -> float:
     worst = 0.0
+    got_state = runner.model_state(ort_state)
     for name, value in torch_state.items():
-        ref = value.float().cpu().numpy()
-        got = ort_state[name]
-        got = got.numpy() if hasattr(got, "numpy") else np.asarray(got)
-        if got.dtype == np.uint16:  # bfloat16 bits -> float32
-            got = (got.astype(np.uint32) << 16).view(np.float32)
+        ref = value.float().cpu()
+        got = got_state[name]
+        if got.dtype == torch.int16 or got.dtype == torch.uint16:  # bfloat16 bits
+            got = got.view(torch.bfloat16)
         if got.shape != ref.shape:
             return float("inf")
-        if ref.size:
-            worst = max(worst, float(np.abs(got.astype(np.float32) - ref).max()))
+        if ref.numel():
+            worst = max(worst, float((got.float() - ref).abs().max()))
     return worst
 
 
+VERIFY_STAGES = ("logits and state", "prefill in two calls", "greedy tokens", "timing")
+
+
 def verify(onnx_dir: Union[str, os.PathLike], model, *, cases=((1, 1), (3, 7), (1, 33)), split=(2, 12, 5),
-           gen_batch: int = 3, gen_prompt: int = 5, new_tokens: int = 32, seed: int = 0) -> dict[str, Any]:
+           gen_batch: int = 3, gen_prompt: int = 5, new_tokens: int = 32, timing_runs: int = 3, timing_steps: int = 8, seed: int = 0,
+           progress: Optional[bool] = None) -> dict[str, Any]:
     """Check an exported folder against the PyTorch model it came from (ONNX Runtime CPU, fresh state).
 
-    * ``cases``: (batch, prompt length) pairs; logits and every present.* compared with the model.
+    * ``cases``: (batch, prompt length) pairs; logits and every state piece compared with the model (the
+      graph's state converted to the model's layout).
     * ``split``: (batch, length, cut): prefill in two calls (cut, length - cut) vs one call.
-    * greedy generation of ``new_tokens`` on a ``[gen_batch, gen_prompt]`` prompt vs
-      :func:`kimi_compile.generate` (eager). Also times the ONNX Runtime and eager prefill / decode there.
-    Returns a dict (max errors, tokens_identical, timings); raising nothing for mismatches.
+    * greedy generation of ``new_tokens`` on a ``[gen_batch, gen_prompt]`` prompt, ONNX Runtime and PyTorch
+      eager through the same loop (:func:`kimi_compile.greedy.greedy`).
+    * timings on that prompt: one warm-up, then the median of ``timing_runs`` runs of the prefill and of
+      ``timing_steps`` decode steps, for both (``timing_ms``; CPU, a report, not a benchmark).
+    ``progress``: a bar over these stages (None: only on a terminal). Returns a dict; raises nothing for
+    mismatches.
     """
-    import torch
-
-    from kimi_compile.generate import generate as torch_generate
+    from tqdm.auto import tqdm
 
     runner = OrtKimiModel(onnx_dir, allow_spinning=False)
     vocab = model.config.vocab_size
     gen = torch.Generator().manual_seed(seed)
     report: dict[str, Any] = {"cases": []}
     worst_logits = worst_state = 0.0
-    with torch.no_grad():
-        for B, T in cases:
+    bar = tqdm(total=len(VERIFY_STAGES), desc="kimi-export verify", unit="step", leave=False,
+               disable=None if progress is None else not progress)
+    try:
+        with torch.no_grad():
+            bar.set_postfix_str(VERIFY_STAGES[0])
+            for B, T in cases:
+                ids = torch.randint(0, vocab, (B, T), generator=gen)
+                ref_logits, ref_state = model(ids)
+                logits, state = runner(ids)
+                err_l = float(np.abs(logits - ref_logits.float().numpy()).max())
+                err_s = _torch_state_max_err(runner, state, ref_state)
+                worst_logits, worst_state = max(worst_logits, err_l), max(worst_state, err_s)
+                report["cases"].append({"batch": B, "length": T, "max_logit_err": err_l, "max_state_err": err_s})
+            bar.update(1)
+
+            bar.set_postfix_str(VERIFY_STAGES[1])
+            B, T, cut = split
             ids = torch.randint(0, vocab, (B, T), generator=gen)
-            ref_logits, ref_state = model(ids)
-            logits, state = runner(ids)
-            err_l = float(np.abs(logits - ref_logits.float().numpy()).max())
-            err_s = _torch_state_max_err(state, ref_state)
-            worst_logits, worst_state = max(worst_logits, err_l), max(worst_state, err_s)
-            report["cases"].append({"batch": B, "length": T, "max_logit_err": err_l, "max_state_err": err_s})
+            one_logits, one_state = runner(ids)
+            l1, st = runner(ids[:, :cut])
+            l2, two_state = runner(ids[:, cut:], st)
+            two_logits = np.concatenate([l1, l2], axis=1)
+            split_err = float(np.abs(two_logits - one_logits).max())
+            for name in runner.state_names:
+                a, b = one_state[name].numpy(), two_state[name].numpy()
+                split_err = max(split_err, float(np.abs(a.astype(np.float32) - b.astype(np.float32)).max())
+                                if a.size else 0.0)
+            report["prefill_split_max_err"] = split_err
+            bar.update(1)
 
-        B, T, cut = split
-        ids = torch.randint(0, vocab, (B, T), generator=gen)
-        one_logits, one_state = runner(ids)
-        l1, st = runner(ids[:, :cut])
-        l2, two_state = runner(ids[:, cut:], st)
-        two_logits = np.concatenate([l1, l2], axis=1)
-        split_err = float(np.abs(two_logits - one_logits).max())
-        for name in runner.state_names:
-            a, b = one_state[name].numpy(), two_state[name].numpy()
-            split_err = max(split_err, float(np.abs(a.astype(np.float32) - b.astype(np.float32)).max())
-                            if a.size else 0.0)
-        report["prefill_split_max_err"] = split_err
+            bar.set_postfix_str(VERIFY_STAGES[2])
+            prompt = torch.randint(0, vocab, (gen_batch, gen_prompt), generator=gen)
+            torch_step = model_step(model)
+            ref_tokens = greedy(torch_step, prompt, new_tokens)
+            ort_tokens = greedy(runner.step, prompt, new_tokens)
+            report["tokens_identical"] = bool(torch.equal(ort_tokens, ref_tokens))
+            report["new_tokens"] = new_tokens
+            report["gen_batch"] = gen_batch
+            bar.update(1)
 
-        prompt = torch.randint(0, vocab, (gen_batch, gen_prompt), generator=gen)
-        t0 = time.perf_counter()
-        ref_tokens = torch_generate(model, prompt, new_tokens)
-        t_torch = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        ort_tokens = runner.generate(prompt, new_tokens)
-        t_ort = time.perf_counter() - t0
-        report["tokens_identical"] = bool(np.array_equal(ort_tokens, ref_tokens.numpy()))
-        report["new_tokens"] = new_tokens
-        report["gen_batch"] = gen_batch
+            bar.set_postfix_str(VERIFY_STAGES[3])
+            timing = {}
+            for side, step in (("torch", torch_step), ("ort", runner.step)):
+                _, prefilled = step(prompt, None)
+                token = ort_tokens[:, gen_prompt:gen_prompt + 1]
 
-        # timings on the same prompt, both sides warm by now: one prefill call each (a report, not a
-        # benchmark; see benchmark() for medians)
-        t0 = time.perf_counter()
-        model(prompt)
-        torch_prefill = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        runner(prompt)
-        ort_prefill = time.perf_counter() - t0
+                def decode(step=step, prefilled=prefilled, token=token):
+                    st = prefilled
+                    for _ in range(timing_steps):
+                        _, st = step(token, st)
+
+                timing[f"{side}_prefill"] = _median_ms(lambda step=step: step(prompt, None), timing_runs)
+                timing[f"{side}_decode_per_token"] = _median_ms(decode, timing_runs) / max(timing_steps, 1)
+            timing["runs"] = timing_runs
+            timing["note"] = f"CPU, median of {timing_runs} runs after a warm-up"
+            report["timing_ms"] = timing
+            bar.update(1)
+    finally:
+        bar.close()
     report["max_logit_err"] = worst_logits
     report["max_state_err"] = worst_state
-    report["timing_ms"] = {
-        "ort_prefill": ort_prefill * 1e3,
-        "torch_prefill": torch_prefill * 1e3,
-        "ort_decode_per_token": max(t_ort - ort_prefill, 0.0) * 1e3 / max(new_tokens - 1, 1),
-        "torch_decode_per_token": max(t_torch - torch_prefill, 0.0) * 1e3 / max(new_tokens - 1, 1),
-    }
     return report

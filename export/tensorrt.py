@@ -11,7 +11,7 @@
     out_dir/build_engine.py            TensorRT build: ONNX parser + plugins, prefill / decode profiles
     out_dir/run_engine.py              runner: feeds present.* back as past_key_values.*, greedy generation
     out_dir/bundle.json                I/O, plugins, kernels, what was verified here
-    out_dir/genai_config.json, config.json   as written by the ONNX exporter
+    out_dir/kimi_compile.json, config.json   as written by the ONNX exporter (I/O description, model config)
     out_dir/README.md
 
 The export is the list :data:`STAGES`, run in order on one :class:`_Job` inside a temporary folder next to
@@ -153,8 +153,8 @@ class _Job:
 
 def _onnx_export(job: _Job) -> None:
     job.say("exporting the ONNX graph (opset 27)")
-    job.onnx_result = onnx_export.export_onnx(job.model, job.tmp / "_onnx", opset=27, optimize=job.optimize,
-                                              check=False, progress=False)
+    job.onnx_result = onnx_export.export_onnx(job.model, job.tmp / "_onnx", opset=27, mla_cache="absorbed",
+                                              optimize=job.optimize, check=False, progress=False)
 
 
 def _plugin_pass(job: _Job) -> None:
@@ -219,7 +219,7 @@ def _write(job: _Job) -> None:
     ir.save(job.graph, tmp / MODEL_FILE, external_data=DATA_FILE if job.onnx_result.external_data else None)
     onnx.checker.check_model(str(tmp / MODEL_FILE), full_check=True)
     (tmp / PLUGIN_DIR / f"{REGISTRATION_MODULE}.py").write_text(lt.registration_module_source(job.manifest))
-    for name in ("genai_config.json", "config.json"):
+    for name in ("genai_config.json", "kimi_compile.json", "config.json"):
         if (std_dir / name).exists():
             shutil.copy2(std_dir / name, tmp / name)
     shutil.rmtree(std_dir)

@@ -105,8 +105,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--debug", action="store_true", help="print the Python traceback of an error")
     onnx = p.add_argument_group("onnx target only")
     onnx.add_argument("--opset", type=int, choices=(27, 18, 19, 20, 21), default=None,
-                      help="27 (default): LinearAttention / CausalConvWithState; 18-21: the fallback graph "
-                           "(chunked KDA Loop)")
+                      help="27: LinearAttention / CausalConvWithState; 18-21: the fallback graph (chunked KDA "
+                           "Loop). Default: the fallback graph, faster in ONNX Runtime 1.32 on CPU")
     onnx.add_argument("--fallback", action="store_true",
                       help="same as --opset 18: no opset-27 ops (for runtimes without LinearAttention)")
     onnx.add_argument("--external-data", choices=("auto", "always", "never"), default=None,
@@ -220,6 +220,7 @@ def _print_report(label, result, verify_report, bench, dtype_name, tol, notes=()
         lowering = "no KDA layer"
     w(f"  graph   : model.onnx{' + model.onnx.data' if result.external_data else ''} ({size / 1e6:.2f} MB), "
       f"opset {result.opset} ({lowering}), {n_nodes} nodes, {len(result.op_counts)} op types\n")
+    w(f"  lowering: {result.lowering_note}\n")
     key_ops = ["LinearAttention", "CausalConvWithState", "Loop", "MatMul", "Gemm", "Softmax", "TopK"]
     shown = ", ".join(f"{op} {result.op_counts.get(op, 0)}" for op in key_ops)
     w(f"  ops     : {shown}\n")
@@ -248,7 +249,7 @@ def _print_report(label, result, verify_report, bench, dtype_name, tol, notes=()
         tm = verify_report["timing_ms"]
         w(f"  timing  : prefill ORT {tm['ort_prefill']:.2f} ms vs PyTorch eager {tm['torch_prefill']:.2f} ms; "
           f"decode ORT {tm['ort_decode_per_token']:.2f} ms/token vs PyTorch eager "
-          f"{tm['torch_decode_per_token']:.2f} ms/token (CPU, single run)\n")
+          f"{tm['torch_decode_per_token']:.2f} ms/token ({tm.get('note', 'CPU')})\n")
     for note in notes:
         w(f"  note    : {note}\n")
     if bench is not None:
@@ -264,13 +265,11 @@ def _run_onnx(args) -> int:
     from kimi_compile.export.ort_runtime import benchmark, verify
 
     out_dir = Path(args.out)
-    opset = args.opset or 27
-    if args.fallback and opset == 27:
-        opset = 18
     model, label = _load_model(args)
     dtype_name = str(model.dtype).replace("torch.", "")
-    result = export_onnx(model, out_dir, opset=opset, fallback=opset < 27, external_data=args.external_data or "auto",
-                         progress=not args.quiet)
+    # neither --opset nor --fallback: export_onnx picks the default lowering and says why (lowering_note)
+    result = export_onnx(model, out_dir, opset=args.opset, fallback=True if args.fallback else None,
+                         external_data=args.external_data or "auto", progress=not args.quiet)
 
     verify_report = bench = None
     notes: list[str] = []
@@ -278,7 +277,7 @@ def _run_onnx(args) -> int:
     tol = TOLERANCE[dtype_name]
     if not args.no_verify:
         try:
-            verify_report = verify(out_dir, model, new_tokens=args.new_tokens or 32)
+            verify_report = verify(out_dir, model, new_tokens=args.new_tokens or 32, progress=not args.quiet)
         except Exception as e:
             first = _first_line(e)
             if dtype_name == "bfloat16" and "NOT_IMPLEMENTED" in first:

@@ -25,8 +25,7 @@ has no bfloat16 ``Conv`` on CPU: bfloat16 graphs are for GPU runtimes).
 
 from __future__ import annotations
 
-import itertools
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable
 
 import numpy as np
 import onnx_ir as ir
@@ -36,6 +35,18 @@ from onnxscript import opset18 as op
 
 from .. import ops as _ops  # noqa: F401  (registers torch.ops.kimi)
 from . import registry
+from .onnx_builder import (
+    FLOAT,
+    INT64,
+    SubgraphBuilder,
+    cast,
+    emit,
+    ints,
+    kda_dims,
+    repeat_heads,
+    scalar_f32,
+    short_conv_dims,
+)
 
 __all__ = [
     "OPSET27",
@@ -57,131 +68,10 @@ OPSET27 = onnxscript.values.Opset("", 27)
 DEFAULT_OPSET = 27
 FALLBACK_OPSET = 18  # the exporter's own opset (torchlib); the fallback graph uses nothing newer
 
-FLOAT = ir.DataType.FLOAT
-INT64 = ir.DataType.INT64
-
-_names = itertools.count()
-
-
-# --------------------------------------------------------------------------------------------------------
-# small helpers shared by the lowerings (they only ever run under the exporter's op recorder)
-# --------------------------------------------------------------------------------------------------------
-
-
-def static_dim(x: ir.Value, axis: int, what: str) -> int:
-    """The static size of ``x.shape[axis]``; the lowering needs it as an attribute."""
-    shape = x.shape
-    if shape is None:
-        raise ValueError(f"ONNX lowering needs the static {what} but the input has no known shape")
-    d = shape[axis]
-    if not isinstance(d, int):
-        raise ValueError(f"ONNX lowering needs a static {what}, got a symbolic dimension {d!r}")
-    return d
-
-
-def cast(x: ir.Value, dtype: ir.DataType) -> ir.Value:
-    """``Cast`` only when needed."""
-    if x.dtype == dtype:
-        return x
-    return op.Cast(x, to=int(dtype))
-
-
-def ints(*values: int) -> ir.Value:
-    """A 1-D int64 constant."""
-    return op.Constant(value_ints=[int(v) for v in values])
-
-
-def scalar_i64(value: int) -> ir.Value:
-    """A 0-D int64 constant."""
-    return op.Constant(value_int=int(value))
-
-
-def scalar_f32(value: float) -> ir.Value:
-    """A 0-D float32 constant."""
-    return op.Constant(value_float=float(value))
-
-
-def dim_of(x: ir.Value, axis: int) -> ir.Value:
-    """``x.shape[axis]`` at run time as a 1-element int64 tensor."""
-    return op.Shape(x, start=axis, end=axis + 1)
-
-
-def emit(op_type: str, inputs: Sequence[Optional[ir.Value]], attributes: dict[str, Any],
-         num_outputs: int) -> tuple[ir.Value, ...]:
-    """Record one node with an explicit number of outputs into the exporter's current op recorder.
-
-    The recorder infers the output count from the schema, which under-counts variadic outputs
-    (``Loop`` returns final loop-carried values *and* scan outputs), so ``Loop`` nodes are recorded here.
-    """
-    recorder = onnxscript.evaluator.default()
-    nodes = getattr(recorder, "nodes", None)
-    if not isinstance(nodes, list):
-        raise RuntimeError("kimi ONNX lowerings must run inside torch.onnx.export(dynamo=True)")
-    node = ir.node(op_type, list(inputs), attributes, num_outputs=num_outputs)
-    nodes.append(node)
-    return tuple(node.outputs)
-
-
-class SubgraphBuilder:
-    """Builds a control-flow body (``Loop``) directly as an ``onnx_ir`` graph.
-
-    Nodes may read values of the enclosing graph (outer-scope references); every value created here
-    gets a unique name so the whole model stays in SSA form.
-    """
-
-    def __init__(self, prefix: str) -> None:
-        self.prefix = f"{prefix}_{next(_names)}"
-        self.inputs: list[ir.Value] = []
-        self.nodes: list[ir.Node] = []
-        self._count = itertools.count()
-
-    def _name(self, hint: str) -> str:
-        return f"{self.prefix}_{hint}_{next(self._count)}"
-
-    def input(self, hint: str, dtype: ir.DataType, shape: Optional[Sequence[Any]] = None) -> ir.Value:
-        value = ir.Value(name=self._name(hint), type=ir.TensorType(dtype),
-                         shape=None if shape is None else ir.Shape(shape))
-        self.inputs.append(value)
-        return value
-
-    def __call__(self, op_type: str, *inputs: Optional[ir.Value], num_outputs: int = 1, **attributes: Any):
-        node = ir.node(op_type, list(inputs), attributes or None, num_outputs=num_outputs)
-        for out in node.outputs:
-            out.name = self._name(op_type.lower())
-        self.nodes.append(node)
-        return node.outputs[0] if num_outputs == 1 else tuple(node.outputs)
-
-    def const(self, array: Any) -> ir.Value:
-        return self("Constant", value=ir.tensor(np.asarray(array)))
-
-    def graph(self, outputs: Sequence[ir.Value]) -> ir.Graph:
-        return ir.Graph(self.inputs, list(outputs), nodes=self.nodes, name=self.prefix)
-
 
 # --------------------------------------------------------------------------------------------------------
 # kimi::kda -> LinearAttention (opset 27)
 # --------------------------------------------------------------------------------------------------------
-
-
-def repeat_heads(x: ir.Value, heads: int, group: int, head_dim: int) -> ir.Value:
-    """[B, T, H, D] -> [B, T, H * group, D], head h repeated ``group`` times in a row (hv // group = h)."""
-    if group == 1:
-        return x
-    tiled = op.Tile(op.Unsqueeze(x, ints(3)), ints(1, 1, 1, group, 1))  # [B, T, H, group, D]
-    return op.Reshape(tiled, ints(0, 0, heads * group, head_dim))
-
-
-def _kda_static(q, v, cu_seqlens):
-    if cu_seqlens is not None:
-        raise NotImplementedError("kimi::kda with cu_seqlens (packed varlen) has no ONNX lowering; "
-                                  "export the batched form (cu_seqlens=None)")
-    H = static_dim(q, 2, "number of q/k heads H")
-    K = static_dim(q, 3, "key head dim K")
-    HV = static_dim(v, 2, "number of value heads HV")
-    V = static_dim(v, 3, "value head dim V")
-    if HV % H:
-        raise ValueError(f"kimi::kda lowering: HV={HV} must be a multiple of H={H}")
-    return H, K, HV, V
 
 
 def kda_linear_attention(q, k, v, g, beta, initial_state=None, scale=None, cu_seqlens=None):
@@ -191,7 +81,7 @@ def kda_linear_attention(q, k, v, g, beta, initial_state=None, scale=None, cu_se
     Grouped value heads (HV > H) repeat q and k per value head, so the node runs HV == H_kv heads.
     Everything is cast to float32 (the op's arithmetic); the output returns to v's dtype.
     """
-    H, K, HV, V = _kda_static(q, v, cu_seqlens)
+    H, K, HV, V = kda_dims(q, v, cu_seqlens)
     group = HV // H
     out_dtype = v.dtype
     state_dtype = ir.DataType.DOUBLE if out_dtype == ir.DataType.DOUBLE else FLOAT  # the op's state dtype
@@ -220,21 +110,13 @@ def kda_linear_attention(q, k, v, g, beta, initial_state=None, scale=None, cu_se
 # --------------------------------------------------------------------------------------------------------
 
 
-def _conv_static(x, weight, activation):
-    if activation not in ("silu", "none"):
-        raise ValueError(f"kimi::short_conv lowering: activation must be 'silu' or 'none', got {activation!r}")
-    C = static_dim(x, 2, "number of channels C")
-    W = static_dim(weight, 1, "kernel width W")
-    return C, W
-
-
 def short_conv_causal_conv(x, weight, bias=None, initial_state=None, activation="silu"):
     """``kimi::short_conv`` as one ``CausalConvWithState`` (opset 27) between two transposes ([B,T,C] <-> [B,C,T]).
 
     Runs in float32 like the op (and because ONNX Runtime's CPU expansion of the node has no
     bfloat16 ``Conv``); output and state return to x's dtype.
     """
-    _conv_static(x, weight, activation)
+    short_conv_dims(x, weight, activation)
     dtype = x.dtype
     xt = op.Transpose(cast(x, FLOAT), perm=[0, 2, 1])
     w = op.Unsqueeze(cast(weight, FLOAT), ints(1))  # [C, 1, W]

@@ -24,19 +24,19 @@ import numpy as np
 import onnx_ir as ir
 from onnxscript import opset18 as op
 
-from .onnx import (
+from .onnx_builder import (
     FLOAT,
     INT64,
     SubgraphBuilder,
-    _conv_static,
-    _kda_static,
     cast,
     dim_of,
     emit,
     ints,
+    kda_dims,
     repeat_heads,
     scalar_f32,
     scalar_i64,
+    short_conv_dims,
 )
 
 __all__ = ["kda_chunked", "short_conv_standard", "CHUNK"]
@@ -51,7 +51,7 @@ def _to_chunks(x, pads, chunk_shape, perm):
 
 def kda_chunked(q, k, v, g, beta, initial_state=None, scale=None, cu_seqlens=None, chunk: int = CHUNK):
     """``kimi::kda`` with opset <= 18 ops: chunk-parallel WY form + one Loop over chunks."""
-    H, K, HV, V = _kda_static(q, v, cu_seqlens)
+    H, K, HV, V = kda_dims(q, v, cu_seqlens)
     group = HV // H
     scale = K ** -0.5 if scale is None else float(scale)
     out_dtype = v.dtype
@@ -143,7 +143,7 @@ def kda_chunked(q, k, v, g, beta, initial_state=None, scale=None, cu_seqlens=Non
 
 def short_conv_standard(x, weight, bias=None, initial_state=None, activation="silu"):
     """``kimi::short_conv`` with opset <= 18 ops: Concat(state, x) -> depthwise Conv -> Slice (float32)."""
-    C, W = _conv_static(x, weight, activation)
+    C, W = short_conv_dims(x, weight, activation)
     dtype = x.dtype
     xt = op.Transpose(cast(x, FLOAT), perm=[0, 2, 1])  # [B, C, T]
     if initial_state is None:

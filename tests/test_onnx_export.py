@@ -6,6 +6,8 @@ Exports (each done once per test run, shared across pytest-xdist workers through
 * tiny Kimi K2 (MLA + YaRN RoPE: ``position_ids`` input),
 * tiny Kimi Linear with the opset <= 21 fallback lowering (weights as external data),
 * a transformers-saved tiny ``KimiLinearForCausalLM`` checkpoint (loaded with ``kimi_compile.load_model``).
+
+tests/test_genai.py runs the same folders in onnxruntime-genai (its fixtures are imported from here).
 """
 
 from __future__ import annotations
@@ -29,8 +31,8 @@ import torch
 import kimi_compile
 from kimi_compile import KimiForCausalLM, tiny_config
 from kimi_compile.export.onnx import export_onnx, graph_op_counts
+from kimi_compile.export.mla_cache import graph_state_specs
 from kimi_compile.export.ort_runtime import OrtKimiModel
-from kimi_compile.state import state_specs
 
 pytest.importorskip("onnxruntime")
 
@@ -116,12 +118,12 @@ def _export_fixture(tmp_path_factory, key, model_fn, **kwargs) -> Path:
 
 @pytest.fixture(scope="module")
 def attnres_dir(tmp_path_factory):
-    return _export_fixture(tmp_path_factory, "attnres", lambda: tiny_model("attnres"))
+    return _export_fixture(tmp_path_factory, "attnres", lambda: tiny_model("attnres"), opset=27)
 
 
 @pytest.fixture(scope="module")
 def k2_dir(tmp_path_factory):
-    return _export_fixture(tmp_path_factory, "k2", lambda: tiny_model("k2"))
+    return _export_fixture(tmp_path_factory, "k2", lambda: tiny_model("k2"), opset=27)
 
 
 @pytest.fixture(scope="module")
@@ -147,6 +149,7 @@ def assert_matches(onnx_dir: Path, model: KimiForCausalLM, B: int, T: int, seed:
         ref_logits, ref_state = model(ids)
     assert logits.shape == (B, T, model.config.vocab_size)
     np.testing.assert_allclose(logits, ref_logits.numpy(), rtol=0, atol=tol)
+    state = runner.model_state(state)  # the split MLA halves joined back into the model's absorbed cache
     assert set(state) == set(ref_state)
     for name, ref in ref_state.items():
         np.testing.assert_allclose(state[name].numpy(), ref.numpy(), rtol=0, atol=tol, err_msg=name)
@@ -166,7 +169,7 @@ def assert_split_prefill(onnx_dir: Path, B: int, T: int, cut: int, seed: int) ->
 def assert_same_tokens(onnx_dir: Path, model: KimiForCausalLM, B: int, T: int, seed: int, n: int = 32) -> None:
     ids = _ids(B, T, seed, model.config.vocab_size)
     ref = kimi_compile.generate(model, ids, n)
-    got = kimi_compile.generate(model, ids, n, backend="onnx", onnx_dir=str(onnx_dir))
+    got = kimi_compile.generate(None, ids, n, backend="onnx", onnx_dir=str(onnx_dir), onnx_runtime="onnxruntime")
     assert got.shape == (B, T + n) and got.dtype == torch.int64
     assert torch.equal(got, ref), (got, ref)
 
@@ -182,7 +185,7 @@ def _io(onnx_dir: Path):
 
 def assert_contract_io(onnx_dir: Path, model: KimiForCausalLM) -> None:
     m, inputs, outputs = _io(onnx_dir)
-    specs = state_specs(model.config, model.dtype)
+    specs = graph_state_specs(model.config, model.dtype, "split")
     expected_in = ["input_ids"] + (["position_ids"] if model.config.use_rope else []) + [s.name for s in specs]
     assert [v.name for v in m.graph.input] == expected_in
     assert [v.name for v in m.graph.output] == ["logits"] + [s.present_name for s in specs]
@@ -196,8 +199,12 @@ def assert_contract_io(onnx_dir: Path, model: KimiForCausalLM) -> None:
         assert inputs["position_ids"] == ["batch_size", "sequence_length"]
     assert m.graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.INT64
     onnx.checker.check_model(str(onnx_dir / "model.onnx"), full_check=True)
-    cfg = json.loads((onnx_dir / "genai_config.json").read_text())
-    assert [e["input"] for e in cfg["kimi_compile"]["state"]] == [s.name for s in specs]
+    io = json.loads((onnx_dir / "kimi_compile.json").read_text())
+    assert [e["input"] for e in io["state"]] == [s.name for s in specs]
+    assert io["mla_cache"] == "split" and io["onnxruntime_genai"]
+    genai = json.loads((onnx_dir / "genai_config.json").read_text())["model"]["decoder"]
+    if model.config.mla_layers:  # GenAI's MQA view of the cache: one kv head of half the absorbed row
+        assert genai["head_size"] * 2 >= model.config.mla_cache_dim and genai["num_key_value_heads"] == 1
 
 
 # ------------------------------------------------------------------------------------------------ tiny Kimi Linear (CLI)
@@ -210,7 +217,8 @@ def test_cli_fresh_process_export(cli_export):
     assert report["verify"]["max_logit_err"] < TOL
     assert "LinearAttention 3" in stdout and "CausalConvWithState 3" in stdout
     assert "identical" in stdout and "timing" in stdout
-    assert sorted(p.name for p in out.iterdir()) == ["config.json", "genai_config.json", "model.onnx"]
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "genai_config.json", "kimi_compile.json",
+                                                     "model.onnx"]
     assert not [p for p in out.parent.iterdir() if p.name.startswith(".kimi-onnx-cli.tmp")]
 
 
@@ -246,11 +254,11 @@ def test_state_is_interchangeable_with_pytorch(cli_export):
     with torch.no_grad():
         _, pt_state = model(ids[:, :7])
         ref_logits, _ = model(ids[:, 7:], pt_state)
-    logits, _ = runner(ids[:, 7:], {k: v.numpy() for k, v in pt_state.items()})
+    logits, _ = runner(ids[:, 7:], runner.graph_state(pt_state))
     np.testing.assert_allclose(logits, ref_logits.numpy(), rtol=0, atol=TOL)
     _, ort_state = runner(ids[:, :7])
     with torch.no_grad():
-        got, _ = model(ids[:, 7:], {k: torch.from_numpy(v.numpy()) for k, v in ort_state.items()})
+        got, _ = model(ids[:, 7:], runner.model_state(ort_state))
     np.testing.assert_allclose(got.numpy(), ref_logits.numpy(), rtol=0, atol=TOL)
 
 
@@ -321,7 +329,8 @@ def test_fallback_prefill_split_and_tokens(fallback_dir):
 # ------------------------------------------------------------------------------------------------ transformers checkpoint
 
 
-def test_transformers_checkpoint_generates_like_transformers(tmp_path_factory):
+def _hf_kimi_linear(tmp_path_factory):
+    """A transformers KimiLinearForCausalLM (KDA + MLA + MoE) with clear argmax margins, saved with save_pretrained."""
     transformers = pytest.importorskip("transformers")
     ckpt = tmp_path_factory.mktemp("hf-kimi-linear")
     cfg = transformers.KimiLinearConfig(
@@ -341,20 +350,31 @@ def test_transformers_checkpoint_generates_like_transformers(tmp_path_factory):
             if name.endswith("e_score_correction_bias"):
                 t.copy_(torch.randn(t.shape) * 0.1)
     hf.save_pretrained(ckpt)
+    return hf, ckpt
+
+
+@pytest.fixture(scope="module")
+def hf_kimi_linear(tmp_path_factory):
+    """(transformers model, its ONNX export folder, the checkpoint)."""
+    hf, ckpt = _hf_kimi_linear(tmp_path_factory)
 
     def build(target: Path) -> None:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             export_onnx(str(ckpt), target, progress=False)
 
-    out = _shared(tmp_path_factory, "transformers", build)
+    return hf, _shared(tmp_path_factory, "transformers", build), ckpt
+
+
+def test_transformers_checkpoint_generates_like_transformers(hf_kimi_linear):
+    hf, out, _ = hf_kimi_linear
     ids = _ids(2, 7, 21, vocab=256)
     n = 32
     hf.generation_config.eos_token_id = None  # exactly n tokens, no stopping rule, no logits processors
     with torch.no_grad():
         ref = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, do_sample=False,
                           pad_token_id=0)
-    got = kimi_compile.generate(None, ids, n, backend="onnx", onnx_dir=str(out))
+    got = kimi_compile.generate(None, ids, n, backend="onnx", onnx_dir=str(out), onnx_runtime="onnxruntime")
     assert torch.equal(got, ref), (got, ref)
 
 
@@ -374,7 +394,7 @@ def test_half_precision_export(tmp_path, dtype):
     out = tmp_path / "half"
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        export_onnx(model, out, progress=False)  # runs onnx.checker (full) itself
+        export_onnx(model, out, opset=27, progress=False)  # runs onnx.checker (full) itself
     assert_contract_io(out, model)
     m, _, _ = _io(out)
     elem = {torch.float16: onnx.TensorProto.FLOAT16, torch.bfloat16: onnx.TensorProto.BFLOAT16}[dtype]
