@@ -111,6 +111,18 @@ class _ExpertParallelMoE(MoE):
         return funcol.all_reduce(out, "sum", self.group_name)
 
 
+class _VocabParallelHead(ColwiseParallel):
+    """ColwiseParallel whose input gets fresh contiguous strides first: ``hidden[:, -n:]`` (``logits_to_keep``)
+    has static sizes but a symbolic stride under dynamic shapes, which DTensor's sharding-propagation cache
+    cannot hash (``.contiguous()`` would return it as is: size-1 axes count as contiguous whatever the stride)."""
+
+    @staticmethod
+    def _prepare_input_fn(input_layouts, desired_input_layouts, mod, inputs, device_mesh):
+        x = inputs[0] if isinstance(inputs[0], DTensor) else inputs[0].clone(memory_format=torch.contiguous_format)
+        return ColwiseParallel._prepare_input_fn(input_layouts, desired_input_layouts, mod, (x, *inputs[1:]),
+                                                 device_mesh)
+
+
 class ParallelKimiForCausalLM(KimiForCausalLM):
     """A :class:`KimiForCausalLM` after :func:`parallelize`: same forward; state helpers give local shapes."""
 
@@ -223,7 +235,7 @@ def parallelize(model: KimiForCausalLM, mesh: DeviceMesh) -> "ParallelKimiForCau
 
     parallelize_module(model, mesh, {
         "model.embed_tokens": RowwiseParallel(input_layouts=Replicate(), use_local_output=True),
-        "lm_head": ColwiseParallel(output_layouts=Replicate(), use_local_output=True),
+        "lm_head": _VocabParallelHead(output_layouts=Replicate(), use_local_output=True),
     }, src_data_rank=None)
     if config.tie_word_embeddings:  # both are Shard(0) of [vocab, D]: keep one parameter
         model.lm_head.weight = model.model.embed_tokens.weight

@@ -51,12 +51,15 @@ def compile_config():
 
 
 @torch.no_grad()
-def greedy(step, ids: torch.Tensor, n: int) -> torch.Tensor:
-    """Greedy tokens by re-running the whole prefix each step (one graph under compile: T is dynamic)."""
+def greedy(step, ids: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Greedy tokens by re-running the whole prefix each step with ``logits_to_keep=1``, as generation's prefill
+    does (one graph under compile: T is dynamic). Returns the tokens and each step's logits [B, n, vocab]."""
+    last = []
     for _ in range(n):
-        logits, _ = step(ids)
-        ids = torch.cat([ids, logits[:, -1:].argmax(-1)], dim=1)
-    return ids
+        logits, _ = step(ids, None, logits_to_keep=1)
+        last.append(logits)
+        ids = torch.cat([ids, logits.argmax(-1)], dim=1)
+    return ids, torch.cat(last, dim=1)
 
 
 @torch.no_grad()
@@ -157,11 +160,8 @@ def _phase_compile(mesh, tmp: str) -> dict:
     torch._dynamo.reset()
     counters.clear()
     model = parallelize(KimiForCausalLM.from_config(compile_config(), seed=0).eval(), mesh)
-    step = CompiledStep(model)
-    with torch.no_grad():
-        prefill, _ = step(ids_of(2, 7, 3))
-    tokens = greedy(step, ids_of(2, 7, 3), NEW_TOKENS)
-    return {"prefill": prefill, "tokens": tokens,
+    tokens, logits = greedy(CompiledStep(model), ids_of(2, 7, 3), NEW_TOKENS)
+    return {"logits": logits, "tokens": tokens,
             "graph_breaks": sum(counters["graph_break"].values()),
             "graphs": counters["stats"]["unique_graphs"], "collectives": sorted(collectives)}
 
@@ -268,6 +268,9 @@ def test_one_rank_mesh_same_code_path(workdir, references):
 
 @pytest.mark.parametrize("bad,exc,word", [("mesh", TypeError, "mesh"), ("model", TypeError, "model")])
 def test_bad_arguments(bad, exc, word):
+    import kimi_compile
+    from kimi_compile import parallel
+    assert kimi_compile.parallelize is parallel.parallelize  # the package exports it (imported lazily)
     model = model_of("k2")
     with pytest.raises(exc, match=word):
         parallelize(object() if bad == "model" else model, "cpu")
@@ -278,13 +281,11 @@ def test_compiled_two_ranks(workdir):
     """Inductor, fullgraph: zero graph breaks, one graph for every prompt length, collectives in Inductor's
     graph; logits within 1e-5 of the single-process model and the same greedy tokens."""
     results = spawn("compile", 2, workdir)
-    ref_model = KimiForCausalLM.from_config(compile_config(), seed=0).eval()
-    with torch.no_grad():
-        ref_prefill, _ = ref_model(ids_of(2, 7, 3))
-    ref_tokens = greedy(ref_model, ids_of(2, 7, 3), NEW_TOKENS)
+    ref_tokens, ref_logits = greedy(KimiForCausalLM.from_config(compile_config(), seed=0).eval(), ids_of(2, 7, 3),
+                                    NEW_TOKENS)
     for result in results:
         assert result["graph_breaks"] == 0
         assert result["graphs"] == 1
         assert {"all_reduce", "all_gather_into_tensor"} <= set(result["collectives"]), result["collectives"]
-        torch.testing.assert_close(result["prefill"], ref_prefill, rtol=0, atol=1e-5)
+        torch.testing.assert_close(result["logits"], ref_logits, rtol=0, atol=1e-5)
         assert torch.equal(result["tokens"], ref_tokens)
