@@ -112,21 +112,19 @@ def _phase_eager(mesh, tmp: str) -> dict:
     for name in MODELS:
         out[name] = run_model(parallelize(model_of(name), mesh))
     # sharded loading: compare every local shard with parallelize(full model), and the logits
-    loaded = load_model(os.path.join(tmp, "ckpt"), mesh=mesh, progress=False)
-    expected = parallelize(model_of("kimi_linear"), mesh)
-    worst, local_numel = 0.0, 0
-    exp_params = dict(expected.named_parameters())
-    for pname, p in loaded.named_parameters():
-        p = p.detach()
-        a = p.to_local() if isinstance(p, DTensor) else p
-        b = exp_params[pname].detach()
-        b = b.to_local() if isinstance(b, DTensor) else b
-        worst = max(worst, float((a - b).abs().max()) if a.shape == b.shape else float("inf"))
-        local_numel += a.numel()
-    out["loaded"] = run_model(loaded)
-    out["loaded_shard_max_diff"] = worst
-    out["loaded_local_numel"] = local_numel
-    out["loaded_is_parallel"] = isinstance(loaded, ParallelKimiForCausalLM)
+    for key, name, ckpt in (("loaded", "kimi_linear", "ckpt"), ("loaded_k2", "k2", "ckpt_k2")):
+        loaded = load_model(os.path.join(tmp, ckpt), mesh=mesh, progress=False)
+        exp_params = dict(parallelize(model_of(name), mesh).named_parameters())
+        worst, local_numel = 0.0, 0
+        for pname, p in loaded.named_parameters():
+            a, b = p.detach(), exp_params[pname].detach()
+            a, b = (t.to_local() if isinstance(t, DTensor) else t for t in (a, b))
+            worst = max(worst, float((a - b).abs().max()) if a.shape == b.shape else float("inf"))
+            local_numel += a.numel()
+        out[key] = run_model(loaded)
+        out[key + "_shard_max_diff"] = worst
+        out[key + "_local_numel"] = local_numel
+        out[key + "_is_parallel"] = isinstance(loaded, ParallelKimiForCausalLM)
     # split axes that do not divide: a clear ValueError naming the config field
     errors = {}
     base = tiny_config("kimi_linear")
@@ -207,6 +205,12 @@ def spawn(phase: str, world: int, tmp: str) -> list[dict]:
 def workdir(tmp_path_factory):
     tmp = str(tmp_path_factory.mktemp("parallel"))
     to_hub_checkpoint(model_of("kimi_linear"), os.path.join(tmp, "ckpt"))
+    from safetensors.torch import save_file
+    k2 = model_of("k2")
+    os.makedirs(os.path.join(tmp, "ckpt_k2"))
+    save_file({k: v.contiguous() for k, v in k2.state_dict().items()}, os.path.join(tmp, "ckpt_k2", "model.safetensors"))
+    with open(os.path.join(tmp, "ckpt_k2", "config.json"), "w") as f:
+        json.dump(k2.config.to_dict(), f)
     return tmp
 
 
@@ -244,13 +248,16 @@ def test_state_is_sharded_by_head(eager2, references):
     assert set(got) == set(ref)
 
 
-def test_sharded_loading(eager2, references):
-    full = sum(p.numel() for p in model_of("kimi_linear").parameters())
+@pytest.mark.parametrize("key,name", [("loaded", "kimi_linear"), ("loaded_k2", "k2")])
+def test_sharded_loading(eager2, references, key, name):
+    """kimi_linear from hub names (per-expert tensors, q/k/v convs, A_log [1, 1, H, 1]); k2 from kimi-compile's
+    own names (stacked experts, q-LoRA)."""
+    full = sum(p.numel() for p in model_of(name).parameters())
     for result in eager2:
-        assert result["loaded_is_parallel"]
-        assert result["loaded_shard_max_diff"] == 0.0
-        assert result["loaded_local_numel"] < 0.75 * full  # no rank holds the full model
-        assert_matches(result["loaded"], references["kimi_linear"])
+        assert result[key + "_is_parallel"]
+        assert result[key + "_shard_max_diff"] == 0.0
+        assert result[key + "_local_numel"] < 0.75 * full  # no rank holds the full model
+        assert_matches(result[key], references[name])
 
 
 @pytest.mark.parametrize("field", ["linear_num_heads", "num_attention_heads", "num_experts", "vocab_size"])
@@ -264,6 +271,7 @@ def test_one_rank_mesh_same_code_path(workdir, references):
     for name in MODELS:
         assert_matches(result[name], references[name])
     assert_matches(result["loaded"], references["kimi_linear"])
+    assert_matches(result["loaded_k2"], references["k2"])
 
 
 @pytest.mark.parametrize("bad,exc,word", [("mesh", TypeError, "mesh"), ("model", TypeError, "model")])
@@ -289,3 +297,21 @@ def test_compiled_two_ranks(workdir):
         assert {"all_reduce", "all_gather_into_tensor"} <= set(result["collectives"]), result["collectives"]
         torch.testing.assert_close(result["logits"], ref_logits, rtol=0, atol=1e-5)
         assert torch.equal(result["tokens"], ref_tokens)
+
+
+@pytest.mark.parametrize("dim,a,b", [(0, 0, 300), (0, 100, 250), (0, 128, 256), (1, 130, 260), (1, 7, 129)])
+def test_fp8_slice_dequantised_like_the_whole_tensor(dim, a, b):
+    """The sharded loader dequantises the rows / columns it reads with the matching scale blocks: equal to the
+    whole-tensor dequantisation (loading._dequant_fp8) sliced afterwards."""
+    from kimi_compile.loading import _dequant_fp8
+    from kimi_compile.parallel import _dequant_slice
+    g = torch.Generator().manual_seed(dim * 1000 + a)
+    weight = torch.randn(300, 260, generator=g).to(torch.float8_e4m3fn)
+    scale = torch.rand(3, 3, generator=g) + 0.5
+    block = (128, 128)
+    whole = _dequant_fp8(weight, scale, block)
+    sa, sb = a // 128, (b - 1) // 128 + 1
+    part = weight[a:b] if dim == 0 else weight[:, a:b]
+    sc = scale[sa:sb] if dim == 0 else scale[:, sa:sb]
+    got = _dequant_slice(part, sc, block, dim, a - sa * 128)
+    assert torch.equal(got, whole[a:b] if dim == 0 else whole[:, a:b])
