@@ -323,7 +323,7 @@ def _dequant_fp8(weight: Tensor, scale: Tensor, block: tuple[int, int]) -> Tenso
 def load_model(path: Union[str, os.PathLike], *, dtype: Optional[torch.dtype] = None,
                device: Union[str, torch.device] = "cpu", progress: bool = True,
                moe_combine_with_bias: Optional[bool] = None,
-               attn_res_block_size: Optional[int] = None) -> KimiForCausalLM:
+               attn_res_block_size: Optional[int] = None, mesh=None) -> KimiForCausalLM:
     """Load a Kimi Linear / Kimi K2 / DeepSeek-V3 checkpoint directory.
 
     Args:
@@ -334,7 +334,13 @@ def load_model(path: Union[str, os.PathLike], *, dtype: Optional[torch.dtype] = 
         progress: show a tqdm progress bar.
         moe_combine_with_bias: override :attr:`KimiConfig.moe_combine_with_bias` (None keeps the config's).
         attn_res_block_size: override :attr:`KimiConfig.attn_res_block_size` (None keeps the config's).
+        mesh: a 1-D ``DeviceMesh``: load tensor/expert-parallel, each rank reading only its slices
+            (:func:`kimi_compile.parallel.load_sharded`).
     """
+    if mesh is not None:
+        from .parallel import load_sharded
+        return load_sharded(path, mesh, dtype=dtype, device=device, progress=progress,
+                            moe_combine_with_bias=moe_combine_with_bias, attn_res_block_size=attn_res_block_size)
     from safetensors import SafetensorError, safe_open
     from tqdm.auto import tqdm
 
