@@ -148,55 +148,61 @@ def test_activation_checkpointing_same_loss_grads_and_state(kind, attn_res):
 
 # ------------------------------------------------------------------------------------------------ compiled step
 
-def _eager_and_compiled(make, ids, labels, **step_kwargs):
-    """Loss and grads of a first step, parameters after it (AdamW, clipping as given) and the loss of a second
-    step, eager and compiled (aot_eager); the compiled graph and break counts."""
+def _eager_and_compiled(make, ids, labels, update=True, **step_kwargs):
+    """Loss and grads of a step, eager and compiled (aot_eager), with the compiled graph and break counts; with
+    ``update``, also the parameters after the (clipped) SGD-with-momentum step and the loss of a second step (the
+    optimizer state then exists: no recompile). SGD, not Adam: its update is linear in the gradients, so equal
+    gradients give equal parameters (Adam's first step is about lr * sign(g), which flips for g ~ 0)."""
     out = []
     for compiled in (False, True):
         model = make()
-        opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+        opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
         step = TrainStep(model, opt, compile=compiled, backend="aot_eager", **step_kwargs)
         counters.clear()
-        loss = step.loss_and_grads(ids, labels)
-        g = grads(model)
-        step._update()
-        model.zero_grad()
-        loss2 = step(ids, labels)  # second step: optimizer state exists, no recompile
-        out.append(dict(loss=loss, loss2=loss2, grads=g, params={n: p.detach().clone()
-                                                                  for n, p in model.named_parameters()},
-                        graphs=counters["stats"]["unique_graphs"], breaks=sum(counters["graph_break"].values())))
+        res = dict(loss=step.loss_and_grads(ids, labels), grads=grads(model))
+        if update:
+            step._update()
+            model.zero_grad()
+            res["loss2"] = step(ids, labels)
+            res["params"] = {n: p.detach().clone() for n, p in model.named_parameters()}
+        res.update(graphs=counters["stats"]["unique_graphs"], breaks=sum(counters["graph_break"].values()))
+        out.append(res)
     return out
 
 
 def _assert_same(eager, compiled):
     torch.testing.assert_close(compiled["loss"], eager["loss"], rtol=1e-6, atol=1e-6)
-    assert eager["grads"].keys() == compiled["grads"].keys()
+    assert eager["grads"].keys() == compiled["grads"].keys() and len(eager["grads"]) > 20
     for name, g in eager["grads"].items():
         err = (compiled["grads"][name] - g).abs().max().item()
         assert err <= 1e-5 * max(1.0, g.abs().max().item()), f"{name}: {err:.3g}"
-    for name, p in eager["params"].items():
-        torch.testing.assert_close(compiled["params"][name], p, rtol=1e-5, atol=1e-5, msg=name)
-    torch.testing.assert_close(compiled["loss2"], eager["loss2"], rtol=1e-5, atol=1e-5)
-    # fullgraph=True raises on any graph break; one graph for loss + backward, one for clip + AdamW
-    assert compiled["breaks"] == 0 and compiled["graphs"] == 2, compiled["graphs"]
+    # fullgraph=True raises on any graph break. One graph for loss + backward; with the update, two for clip +
+    # optimizer (the first step creates the momentum buffers, so the second sees another state structure)
+    assert compiled["breaks"] == 0 and compiled["graphs"] == (3 if "params" in eager else 1), compiled["graphs"]
+    if "params" in eager:
+        for name, p in eager["params"].items():
+            torch.testing.assert_close(compiled["params"][name], p, rtol=1e-5, atol=1e-6, msg=name)
+        torch.testing.assert_close(compiled["loss2"], eager["loss2"], rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("kind,attn_res", [("kimi_linear", None), ("kimi_linear", 1), ("kimi_linear", 2), ("k2", None)],
-                         ids=["kimi_linear", "attn_res_full", "attn_res_block", "k2"])
-def test_compiled_step_matches_eager(kind, attn_res):
+@pytest.mark.parametrize("kind,attn_res,update", [("kimi_linear", 2, True), ("k2", None, False)],
+                         ids=["kimi_linear_attn_res_block_with_update", "k2"])
+def test_compiled_step_matches_eager(kind, attn_res, update):
+    """Gradients within 1e-5 of eager (fp32). Kimi Linear without AttnRes runs the same plain residual stack as
+    K2 and the same KDA layer as the AttnRes cases. The clip + optimizer graph once (its trace is the costly part)."""
     ids = ids_of(2, 9, 5)
-    eager, compiled = _eager_and_compiled(lambda: two_layer(kind, attn_res), ids, labels_of(ids, 6),
+    eager, compiled = _eager_and_compiled(lambda: two_layer(kind, attn_res), ids, labels_of(ids, 6), update,
                                           max_grad_norm=1.0)
     _assert_same(eager, compiled)
 
 
-def test_compiled_step_with_checkpointing_and_permuted_storage_ids():
-    """AttnRes + activation checkpointing under compile; input_ids / labels whose storage is transposed."""
+def test_compiled_step_full_attn_res_checkpointed_permuted_storage_ids():
+    """Full AttnRes (S = 1) + activation checkpointing under compile; input_ids / labels with transposed storage."""
     ids = ids_of(9, 2, 7).t()  # [2, 9] with strides (1, 2)
     labels = labels_of(ids.contiguous(), 8).t().contiguous().t()
     assert not ids.is_contiguous() and not labels.is_contiguous()
     eager, compiled = _eager_and_compiled(lambda: set_activation_checkpointing(two_layer("kimi_linear", 1), True),
-                                          ids, labels)
+                                          ids, labels, update=False)
     _assert_same(eager, compiled)
 
 
