@@ -331,3 +331,29 @@ def test_train_tiny_example_learns_to_copy(tmp_path):
     assert result["first_loss"] > result["unigram_entropy"]
     assert result["final_loss"] < 0.75 * result["unigram_entropy"], result["losses"][-20:]
     assert (tmp_path / "run.json").exists()
+
+
+# ------------------------------------------------------------------------------------------------ the benchmark
+
+def test_bench_train_quick_rows_and_table():
+    """bench/bench_train.py's CPU path: an eager training-step row of the tiny model, its table and derived lines
+    (no timing asserted); the GPU model config is the ~1B one the docstring names."""
+    sys.path.insert(0, os.path.join(ROOT, "bench"))
+    try:
+        import bench_train
+    finally:
+        sys.path.remove(os.path.join(ROOT, "bench"))
+    args = bench_train.parse_args(["--quick", "--iters", "1", "--warmup", "0"])
+    row = bench_train.run_row("ours_eager", args)
+    assert row["row"] == "ours_eager" and row["ms"] > 0 and row["tokens_per_s"] > 0 and row["T"] == 64
+    rows = [row, dict(row="ours_compiled", ms=row["ms"] / 2, tokens_per_s=1.0),
+            dict(row="ours_compiled_attn_res", ms=row["ms"] / 2 * 1.03), dict(row="kda_B1_T8192", error="boom")]
+    table = bench_train.format_table(rows)
+    assert "ours_eager" in table and "ERROR boom" in table
+    derived = bench_train._derived(rows)
+    assert any("+3.0 %" in line for line in derived) and any("2.00x" in line for line in derived)
+    from kimi_compile import KimiForCausalLM
+    gpu_cfg = bench_train.model_config(bench_train.parse_args([]))
+    with torch.device("meta"):
+        n = sum(p.numel() for p in KimiForCausalLM(gpu_cfg).parameters())
+    assert 1.0e9 < n < 1.5e9 and gpu_cfg.vocab_size == 163840 and gpu_cfg.kda_layers == [0, 1, 2]
