@@ -7,8 +7,14 @@ occurrence, predict what followed it) drives the loss towards 0. The step is
 :class:`kimi_compile.training.TrainStep`: forward + chunked cross-entropy, backward, AdamW, compiled with
 ``torch.compile(fullgraph=True)``.
 
-    python examples/train_tiny.py --steps 300            # about a minute on one CPU core, compile included
+    python examples/train_tiny.py                        # 300 steps of the 5-layer model, Inductor
+    python examples/train_tiny.py --backend aot_eager --layers 2 --steps 110   # the test's short run
     python examples/train_tiny.py --help
+
+Measured (CPU, a shared and heavily loaded 2-core machine): the default run went from 5.58 to 0.19 nats per
+copied token against the unigram entropy log 8 = 2.08; most of its 24 minutes were Inductor's C++ compiles of the
+forward + backward and optimizer graphs. The short run (aot_eager: Dynamo + AOTAutograd without Inductor) ends
+below 0.75 x the entropy in about a minute there.
 """
 
 from __future__ import annotations

@@ -317,6 +317,7 @@ def test_k2_gradients_match_transformers(tmp_path):
 
 # ------------------------------------------------------------------------------------------------ the example
 
+@pytest.mark.slow
 def test_train_tiny_example_learns_to_copy(tmp_path):
     """A short compiled run (aot_eager, 2 layers, full AttnRes) of the example: the loss on the copied half falls
     below 0.75 x the unigram entropy log(8) (a model that cannot copy stays at the entropy)."""
