@@ -5,8 +5,10 @@ from .generate import generate
 from .loading import load_model
 from .model import KimiForCausalLM
 from .state import empty_state
+from .training import TrainStep, causal_lm_loss, set_activation_checkpointing
 
-__all__ = ["KimiConfig", "KimiForCausalLM", "empty_state", "generate", "load_model", "parallelize", "tiny_config"]
+__all__ = ["KimiConfig", "KimiForCausalLM", "TrainStep", "causal_lm_loss", "empty_state", "generate", "load_model",
+           "parallelize", "set_activation_checkpointing", "tiny_config"]
 
 
 def __getattr__(name):

@@ -25,6 +25,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint as _checkpoint
 
 from .checks import check_forward_inputs
 from .config import LINEAR, SPARSE, KimiConfig
@@ -33,6 +34,7 @@ from .ops.kda import kda as _kda_op
 from .ops.moe import moe_experts as _moe_experts
 from .ops.short_conv import short_conv as _short_conv_op
 from .state import empty_state, state_specs
+from .training import DEFAULT_LOSS_CHUNK, causal_lm_loss
 
 __all__ = ["KimiForCausalLM", "KimiModel", "RMSNorm", "FP32_TENSORS", "mark_dynamic_inputs"]
 
@@ -435,6 +437,11 @@ class DecoderLayer(nn.Module):
             new_state[f"past_key_values.{i}.key"] = key
         return out
 
+    def state_names(self) -> list[str]:
+        """The names of this layer's state pieces, in the order ``mixer`` records them."""
+        parts = ("conv_state", "recurrent_state") if self.kind == LINEAR else ("key",)
+        return [f"past_key_values.{self.layer_idx}.{p}" for p in parts]
+
     def ffn(self, x: Tensor) -> Tensor:
         return self.mlp(self.post_attention_layernorm(x))
 
@@ -452,6 +459,8 @@ class KimiModel(nn.Module):
         if self.attn_res_block is not None:
             self.attn_res_query_final = nn.Parameter(torch.zeros(D))
             self.attn_res_norm_final = nn.Parameter(torch.ones(D))
+        # per-layer activation checkpointing (kimi_compile.training.set_activation_checkpointing)
+        self.activation_checkpointing = False
 
     def forward(self, input_ids: Tensor, state: Optional[dict[str, Tensor]], position_ids: Optional[Tensor],
                 cache_position: Optional[Tensor] = None) -> tuple[Tensor, dict[str, Tensor]]:
@@ -482,8 +491,10 @@ class KimiModel(nn.Module):
         new_state: dict[str, Tensor] = {}
         if self.attn_res_block is None:
             for layer in self.layers:
-                h = h + layer.mixer(h, state, new_state, rope, mask, cache_position)
-                h = h + layer.ffn(h)
+                def block(h, layer=layer, local=None):
+                    h = h + layer.mixer(h, state, local, rope, mask, cache_position)
+                    return h + layer.ffn(h)
+                h = self._maybe_checkpoint(layer, block, new_state, h)
         else:
             h = self._attn_res_stack(h, state, new_state, rope, mask, cache_position)
         return self.norm(h), new_state
@@ -498,23 +509,44 @@ class KimiModel(nn.Module):
         partial: Optional[Tensor] = None
         n_done = 0
 
-        def read(query: Tensor, norm_w: Tensor) -> Tensor:
-            sources = blocks if partial is None else blocks + [partial]
+        def read(query: Tensor, norm_w: Tensor, sources=None) -> Tensor:
+            if sources is None:
+                sources = blocks if partial is None else blocks + [partial]
             return _attn_res_op(torch.stack(sources), (query * norm_w).to(emb.dtype), eps)
 
         for layer in self.layers:
             for which in ("attn", "mlp"):
-                q = getattr(layer, f"attn_res_query_{which}")
-                w = getattr(layer, f"attn_res_norm_{which}")
-                x = read(q, w)
-                out = (layer.mixer(x, state, new_state, rope, mask, cache_position) if which == "attn"
-                       else layer.ffn(x))
+                def sublayer(*sources, layer=layer, which=which, local=None):
+                    x = read(getattr(layer, f"attn_res_query_{which}"), getattr(layer, f"attn_res_norm_{which}"),
+                             list(sources))
+                    return layer.mixer(x, state, local, rope, mask, cache_position) if which == "attn" else layer.ffn(x)
+                sources = blocks if partial is None else blocks + [partial]
+                out = self._maybe_checkpoint(layer if which == "attn" else None, sublayer, new_state, *sources)
                 partial = out if partial is None else partial + out
                 n_done += 1
                 if n_done % S == 0:
                     blocks.append(partial)
                     partial = None
         return read(self.attn_res_query_final, self.attn_res_norm_final)
+
+    def _maybe_checkpoint(self, layer: Optional[DecoderLayer], fn, new_state: dict[str, Tensor], *args: Tensor
+                          ) -> Tensor:
+        """``fn(*args, local=d)`` (which records ``layer``'s new state into ``d``), under
+        ``torch.utils.checkpoint`` when activation checkpointing is on and autograd records. The checkpointed
+        function must be pure (its recompute in the backward must not write the returned state dict), so it returns
+        the state pieces as outputs; ``layer`` None: ``fn`` records no state."""
+        if not (self.activation_checkpointing and torch.is_grad_enabled()):
+            return fn(*args, local=new_state)
+        names = [] if layer is None else layer.state_names()
+
+        def pure(*a):
+            local: dict[str, Tensor] = {}
+            out = fn(*a, local=local)
+            return (out, *[local[n] for n in names])
+
+        out, *parts = _checkpoint(pure, *args, use_reentrant=False)
+        new_state.update(zip(names, parts))
+        return out
 
 
 class KimiForCausalLM(nn.Module):
@@ -535,9 +567,16 @@ class KimiForCausalLM(nn.Module):
             writes in place at these rows and attends over up to them (what a CUDA graph replays,
             :class:`kimi_compile.compiled.CUDAGraphDecoder`). The other state pieces are returned new as usual.
 
+        labels: optional int64 ``[B, T]`` training targets, transformers' convention: shifted inside (position t
+            is scored against ``labels[:, t + 1]``), -100 ignored. See :func:`kimi_compile.training.causal_lm_loss`.
+        return_logits: with ``labels``, also return the logits (off by default: the loss is computed in chunks
+            precisely so that the ``[B, T, vocab]`` float32 logits are never materialised).
+        loss_chunk_size: rows per cross-entropy chunk (default 1024).
+
     Returns:
         ``(logits [B, T, vocab], new_state)``: logits float32 (float64 for a float64 model); ``new_state`` holds
-        every ``past_key_values.{i}.<part>``.
+        every ``past_key_values.{i}.<part>``. With ``labels``: ``(loss, logits or None, new_state)``, ``loss`` the
+        mean next-token cross-entropy over the labelled positions (a float32 scalar; 0 if none is labelled).
     """
 
     def __init__(self, config: KimiConfig) -> None:
@@ -676,10 +715,15 @@ class KimiForCausalLM(nn.Module):
 
     def forward(self, input_ids: Tensor, state: Optional[dict[str, Tensor]] = None,
                 position_ids: Optional[Tensor] = None, *, logits_to_keep: int = 0,
-                cache_position: Optional[Tensor] = None) -> tuple[Tensor, dict[str, Tensor]]:
+                cache_position: Optional[Tensor] = None, labels: Optional[Tensor] = None,
+                return_logits: bool = False, loss_chunk_size: int = DEFAULT_LOSS_CHUNK):
         check_forward_inputs(self, input_ids, state, position_ids, logits_to_keep)
         hidden, new_state = self.model(input_ids, state, position_ids, cache_position)
+        if labels is not None:
+            loss = causal_lm_loss(hidden, self.lm_head.weight, labels, chunk_size=loss_chunk_size)
+            if not return_logits:
+                return loss, None, new_state
         if logits_to_keep:
             hidden = hidden[:, -logits_to_keep:]
         logits = _acc(self.lm_head(hidden))
-        return logits, new_state
+        return (loss, logits, new_state) if labels is not None else (logits, new_state)

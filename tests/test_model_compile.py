@@ -108,3 +108,62 @@ def test_torch_export_one_graph_for_prefill_and_decode(kind):
             torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
             for name in want_state:
                 torch.testing.assert_close(got_state[name], want_state[name], rtol=1e-5, atol=1e-6)
+
+
+def test_plain_torch_compile_graph_count_over_lengths_and_batches():
+    """torch.compile(model) as users write it (no marking by the caller): after the first prompt, decode step and
+    prompt piece on top of a state, nothing recompiles across prompt lengths, past lengths or batch sizes >= 2
+    (B = 1 is its own class: Dynamo specialises size 1). Each call's logits equal eager."""
+    from torch._dynamo.testing import CompileCounter
+
+    model = KimiForCausalLM.from_config(tiny_config("kimi_linear"), 0).eval()
+    counter = CompileCounter()
+    compiled = torch.compile(model, backend=counter, fullgraph=True)
+    frames = []
+    with torch.no_grad():
+        for i, (B, T) in enumerate([(1, 5), (1, 7), (1, 9), (2, 5), (3, 7), (2, 9)]):
+            ids = ids_of(B, T, i)
+            logits, state = compiled(ids)
+            ref_logits, ref_state = model(ids)
+            torch.testing.assert_close(logits, ref_logits, rtol=1e-5, atol=1e-5)
+            for _ in range(2):  # decode steps at growing past lengths
+                nxt = ids_of(B, 1, 10 + i)
+                logits, state = compiled(nxt, state)
+                ref_logits, ref_state = model(nxt, ref_state)
+                torch.testing.assert_close(logits, ref_logits, rtol=1e-5, atol=1e-5)
+            piece = ids_of(B, 3, 20 + i)  # a prompt piece on top of the state
+            logits, state = compiled(piece, state)
+            torch.testing.assert_close(logits, model(piece, ref_state)[0], rtol=1e-5, atol=1e-5)
+            frames.append(counter.frame_count)
+    # fresh prompt, decode step, prompt piece: 3 graphs for B = 1, 3 more for every B >= 2
+    assert frames == [3, 3, 3, 6, 6, 6], frames
+
+
+@pytest.mark.parametrize("kind", ["kimi_linear", "k2", "kimi_linear_attnres"])
+def test_static_cache_decoder_matches_generate(kind):
+    """CUDAGraphDecoder's compiled static-cache step (no graph on CPU): MLA caches preallocated and written in place
+    at cache_position give the same greedy tokens as eager generate, for two batch sizes and cache lengths that
+    share one compiled step."""
+    from kimi_compile.compiled import CUDAGraphDecoder
+
+    model = KimiForCausalLM.from_config(tiny_config(kind), 0).eval()
+    for B, max_len in [(2, 16), (3, 24)]:
+        ids = ids_of(B, 7, B)
+        want = kimi_compile.generate(model, ids, 6)
+        with torch.no_grad():
+            got = CUDAGraphDecoder(model, B, max_len).generate(ids, 6)
+        assert torch.equal(got, want)
+
+
+def test_static_cache_decoder_rejects_bad_sizes():
+    from kimi_compile.compiled import CUDAGraphDecoder
+
+    model = KimiForCausalLM.from_config(tiny_config("kimi_linear"), 0).eval()
+    for kwargs, name in [(dict(batch_size=0, max_len=8), "batch_size"), (dict(batch_size=1, max_len=True), "max_len")]:
+        with pytest.raises(ValueError, match=name):
+            CUDAGraphDecoder(model, **kwargs)
+    dec = CUDAGraphDecoder(model, 2, 8)
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        dec.generate(ids_of(2, 5, 0), 4)
+    with pytest.raises(ValueError, match="batch_size"):
+        dec.prefill(ids_of(3, 5, 0))

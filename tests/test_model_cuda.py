@@ -51,3 +51,23 @@ def test_cuda_model_matches_cpu(kind, attn_res, compiled):
     for key in want_state:
         assert got_state[key].dtype == want_state[key].dtype, key
         assert _rel(got_state[key], want_state[key]) < 1e-4, (key, _rel(got_state[key], want_state[key]))
+
+
+@pytest.mark.parametrize("kind", ["kimi_linear", "k2"])
+def test_generate_compile_uses_cuda_graph_decoder(kind):
+    """generate(backend='compile') on CUDA replays the static-cache CUDA graph per token: same greedy tokens as
+    eager on the same GPU model (float32, TF32 off), with and without eos."""
+    from kimi_compile import generate
+    from kimi_compile.compiled import CUDAGraphDecoder
+
+    torch.backends.cuda.matmul.allow_tf32 = False
+    gpu = _model(kind, None).cuda()
+    ids = torch.randint(3, 256, (2, 9), generator=torch.Generator().manual_seed(5)).cuda()
+    want = generate(gpu, ids, 12)
+    got = generate(gpu, ids, 12, backend="compile")
+    assert torch.equal(got, want)
+    decoder = gpu.__dict__["_kimi_cuda_graph_decoder"][1]
+    assert isinstance(decoder, CUDAGraphDecoder) and decoder.graph is not None
+    eos = int(want[0, 12])
+    assert torch.equal(generate(gpu, ids, 12, backend="compile", eos_token_id=eos),
+                       generate(gpu, ids, 12, eos_token_id=eos))
