@@ -247,7 +247,8 @@ def ours(cfg, args, bw, mm) -> None:
         add(dict(row=f"ours generate(backend='compile') B=1 prompt={args.gen_prompt} new={n}",
                  total_s=round(total, 3), first_call_s=round(first, 1), ms_per_token=round(per_tok, 3),
                  tok_s=round(n / total, 1), out_shape=list(out.shape)))
-    run_row("ours generate", args.row_seconds, generate_row)
+    if not args.skip_generate:
+        run_row("ours generate", args.row_seconds, generate_row)
     del model, step
     gc.collect()
     torch.cuda.empty_cache()
@@ -334,12 +335,13 @@ def main(argv=None) -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--layers", type=int, default=None, help="cut the model to its first N layers (default: 27)")
     ap.add_argument("--prefill", type=int, nargs="+", default=[4096, 32768])
-    ap.add_argument("--decode-batch", type=int, nargs="+", default=[1, 32, 256])
+    ap.add_argument("--decode-batch", type=int, nargs="*", default=[1, 32, 256])
     ap.add_argument("--ctx", type=int, default=4096)
     ap.add_argument("--gen-prompt", type=int, default=512)
     ap.add_argument("--gen-tokens", type=int, default=128)
     ap.add_argument("--row-seconds", type=int, default=240)
     ap.add_argument("--skip-hf", action="store_true")
+    ap.add_argument("--skip-generate", action="store_true")
     ap.add_argument("--skip-ours", action="store_true")
     ap.add_argument("--profile", action="store_true", help="print the top CUDA kernels of a prefill and a decode step")
     ap.add_argument("--json", default=None)

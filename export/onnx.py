@@ -42,6 +42,7 @@ from typing import Optional, Union
 
 import torch
 
+from ..model import absorbed_attention
 from .atomic_dir import move_into_place
 
 __all__ = ["export_onnx", "OnnxExportResult", "ExportError", "MODEL_FILE", "DATA_FILE", "graph_op_counts",
@@ -388,7 +389,7 @@ def export_onnx(model=None, out_dir: Union[str, os.PathLike] = "kimi_export_out/
         from kimi_compile.lowering.onnx import custom_translation_table, raise_default_opset
 
         wrapper = _GraphModule(model, specs, use_positions, mla_cache).eval()
-        with _quiet(), torch.no_grad():
+        with _quiet(), torch.no_grad(), absorbed_attention(model):
             exported = torch.export.export(wrapper, _sample_inputs(model, specs, 2, 3, 4),
                                            dynamic_shapes=_dynamic_shapes(specs, use_positions))
         seconds["capture"] = time.perf_counter() - t0

@@ -19,6 +19,7 @@ returned in float32.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Optional
 
@@ -248,6 +249,7 @@ class MLAttention(nn.Module):
         self.kv_b_proj = nn.Linear(self.rank, H * (self.nope + self.vdim), bias=False)
         self.o_proj = nn.Linear(H * self.vdim, D, bias=config.attention_bias)
         self.q_lora = config.q_lora_rank is not None
+        self.expand_prompts = True
 
     def forward(self, x: Tensor, past_key: Optional[Tensor], rope: Optional[tuple[Tensor, Tensor]],
                 mask: Optional[Tensor], cache_position: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
@@ -276,8 +278,10 @@ class MLAttention(nn.Module):
         cache = key.squeeze(1)  # [B, S, r + rope]
         # Prompts attend in the expanded form (per-head keys and values from the latent, flash attention: about
         # T*S*(192+128) per head instead of T*S*(576+512) and no [T*H, S] score tensor); single tokens and exported
-        # graphs (one graph for every T) use the absorbed MQA form, which reads only the latent cache.
-        if T > 1 and not torch.compiler.is_exporting():
+        # graphs (one graph for every T: see absorbed_attention) use the absorbed MQA form, which reads only the
+        # latent cache. A module flag, not torch.compiler.is_exporting(): torch 2.11 folds that to True under
+        # torch.compile too, which put compiled prompts on the absorbed path (64 GiB of scores at T = 32768).
+        if T > 1 and self.expand_prompts:
             causal = past_key is None or (cache_position is None and past_key.shape[2] == 0)
             o = self._attend_expanded(q_nope, q_rope, cache, None if causal else mask)
         else:
@@ -319,6 +323,21 @@ class MLAttention(nn.Module):
             o = F.scaled_dot_product_attention(q, k, v, attn_mask=None if mask is None else mask.view(1, 1, T, S),
                                                is_causal=mask is None, scale=self.scale)
         return o[..., : self.vdim].transpose(1, 2).reshape(B, T, H * self.vdim)
+
+
+@contextlib.contextmanager
+def absorbed_attention(model: nn.Module):
+    """Every MLA layer of ``model`` in the absorbed form for prompts too, inside the block (what an exported graph,
+    one graph for every sequence length, needs)."""
+    layers = [m for m in model.modules() if isinstance(m, MLAttention)]
+    before = [m.expand_prompts for m in layers]
+    try:
+        for m in layers:
+            m.expand_prompts = False
+        yield model
+    finally:
+        for m, flag in zip(layers, before):
+            m.expand_prompts = flag
 
 
 # ------------------------------------------------------------------------------------------------ MoE
