@@ -90,12 +90,13 @@ def _kimi_export_command() -> list[str]:
 
 @pytest.fixture(scope="module")
 def cli_export(tmp_path_factory):
-    """``kimi-export --target onnx --out DIR`` in a fresh process, from a directory outside the repository."""
+    """``kimi-export --target onnx --opset 27 --out DIR`` in a fresh process, from a directory outside the repository
+    (the opset-27 graph; the default lowering is the fallback graph, covered by test_genai)."""
     def build(target: Path) -> None:
         work = target.parent / "cli-cwd"
         work.mkdir(exist_ok=True)
         report = target.parent / "cli-report.json"
-        proc = subprocess.run(_kimi_export_command() + ["--target", "onnx", "--out", str(target),
+        proc = subprocess.run(_kimi_export_command() + ["--target", "onnx", "--opset", "27", "--out", str(target),
                                                         "--report-json", str(report), "--quiet"],
                               cwd=work, capture_output=True, text=True, timeout=900)
         (target.parent / "cli-stdout.txt").write_text(proc.stdout + "\n--- stderr ---\n" + proc.stderr)
