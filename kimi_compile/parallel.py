@@ -50,6 +50,7 @@ from torch.distributed.tensor import DTensor, Partial, Replicate, Shard
 from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
 
 from .config import KimiConfig
+from .dtypes import MODEL_DTYPES, parse_dtype
 from .model import FP32_TENSORS, KDAAttention, KimiForCausalLM, MLAttention, MoE, Rotary, SwiGLU
 from .state import StateSpec, empty_state as _global_empty_state, state_specs as _global_state_specs
 
@@ -335,7 +336,8 @@ def load_sharded(path: Union[str, os.PathLike], mesh: DeviceMesh, *, dtype: Opti
     if overrides:
         config = config.replace(**overrides)
     _check_divisible(config, tp)
-    dtype = L._parse_dtype(dtype) or L._parse_dtype(config.torch_dtype) or torch.float32
+    dtype = (parse_dtype(dtype, choices=MODEL_DTYPES)
+             or parse_dtype(config.torch_dtype, name="config.json torch_dtype", choices=MODEL_DTYPES) or torch.float32)
 
     # the checks run against a global meta model (shapes only); the data goes into the sharded one
     with torch.device("meta"):
