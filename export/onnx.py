@@ -42,7 +42,9 @@ from typing import Optional, Union
 
 import torch
 
+from ..dtypes import EXPORT_DTYPES, parse_dtype
 from ..model import absorbed_attention
+from ..resolve import resolve_model
 from .atomic_dir import move_into_place
 
 __all__ = ["export_onnx", "OnnxExportResult", "ExportError", "MODEL_FILE", "DATA_FILE", "graph_op_counts",
@@ -95,35 +97,6 @@ class OnnxExportResult:
 
 
 # ------------------------------------------------------------------------------------------------ helpers
-
-
-def _resolve_dtype(dtype: Union[str, torch.dtype, None]) -> Optional[torch.dtype]:
-    if dtype is None or isinstance(dtype, torch.dtype):
-        if dtype is not None and dtype not in DTYPES.values():
-            raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype}")
-        return dtype
-    if isinstance(dtype, str) and dtype.replace("torch.", "") in DTYPES:
-        return DTYPES[dtype.replace("torch.", "")]
-    raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
-
-
-def _resolve_model(model, dtype: Optional[torch.dtype]):
-    """A KimiForCausalLM from a model, a checkpoint directory, or None (the built-in tiny model)."""
-    from kimi_compile.config import tiny_config
-    from kimi_compile.model import KimiForCausalLM
-
-    if model is None:
-        return KimiForCausalLM.from_config(tiny_config(), seed=0, dtype=dtype or torch.float32)
-    if isinstance(model, (str, os.PathLike)):
-        from kimi_compile import load_model
-
-        return load_model(model, dtype=dtype, device="cpu")
-    if not isinstance(model, KimiForCausalLM):
-        raise TypeError(f"model must be a KimiForCausalLM, a checkpoint directory or None, got {type(model).__name__}")
-    if dtype is not None and model.dtype != dtype:
-        raise ValueError(f"model is {model.dtype} but dtype={dtype} was asked: cast the model first "
-                         "(model.cast_(dtype)) or pass a checkpoint directory")
-    return model
 
 
 class _GraphModule(torch.nn.Module):
@@ -347,7 +320,7 @@ def export_onnx(model=None, out_dir: Union[str, os.PathLike] = "kimi_export_out/
     if external_data not in (True, False, "auto", "always", "never"):
         raise ValueError(f"external_data must be 'auto', 'always', 'never' or a bool, got {external_data!r}")
     check_layout(mla_cache)
-    dtype = _resolve_dtype(dtype)
+    dtype = parse_dtype(dtype, choices=EXPORT_DTYPES)
     out_dir = Path(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
         raise ValueError(f"out_dir {out_dir} exists and is not a directory")
@@ -371,7 +344,7 @@ def export_onnx(model=None, out_dir: Union[str, os.PathLike] = "kimi_export_out/
     try:
         t0 = time.perf_counter()
         enter("prepare")
-        model = _resolve_model(model, dtype)
+        model = resolve_model(model, dtype)
         model.eval()
         dtype = model.dtype
         config = model.config
