@@ -50,7 +50,7 @@ def check_forward_inputs(model, input_ids: object, state: object, position_ids: 
         raise ValueError(f"input_ids is on {input_ids.device}, the model on {device}")
     check_token_ids("input_ids", input_ids, model.config.vocab_size)
     if state is not None:
-        check_state(model.config, state, B, model.dtype, device)
+        check_state(model.config, state, B, model.dtype, device, model.state_specs())
     if position_ids is not None:
         _check_position_ids(position_ids, B, T, device)
     if isinstance(logits_to_keep, bool) or not isinstance(logits_to_keep, int) or logits_to_keep < 0:

@@ -17,7 +17,7 @@ A model call returns the next state under the same names; exporters name the gra
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Union
+from typing import Optional, Union
 
 import torch
 from torch import Tensor
@@ -98,15 +98,16 @@ def empty_state(config: KimiConfig, batch_size: int, dtype: torch.dtype = torch.
 
 
 def check_state(config: KimiConfig, state: object, batch_size: int, dtype: torch.dtype,
-                device: torch.device) -> None:
+                device: torch.device, specs: Optional[list[StateSpec]] = None) -> None:
     """Check a state dict against ``state_specs(config, dtype)`` for ``batch_size`` rows on ``device``: exactly the
     expected keys (a missing or unknown key raises naming it) and, per key, a tensor of the spec's rank, fixed
     sizes, batch, dtype and device, all MLA caches with one past length. Every message names the state key the
     caller passed (not the inner op's argument). Shapes and dtypes only: no data is read, so no host sync, and
-    under torch.compile these are guards, not graph code."""
+    under torch.compile these are guards, not graph code. ``specs`` replaces the layout (a sharded model's local
+    shapes)."""
     if not isinstance(state, dict):
         raise TypeError(f"state must be a dict[str, Tensor] or None, got {type(state).__name__}")
-    specs = state_specs(config, dtype)
+    specs = state_specs(config, dtype) if specs is None else specs
     expected = {spec.name for spec in specs}
     for key in state:
         if key not in expected:
