@@ -2,8 +2,9 @@
 
 ``torch.compile(fullgraph=True)`` with the batch, sequence and past-length axes marked dynamic (``dynamic=True``
 would also make every hidden / head / cache width symbolic and every float attribute a SymFloat, which costs
-compile time and kernel quality for nothing); one graph for the prefill and one for decode steps (T == 1), reused
-across prompt lengths and steps.
+compile time and kernel quality for nothing): per batch class (B = 1, B >= 2) one graph for fresh prompts, one for
+decode steps (T == 1) and one for prompt pieces on top of a state. :class:`CUDAGraphDecoder` replays static-shape
+decode steps from a CUDA graph.
 """
 
 from __future__ import annotations
@@ -19,9 +20,10 @@ __all__ = ["compiled_step", "CompiledStep", "CUDAGraphDecoder", "cuda_graph_deco
 
 
 class CompiledStep:
-    """``model(input_ids, state, position_ids)`` under ``torch.compile(fullgraph=True)`` with the varying axes
-    marked dynamic before each call (so prompt lengths and decode steps reuse one graph each, and every other
-    size -- hidden, heads, head dims, cache width -- stays static for the compiler)."""
+    """``model(input_ids, state, position_ids)`` under ``torch.compile(fullgraph=True)``. The model marks its varying
+    axes dynamic itself before each compiled call (``KimiForCausalLM._infer_parameters``), so prompt lengths,
+    past lengths and batch sizes >= 2 reuse their graphs and every other size -- hidden, heads, head dims, cache
+    width -- stays static for the compiler."""
 
     def __init__(self, model: KimiForCausalLM, **compile_kwargs) -> None:
         compile_kwargs.setdefault("fullgraph", True)
@@ -29,7 +31,6 @@ class CompiledStep:
 
     def __call__(self, input_ids: Tensor, state: Optional[dict[str, Tensor]] = None,
                  position_ids: Optional[Tensor] = None, **kwargs):
-        mark_dynamic_inputs(input_ids, state)
         return self.compiled(input_ids, state, position_ids, **kwargs)
 
 
