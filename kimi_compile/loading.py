@@ -145,11 +145,6 @@ def _read_header(path: str) -> dict[str, _Entry]:
     return entries
 
 
-def _check_safetensors_file(path: str) -> None:
-    """:func:`_read_header`'s checks alone, for callers that read the tensors themselves."""
-    _read_header(path)
-
-
 def _no_duplicate_keys(where: str):
     def hook(pairs):
         seen = set()
@@ -345,25 +340,11 @@ def load_model(path: Union[str, os.PathLike], *, dtype: Optional[torch.dtype] = 
     from tqdm.auto import tqdm
 
     path = os.fspath(path)
-    if not os.path.isdir(path):
-        raise FileNotFoundError(f"checkpoint directory not found: {path}")
     # ---- validate before allocating: the config (types and INT_BOUNDS), then every file header against it
-    config = KimiConfig.from_json_file(os.path.join(path, "config.json"))
-    overrides = {}
-    if moe_combine_with_bias is not None:
-        overrides["moe_combine_with_bias"] = bool(moe_combine_with_bias)
-    if attn_res_block_size is not None:
-        overrides["attn_res_block_size"] = attn_res_block_size
-    if overrides:
-        config = config.replace(**overrides)
-    dtype = (parse_dtype(dtype, choices=MODEL_DTYPES)
-             or parse_dtype(config.torch_dtype, name="config.json torch_dtype", choices=MODEL_DTYPES) or torch.float32)
+    config, dtype = _read_config(path, dtype, moe_combine_with_bias, attn_res_block_size)
     device = torch.device(device)
     block = _fp8_block(config)
-
-    files = checkpoint_files(path)
-    headers = {shard: _read_header(shard) for shard in sorted(set(files.values()))}
-    files = _tensor_files(files, headers)
+    files, headers = _read_headers(path)
 
     with torch.device("meta"):  # shapes only: nothing is allocated until the plan below holds
         model = KimiForCausalLM(config)
@@ -406,6 +387,32 @@ def load_model(path: Union[str, os.PathLike], *, dtype: Optional[torch.dtype] = 
         bar.close()
         handles.clear()
     return model.eval()
+
+
+def _read_config(path: str, dtype, moe_combine_with_bias: Optional[bool], attn_res_block_size: Optional[int]
+                 ) -> tuple[KimiConfig, torch.dtype]:
+    """The checkpoint's checked config with the caller's overrides, and the model dtype (``dtype``, else the
+    config's ``torch_dtype``, else float32)."""
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"checkpoint directory not found: {path}")
+    config = KimiConfig.from_json_file(os.path.join(path, "config.json"))
+    overrides = {}
+    if moe_combine_with_bias is not None:
+        overrides["moe_combine_with_bias"] = bool(moe_combine_with_bias)
+    if attn_res_block_size is not None:
+        overrides["attn_res_block_size"] = attn_res_block_size
+    if overrides:
+        config = config.replace(**overrides)
+    dtype = (parse_dtype(dtype, choices=MODEL_DTYPES)
+             or parse_dtype(config.torch_dtype, name="config.json torch_dtype", choices=MODEL_DTYPES) or torch.float32)
+    return config, dtype
+
+
+def _read_headers(path: str) -> tuple[dict[str, str], dict[str, dict[str, _Entry]]]:
+    """Tensor name -> shard file, and every shard's checked header (nothing is read beyond the headers)."""
+    files = checkpoint_files(path)
+    headers = {shard: _read_header(shard) for shard in sorted(set(files.values()))}
+    return _tensor_files(files, headers), headers
 
 
 def _fp8_block(config: KimiConfig) -> tuple[int, int]:

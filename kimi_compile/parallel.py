@@ -50,7 +50,6 @@ from torch.distributed.tensor import DTensor, Partial, Replicate, Shard
 from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
 
 from .config import KimiConfig
-from .dtypes import MODEL_DTYPES, parse_dtype
 from .model import FP32_TENSORS, KDAAttention, KimiForCausalLM, MLAttention, MoE, Rotary, SwiGLU
 from .state import StateSpec, empty_state as _global_empty_state, state_specs as _global_state_specs
 
@@ -325,33 +324,25 @@ def load_sharded(path: Union[str, os.PathLike], mesh: DeviceMesh, *, dtype: Opti
                   else torch.device(mesh.device_type))
     device = torch.device(device)
     path = os.fspath(path)
-    if not os.path.isdir(path):
-        raise FileNotFoundError(f"checkpoint directory not found: {path}")
-    config = KimiConfig.from_json_file(os.path.join(path, "config.json"))
-    overrides = {}
-    if moe_combine_with_bias is not None:
-        overrides["moe_combine_with_bias"] = bool(moe_combine_with_bias)
-    if attn_res_block_size is not None:
-        overrides["attn_res_block_size"] = attn_res_block_size
-    if overrides:
-        config = config.replace(**overrides)
+    config, dtype = L._read_config(path, dtype, moe_combine_with_bias, attn_res_block_size)
     _check_divisible(config, tp)
-    dtype = (parse_dtype(dtype, choices=MODEL_DTYPES)
-             or parse_dtype(config.torch_dtype, name="config.json torch_dtype", choices=MODEL_DTYPES) or torch.float32)
+    block = L._fp8_block(config)
 
-    # the checks run against a global meta model (shapes only); the data goes into the sharded one
+    # every check runs against a global meta model (shapes only) before the sharded one is allocated
+    files, headers = L._read_headers(path)
     with torch.device("meta"):
         global_model = KimiForCausalLM(config)
         model = KimiForCausalLM(config)
     mapper = L._Mapper(global_model, config)
+    plan, optional = L._plan(path, config, mapper, files, headers, block)
+
     parallelize(model, mesh)
     _materialize_sharded(model, dtype, device)
     params = dict(model.named_parameters(remove_duplicate=False))
     params.update({n: b for n, b in model.named_buffers() if n.endswith("e_score_correction_bias")})
-
-    files = L.checkpoint_files(path)
-    for shard in sorted(set(files.values())):
-        L._check_safetensors_file(shard)
+    with torch.no_grad():
+        for n in optional:  # AttnRes parameters the checkpoint does not hold keep the paper's init
+            params[n].fill_(0.0 if "attn_res_query" in n else 1.0)
     handles: dict[str, object] = {}
 
     def handle(shard: str):
@@ -362,51 +353,12 @@ def load_sharded(path: Union[str, os.PathLike], mesh: DeviceMesh, *, dtype: Opti
                 raise ValueError(f"corrupt or truncated safetensors file {shard}: {e}") from e
         return handles[shard]
 
-    if None in files:
-        single = files[None]
-        files = {k: single for k in handle(single).keys()}
-    filled = {name: torch.zeros(max(t.shape[0] if t.dim() else 1, 1), dtype=torch.bool)
-              for name, t in mapper.params.items()}
-    optional = set()
-    if config.attn_res_block_size is not None:
-        optional = {n for n in filled if ".attn_res_" in n or n.startswith("model.attn_res_")}
-        with torch.no_grad():
-            for n in optional:
-                params[n].fill_(0.0 if "attn_res_query" in n else 1.0)
-    plan, unexpected = [], []
-    for name in sorted((n for n in files if not n.endswith("_scale_inv")), key=lambda n: (files[n], n)):
-        pieces = mapper.resolve(name)
-        if pieces is None:
-            unexpected.append(name)
-            continue
-        if not pieces:
-            continue
-        shape = tuple(handle(files[name]).get_slice(name).get_shape())
-        for piece in pieces:
-            if shape not in piece.shapes:
-                raise ValueError(f"tensor {name!r} in {files[name]} has shape {list(shape)}, expected "
-                                 f"{' or '.join(str(list(s)) for s in piece.shapes)} (for parameter {piece.param})")
-            if bool(filled[piece.param][piece.dst].any()):
-                raise ValueError(f"tensor {name!r} in {files[name]} fills {piece.param}, which another tensor of "
-                                 "the checkpoint already fills (duplicate weights)")
-            filled[piece.param][piece.dst] = True
-        plan.append((name, files[name], shape, pieces))
-    if unexpected:
-        raise ValueError(f"unexpected tensor(s) in checkpoint {path}: {', '.join(map(repr, unexpected[:8]))}")
-    if any(bool(filled[n].any()) for n in optional):
-        optional = set()
-    missing = [f"{mapper.expected_name(n, int((~m).nonzero()[0, 0]))} (parameter {n})"
-               for n, m in filled.items() if not bool(m.all()) and n not in optional]
-    if missing:
-        raise ValueError(f"missing tensor(s) in checkpoint {path}: {'; '.join(missing[:8])}")
-
-    qcfg = config.quantization_config or {}
-    block = tuple(qcfg.get("weight_block_size") or (128, 128))
     bar = tqdm(total=len(plan), desc=f"loading {os.path.basename(os.path.normpath(path))} "
                f"(rank {mesh.get_local_rank()}/{tp})", unit="tensor", disable=not progress)
     try:
         with torch.no_grad():
-            for name, shard, shape, pieces in plan:
+            for name, shard, pieces in plan:
+                shape = headers[shard][name].shape
                 for piece in pieces:
                     _load_piece(model, params, piece, name, shard, shape, handle, files, block,
                                 mapper.params[piece.param].shape)
