@@ -160,7 +160,6 @@ def cuda_graph_decoder(model: KimiForCausalLM, batch_size: int, max_len: int,
     key = (batch_size, max_len, eos_token_id)
     cached = model.__dict__.get("_kimi_cuda_graph_decoder")
     if cached is None or cached[0] != key:
-        cached = None
         object.__setattr__(model, "_kimi_cuda_graph_decoder", None)  # free the old buffers first
         cached = (key, CUDAGraphDecoder(model, batch_size, max_len, eos_token_id=eos_token_id))
         object.__setattr__(model, "_kimi_cuda_graph_decoder", cached)
