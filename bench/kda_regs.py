@@ -105,7 +105,8 @@ def configs():
     # the kernel; the backward's recompute) in three of its configs
     fz = intra._kda_intra_kernel
     tx = cfg.intra_form == "tx"
-    t = _types(fz, dict(gam=F32, tinv="*bf16" if tx else F32, bsc=F32, flags="*i32", cu=F32, cseq=F32, cidx=F32))
+    t = _types(fz, dict(gam=F32, tinv="*bf16" if tx else F32, bsc=F32, flags="*i32", poison="*i32", cu=F32,
+                        cseq=F32, cidx=F32))
     ci = dict(common, V=V, BK=min(128, cfg.intra_bk), BV=64, A_LOWP=True, PREC="tf32", STORE_T=False,
               PREFETCH=cfg.intra_prefetch, WU=not tx, INV_LOWP_LEVELS=intra.forward_inverse_lowp(tx, True))
     for slow in (False, True):
@@ -117,7 +118,7 @@ def configs():
     if tx:
         rows.append(("fused _kda_intra_kernel TX form SLOW=False, inverse on tf32 operands (float16 inputs)", fz, t,
                      dict(ci, SLOW=False, GROUP=1, INV_LOWP_LEVELS=0), cfg.intra_warps, None))
-    t = _types(fz, dict(gam=F32, tinv=F32, bsc=F32, flags="*i32", cu=F32, cseq=F32, cidx=F32))
+    t = _types(fz, dict(gam=F32, tinv=F32, bsc=F32, flags="*i32", poison="*i32", cu=F32, cseq=F32, cidx=F32))
     ci = dict(ci, INV_LOWP_LEVELS=0)  # the WU form (backward recompute) keeps tf32
     rows.append(("fused _kda_intra_kernel WU form SLOW=False prefetch=2 (backward recompute)", fz, t,
                  dict(ci, SLOW=False, GROUP=1, PREFETCH=2, WU=True), cfg.intra_warps, None))
@@ -127,7 +128,8 @@ def configs():
                  dict(ci, SLOW=False, GROUP=1, PREFETCH=1, WU=True), cfg.intra_warps, None))
     # pass kernel (forward config, and the WU form's)
     fp = chunk_pass._kda_pass_kernel
-    t = _types(fp, dict(gam=F32, bsc=F32, h0=F32, ht=F32, hseg=F32, hs=F32, ubuf=F32, cu=F32, cchunk=F32))
+    t = _types(fp, dict(gam=F32, poison="*i32", bsc=F32, h0=F32, ht=F32, hseg=F32, hs=F32, ubuf=F32, cu=F32,
+                        cchunk=F32))
     ce = dict(H=H, HV=HV, K=K, V=V, BK=128, BV=cfg.pass_bv, C=C, NSEG=1, IS_VARLEN=False, USE_H0=True,
               STORE_O=True, STORE_HT=True, STORE_H=False, STORE_U=False, LOWP=True, PREC="tf32", TX=tx)
     rows.append((f"_kda_pass_kernel fwd {cfg.intra_form.upper()} form", fp, t, ce, cfg.pass_warps, None,

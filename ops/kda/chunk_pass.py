@@ -15,12 +15,12 @@ import triton
 import triton.language as tl
 
 from .._device import device_properties
-from .common import KERNEL_CHUNK, _launch, _load_state, _np2, _seq_span, _state_tile
+from .common import KERNEL_CHUNK, _finite, _first_bad_row, _launch, _load_state, _np2, _seq_span, _state_tile
 from .tuning import current_tuning
 
 
 @triton.jit
-def _kda_pass_kernel(w, u, tm, bsc, qg, kg, aqk, gam, o, h0, ht, hseg, hs, ubuf,
+def _kda_pass_kernel(w, u, tm, bsc, qg, kg, aqk, gam, poison, o, h0, ht, hseg, hs, ubuf,
                      cu, cchunk, T, TT, NS, L,
                      H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
                      BK: tl.constexpr, BV: tl.constexpr, C: tl.constexpr, NSEG: tl.constexpr,
@@ -29,7 +29,10 @@ def _kda_pass_kernel(w, u, tm, bsc, qg, kg, aqk, gam, o, h0, ht, hseg, hs, ubuf,
                      LOWP: tl.constexpr, PREC: tl.constexpr, TX: tl.constexpr):
     """TX=False: w, u are the intra kernel's T (beta k e^G) and T (beta v); U = u - w h. TX=True: w holds
     k e^G, u is the input v [B, T, HV, V], tm holds T [HV, TT, C] and bsc beta [HV, NS, C];
-    U = T diag(beta) (v - k e^G h) (one dot more a step, two loops fewer in the intra kernel)."""
+    U = T diag(beta) (v - k e^G h) (one dot more a step, two loops fewer in the intra kernel).
+    poison [HV, NS]: the intra kernel's first non-finite row per chunk slot (C if none); in the TX form this
+    program's v tile adds its own. From that row on, outputs are NaN, and so is the state after the chunk: a
+    non-finite input reaches its own token and later ones only, and never through a 0 * NaN in a dot."""
     pv = tl.program_id(0)
     pid = tl.program_id(1)
     nh = pid // NSEG
@@ -50,6 +53,7 @@ def _kda_pass_kernel(w, u, tm, bsc, qg, kg, aqk, gam, o, h0, ht, hseg, hs, ubuf,
     r = tl.arange(0, C)
     # LOWP: bf16 dot operands (h, U rounded for the dots only; accumulation and h stay fp32)
     DT: tl.constexpr = tl.bfloat16 if LOWP else tl.float32
+    NAN: tl.constexpr = float("nan")
     for c in range(c_lo, c_hi):
         tok = bos + c * C + r
         rm = tok < eos
@@ -65,6 +69,10 @@ def _kda_pass_kernel(w, u, tm, bsc, qg, kg, aqk, gam, o, h0, ht, hseg, hs, ubuf,
         else:
             ut = tl.load(u + ((hv64 * TT + tok) * V)[:, None] + cv[None, :], mask=mv, other=0.).to(tl.float32)
         gm = tl.load(gam + (hv64 * NS + slot0 + c) * K + rk, mask=km, other=0.)
+        first_bad = tl.load(poison + hv64 * NS + slot0 + c)
+        if TX:  # v is read here, not in the intra kernel
+            first_bad = tl.minimum(first_bad, _first_bad_row(_finite(ut), C))
+            ut = tl.where(_finite(ut), ut, 0.)
         if STORE_H:
             tl.store(hs + ((hv64 * NS + slot0 + c) * K * V) + hoff, h, mask=hm)
         hd = h.to(DT)
@@ -84,10 +92,12 @@ def _kda_pass_kernel(w, u, tm, bsc, qg, kg, aqk, gam, o, h0, ht, hseg, hs, ubuf,
             qgt = qgt.to(DT)
             At = At.to(DT)
             ot = tl.dot(qgt, hd, input_precision=PREC) + tl.dot(At, Ud, input_precision=PREC)
+            ot = tl.where(r[:, None] >= first_bad, NAN, ot)
             tl.store(o + ((tok * HV + hv) * V)[:, None] + cv[None, :], ot.to(o.dtype.element_ty), mask=mv)
         if STORE_U:
             tl.store(ubuf + ((hv64 * TT + tok) * V)[:, None] + cv[None, :], U, mask=mv)
         h = gm[:, None] * h + tl.dot(tl.trans(kgt), Ud, input_precision=PREC)
+        h = tl.where(first_bad < C, NAN, h)
     if STORE_HT:
         tl.store(ht + nh.to(tl.int64) * K * V + hoff, h, mask=hm)
 
@@ -137,7 +147,7 @@ def pass_forward(inter, initial_state, o, N, HV, H, K, V, T, cu_seqlens, *, lowp
     _launch(_kda_pass_kernel, (triton.cdiv(V, BV), N * HV),
             inter["w"], inter["v"] if tx else inter["u"], inter["tinv"] if tx else dummy,
             inter["bsc"] if tx else dummy,
-            inter["qg"], inter["kg"], inter["aqk"], inter["gam"],
+            inter["qg"], inter["kg"], inter["aqk"], inter["gam"], inter["poison"],
             o if o is not None else dummy,
             initial_state if initial_state is not None else dummy, ht,
             dummy,

@@ -11,6 +11,11 @@ import triton.language as tl
 #: tokens per chunk of the Triton kernels (the jit helpers below are written out for 64 = 4 blocks of 16)
 KERNEL_CHUNK = 64
 
+#: gates at or below this are a full forget: any in-chunk exponent that spans one is <= GATE_FLOOR, whose exp
+#: underflows to 0 in float32 (e^-120 is below the smallest subnormal), so g = -inf is exact and the in-chunk
+#: cumsum of 64 gates stays far from float32's range
+GATE_FLOOR = -120.0
+
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
@@ -137,8 +142,36 @@ def _gate2d(g, tok, rmask, hv, cols, cmask, HV: tl.constexpr, K: tl.constexpr, C
     """In-chunk gate cumsum G [C, BK] (fp32) and the chunk's total gate Gl [BK] (= G at row 63: rows
     past the sequence end load g = 0)."""
     m2 = rmask[:, None] & cmask[None, :]
-    gt = tl.load(g + (tok[:, None] * HV + hv) * K + cols[None, :], mask=m2, other=0.).to(tl.float32)
+    gt = _floor_gate(tl.load(g + (tok[:, None] * HV + hv) * K + cols[None, :], mask=m2, other=0.).to(tl.float32))
     return tl.cumsum(gt, 0), tl.sum(gt, 0)
+
+
+@triton.jit
+def _floor_gate(gt):
+    """Gates below GATE_FLOOR (g = -inf among them) become GATE_FLOOR: the same full forget in float32."""
+    FLOOR: tl.constexpr = -120.0  # GATE_FLOOR (a jit function reads no plain globals)
+    return tl.where(gt < FLOOR, FLOOR, gt)
+
+
+@triton.jit
+def _finite(x):
+    """Elementwise: x is neither NaN nor +-inf."""
+    INF: tl.constexpr = float("inf")
+    return tl.abs(x) < INF
+
+
+@triton.jit
+def _gate_ok(gt):
+    """Elementwise: a usable gate, i.e. not NaN and not +inf (g = -inf is a full forget)."""
+    INF: tl.constexpr = float("inf")
+    return (gt == gt) & (gt < INF)
+
+
+@triton.jit
+def _first_bad_row(ok, C: tl.constexpr):
+    """The first row of a [C, N] tile with a False in ``ok`` (C if none)."""
+    r = tl.arange(0, C)
+    return tl.min(tl.where(tl.min(ok.to(tl.int32), 1) == 0, r, C), 0)
 
 
 @triton.jit
