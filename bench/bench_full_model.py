@@ -11,13 +11,17 @@ One process, one device call. Both models are built in GPU memory from the confi
   one eager step after a 4096-token prefill (its MLA cache for B=256 at 4096 tokens is ~150 GB: not run).
 * ``generate(backend="compile") 128 new tokens``: ``kimi_compile.generate`` wall time after a first call, and the
   first call's time (compiles included).
+* ``--attn-res S``: the model is built with Block Attention Residuals (S sublayers a block) and the prefill and
+  decode B=1 rows run twice on the same weights, with AttnRes and with the plain residual stack (the model's
+  ``attn_res_block`` switched off, so the AttnRes parameters are simply unused), each compiled the same way, timed
+  interleaved; the overhead row gives AttnRes / plain - 1 (issue 19's target: < 2 %).
 
 Each row has its floor: prefill FLOPs over the measured bf16 matmul rate, decode bytes (the weights a step touches,
 with the expected number of distinct experts ``E (1 - (1 - 1/E)^(kB))``, plus state and cache) over the measured
 copy bandwidth, and the fraction reached. Every row runs under its own time bound (``--row-seconds``); a failed or
 cut row prints its error and the rest go on. The table is printed last and written as JSON (``--json``).
 
-    python bench/bench_full_model.py [--layers N] [--skip-hf] [--profile] [--json out.json]
+    python bench/bench_full_model.py [--layers N] [--skip-hf] [--profile] [--attn-res S] [--json out.json]
 """
 
 from __future__ import annotations
@@ -39,7 +43,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 import kimi_compile  # noqa: E402
 from kimi_compile import KimiForCausalLM  # noqa: E402
-from kimi_compile.compiled import CUDAGraphDecoder, compiled_step  # noqa: E402
+from kimi_compile.compiled import CompiledStep, CUDAGraphDecoder, compiled_step  # noqa: E402
 from kimi_compile.config import FULL, LINEAR, kimi_linear_48b_config  # noqa: E402
 
 ROWS: list[dict] = []
@@ -254,6 +258,79 @@ def ours(cfg, args, bw, mm) -> None:
     torch.cuda.empty_cache()
 
 
+def interleaved_ms(fns: dict, rounds: int = 3, **kw) -> dict:
+    """Median ms of each fn, measured in alternating rounds (the machine drifts; ratios of one run compare)."""
+    per = {name: [] for name in fns}
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            per[name].append(cuda_ms(fn, **kw))
+    return {name: sorted(v)[len(v) // 2] for name, v in per.items()}
+
+
+def attn_res_rows(cfg, args) -> None:
+    """AttnRes against the plain stack on the same weights: prefill (compiled_step) and decode B=1 (CUDA graph)."""
+    dev = torch.device("cuda")
+    t = time.time()
+    model = KimiForCausalLM.from_config(cfg, seed=0, dtype=torch.bfloat16, device=dev, init_on_device=True).eval()
+    block = model.model.attn_res_block
+    add(dict(row=f"attn_res build (block {block})", s=round(time.time() - t, 1)))
+    gen = torch.Generator(device=dev).manual_seed(0)
+    V = cfg.vocab_size
+
+    def variant(on: bool):
+        model.model.attn_res_block = block if on else None
+
+    for T in args.prefill:
+        def prefill_row(T=T):
+            ids = torch.randint(0, V, (1, T), device=dev, generator=gen)
+            state = model.empty_state(1)
+            fns, first = {}, {}
+            for on in (False, True):
+                variant(on)
+                step = CompiledStep(model)  # a fresh compile per variant, both dynamic the same way
+
+                def run(step=step, on=on):
+                    variant(on)
+                    with torch.no_grad():
+                        step(ids, state, logits_to_keep=1)
+                t = time.time()
+                run()
+                torch.cuda.synchronize()
+                first[on] = round(time.time() - t, 1)
+                fns["attn_res" if on else "plain"] = run
+            ms = interleaved_ms(fns, warmup=1, iters=5)
+            add(dict(row=f"attn_res overhead prefill B=1 T={T}", plain_ms=round(ms["plain"], 2),
+                     attn_res_ms=round(ms["attn_res"], 2), overhead=round(ms["attn_res"] / ms["plain"] - 1, 4),
+                     first_call_s=first))
+        run_row(f"attn_res prefill T={T}", args.row_seconds, prefill_row)
+
+    def decode_row():
+        ctx = args.ctx
+        decs = {}
+        for on in (False, True):
+            variant(on)
+            dec = CUDAGraphDecoder(model, 1, ctx + 8)
+            with torch.no_grad():
+                dec.capture()  # the graph keeps the variant it captured
+            for name, buf in dec.state.items():
+                buf.normal_(std=0.05 if name.endswith("recurrent_state") else 1.0, generator=gen)
+            dec.token.random_(0, V, generator=gen)
+            decs["attn_res" if on else "plain"] = dec
+
+        def replay(dec):
+            dec.position.fill_(ctx)
+            dec.graph.replay()
+        ms = interleaved_ms({k: (lambda d=d: replay(d)) for k, d in decs.items()}, warmup=3, iters=20)
+        add(dict(row=f"attn_res overhead decode B=1 ctx={ctx} (CUDA graph)", plain_ms=round(ms["plain"], 3),
+                 attn_res_ms=round(ms["attn_res"], 3), overhead=round(ms["attn_res"] / ms["plain"] - 1, 4)))
+    if 1 in args.decode_batch:
+        run_row("attn_res decode B=1", args.row_seconds, decode_row)
+    variant(True)
+    del model
+    gc.collect()
+    torch.cuda.empty_cache()
+
+
 # ------------------------------------------------------------------------------------------------ transformers + FLA
 
 def hf_model(cfg):
@@ -344,6 +421,8 @@ def main(argv=None) -> None:
     ap.add_argument("--skip-generate", action="store_true")
     ap.add_argument("--skip-ours", action="store_true")
     ap.add_argument("--profile", action="store_true", help="print the top CUDA kernels of a prefill and a decode step")
+    ap.add_argument("--attn-res", type=int, default=None, metavar="S",
+                    help="instead of the rows above: AttnRes (block of S sublayers) vs the plain stack, same weights")
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
     cfg = kimi_linear_48b_config()
@@ -353,9 +432,11 @@ def main(argv=None) -> None:
     bw, mm = ceilings()
     add(dict(row="ceilings", copy_tb_s=round(bw / 1e12, 2), bf16_tflop_s=round(mm / 1e12), gpu=torch.cuda.get_device_name(),
              torch=torch.__version__, layers=cfg.num_hidden_layers))
-    if not args.skip_ours:
+    if args.attn_res is not None:
+        attn_res_rows(cfg.replace(attn_res_block_size=args.attn_res), args)
+    elif not args.skip_ours:
         ours(cfg, args, bw, mm)
-    if not args.skip_hf:
+    if not args.skip_hf and args.attn_res is None:
         run_row("transformers", 3 * args.row_seconds, lambda: theirs(cfg, args, bw, mm))
     print("\n| row | ms | tok/s | floor ms | of floor | notes |\n|---|---|---|---|---|---|")
     for r in ROWS:
