@@ -23,7 +23,7 @@ reference), argmax agreement, the last position's and the worst position's relat
 different expert set than the reference in each MoE layer; then each sublayer's output error (which layer kind
 diverges first); the smallest top-k margin of the reference's routers (a flip needs an error that large).
 
-    python bench/check_fp32_parity.py [--layers 4] [--experts 64] [--vocab 163840] [-T 512] [--compile]
+    python bench/check_fp32_parity.py [--layers 4] [--experts 32] [--vocab 163840] [-T 512] [--compile]
                                        [--json out.json]
 """
 
@@ -35,6 +35,7 @@ import inspect
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -302,8 +303,8 @@ def fla_ieee_worker(checkpoint: str, ids_path: str, out_path: str) -> None:
     import fla.ops.kda.chunk_intra as fla_intra
 
     fla_intra.SOLVE_TRIL_DOT_PRECISION = tl.constexpr("ieee")
-    hf = KimiLinearForCausalLM.from_pretrained(checkpoint, dtype=torch.float32).to("cuda").eval()
-    hf.config._attn_implementation = "sdpa"
+    hf = KimiLinearForCausalLM.from_pretrained(checkpoint, dtype=torch.float32, attn_implementation="sdpa")
+    hf = hf.to("cuda").eval()
     ids = torch.load(ids_path)
     t = time.time()
     with tf32(matmul=False, cudnn=False), hf_settings(hf, kda="fla", experts="eager"):
@@ -334,6 +335,16 @@ def fla_available() -> bool:
         return False
 
 
+def scratch_dir(nbytes: int):
+    """/dev/shm when it has room for twice ``nbytes`` (a container's is often 64 MB), else the default tmp."""
+    try:
+        if shutil.disk_usage("/dev/shm").free > 2 * nbytes:
+            return "/dev/shm"
+    except OSError:
+        pass
+    return None
+
+
 def timed(fn):
     if torch.cuda.is_available():
         torch.cuda.synchronize()
@@ -348,7 +359,7 @@ def main(argv=None) -> list[dict]:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--layers", type=int, default=4, help="first N layers of the 27 (default 4: 3 KDA + 1 MLA)")
-    ap.add_argument("--experts", type=int, default=64, help="routed experts (the real model has 256)")
+    ap.add_argument("--experts", type=int, default=32, help="routed experts (the real model has 256)")
     ap.add_argument("--top-k", type=int, default=8)
     ap.add_argument("--vocab", type=int, default=163840, help="vocabulary (the real one is 163840)")
     ap.add_argument("-T", "--tokens", type=int, default=512, help="prompt length")
@@ -380,10 +391,10 @@ def main(argv=None) -> list[dict]:
     info = dict(variant="setup", torch=torch.__version__, device=str(dev), layers=cfg.layer_types,
                 mlp=cfg.mlp_layer_types, hidden=cfg.hidden_size, experts=cfg.num_experts, vocab=cfg.vocab_size,
                 B=args.batch, T=args.tokens, gpu=torch.cuda.get_device_name() if on_cuda else None)
-    shm = "/dev/shm" if os.path.isdir("/dev/shm") else None
-    with tempfile.TemporaryDirectory(dir=shm, prefix="fp32_parity_") as work:
+    hf, t = timed(lambda: build_hf(cfg, args.seed))
+    with tempfile.TemporaryDirectory(dir=scratch_dir(4 * sum(p.numel() for p in hf.parameters())),
+                                     prefix="fp32_parity_") as work:
         ckpt = os.path.join(work, "ckpt")
-        hf, t = timed(lambda: build_hf(cfg, args.seed))
         import transformers
         info.update(transformers=transformers.__version__, fla=fla_available())
         hf.save_pretrained(ckpt)
