@@ -174,8 +174,11 @@ class Capture:
             if margins:
                 x = args[0].detach().reshape(-1, args[0].shape[-1]).double()
                 s = torch.sigmoid(F.linear(x, mod.weight.double())) + mod.e_score_correction_bias.double()
-                top = s.topk(mod.top_k + 1, dim=-1).values
-                self.out[f"{key} margin"] = (top[:, -2] - top[:, -1]).cpu()
+                if mod.top_k < s.shape[-1]:
+                    top = s.topk(mod.top_k + 1, dim=-1).values
+                    self.out[f"{key} margin"] = (top[:, -2] - top[:, -1]).cpu()
+                else:  # every expert is chosen: no selection to flip
+                    self.out[f"{key} margin"] = torch.full((s.shape[0],), math.inf, dtype=torch.float64)
         return hook
 
     def close(self) -> None:
