@@ -415,8 +415,12 @@ def main(argv=None) -> list[dict]:
 
         kept: dict[str, torch.Tensor] = {}
 
-        def add(name, fn, note=""):
+        def add(name, fn, note="", warmup=False):
+            """Run a variant (once untimed first with ``warmup``: Triton / Inductor / FLA compile there) and add
+            its row; a failure becomes an error row."""
             try:
+                if warmup:
+                    fn()
                 (logits, caps), s = timed(fn)
             except Exception as e:  # noqa: BLE001 -- one failed variant must not hide the others
                 rows.append(dict(variant=name, error=f"{type(e).__name__}: {str(e)[:400]}"))
@@ -430,18 +434,15 @@ def main(argv=None) -> list[dict]:
 
         # ---- ours
         ours = load_model(ckpt, dtype=torch.float32, device=dev, progress=False)
-        run_ours(ours, ids, capture=False)  # compile the Triton kernels outside the timed run
         ours_name = f"ours fp32 {dev.type}"
-        add(ours_name, lambda: run_ours(ours, ids))
+        add(ours_name, lambda: run_ours(ours, ids), warmup=True)
         if on_cuda:
             with tf32(matmul=True, cudnn=True):
                 add(f"{ours_name} + tf32 matmul/cudnn", lambda: run_ours(ours, ids))
         if args.compile:
             from kimi_compile.compiled import compiled_step
             step = compiled_step(ours)
-            with torch.no_grad():
-                step(ids.to(dev))
-            add(f"{ours_name} compiled", lambda: run_ours(ours, ids, capture=False, step=step))
+            add(f"{ours_name} compiled", lambda: run_ours(ours, ids, capture=False, step=step), warmup=True)
         del ours
         if on_cuda:
             torch.cuda.empty_cache()
@@ -459,8 +460,7 @@ def main(argv=None) -> list[dict]:
             info["hf_kda_impl"] = hf_kda_impl(hf)
             if on_cuda and has_fla:
                 with hf_settings(hf, kda="fla", experts="grouped_mm"):
-                    run_hf(hf, ids, capture=False)  # FLA autotunes and compiles outside the timed run
-                    add(f"hf fp32 {dev.type} FLA (as users run it)", lambda: run_hf(hf, ids))
+                    add(f"hf fp32 {dev.type} FLA (as users run it)", lambda: run_hf(hf, ids), warmup=True)
                 with tf32(matmul=False, cudnn=False), hf_settings(hf, kda="fla", experts="eager"):
                     add(f"hf fp32 {dev.type} FLA, strict (cudnn tf32 off, eager experts)", lambda: run_hf(hf, ids))
             with tf32(matmul=False, cudnn=False), hf_settings(hf, kda="torch", experts="eager"):
