@@ -89,3 +89,24 @@ def test_ncu_lines_sums_line_rows_and_sass_rows_apart(tmp_path):
     assert line_stalls[("kda_triton.py", "10")] == {"long_sb": 6, "wait": 1}
     assert line_inst[("kda_triton.py", "10")] == 200 and text[("kda_triton.py", "11")] == "G = tl.cumsum(gt, 0)"
     assert op_stalls["PRMT"] == {"long_sb": 3, "wait": 1}
+
+
+def test_fp32_parity_check_tiny_cpu(tmp_path):
+    """bench/check_fp32_parity.py's machinery at CPU-test widths: ours fp32 and transformers' PyTorch path (fp32
+    and fp64) against kimi_compile in float64, every sublayer and router captured, the rows written as JSON."""
+    pytest.importorskip("transformers")
+    import json
+
+    import check_fp32_parity
+    out = tmp_path / "rows.json"
+    rows = check_fp32_parity.main(["--tiny", "-T", "70", "--vocab", "256", "--experts", "8", "--top-k", "2",
+                                   "--json", str(out)])
+    by = {r["variant"]: r for r in rows}
+    ours, hf32 = by["ours fp32 cpu"], by["hf fp32 cpu torch KDA, strict"]
+    assert set(ours["sublayer_rel"]) == {"L0 KDA", "L0 MLP", "L1 KDA", "L1 MoE", "L2 KDA", "L2 MoE", "L3 MLA",
+                                         "L3 MoE"}
+    assert ours["route_flips"] == hf32["route_flips"] == {"L1": 0, "L2": 0, "L3": 0}
+    assert ours["logits_rel"] < 1e-5 and max(ours["sublayer_rel"].values()) < 1e-5, ours
+    assert hf32["logits_rel"] < 1e-4 and by["hf fp64 cpu (torch KDA, eager experts)"]["logits_rel"] < 1e-4
+    assert ours["argmax_agree"] == 1.0 and by["setup"]["min_route_margin"]["L1"] > 0
+    assert [r["variant"] for r in json.loads(out.read_text())] == [r["variant"] for r in rows]
