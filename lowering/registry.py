@@ -69,9 +69,10 @@ OPS: tuple[OpRow, ...] = (
     OpRow("kimi::attn_res_merge", reference=f"{_ATTN}:_merge_torch", fake=f"{_ATTN}:_attn_res_merge_fake",
           cuda=f"{_ATTN}.kernel:attn_res_merge_fwd", onnx=f"{_ONNX}:attn_res_merge_onnx", onnx_fallback=None,
           tensorrt_plugin=None),
-    # CUDA runs the same op body (a grouped matmul or a gather inside it), no separate kernel
+    # CUDA: the Triton decode kernels for few (token, slot) pairs; more run a grouped matmul inside the op body
     OpRow("kimi::moe_experts", reference=f"{_MOE}:moe_experts_reference", fake=f"{_MOE}:_moe_experts_fake",
-          cuda=None, onnx=f"{_ONNX}:moe_experts_onnx", onnx_fallback=None, tensorrt_plugin=None),
+          cuda=f"{_MOE}.decode:moe_experts_decode", onnx=f"{_ONNX}:moe_experts_onnx", onnx_fallback=None,
+          tensorrt_plugin=None),
     OpRow("kimi::moe_experts_backward", reference=f"{_MOE}:_moe_experts_backward_op",
           fake=f"{_MOE}:_moe_experts_backward_fake", cuda=None, onnx=None, onnx_fallback=None, tensorrt_plugin=None),
 )

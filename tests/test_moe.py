@@ -1,4 +1,14 @@
-"""kimi::moe_experts against a plain float64 loop written here; all three implementation paths; autograd; compile."""
+"""kimi::moe_experts against a plain float64 loop written here; every implementation path; autograd; compile.
+
+The Triton decode kernels (ops/moe/decode.py) run on CPU through the Triton interpreter (TRITON_INTERPRET=1, set
+in a subprocess before triton is imported), compile ahead of time for sm_90 without a GPU, and run on the GPU under
+@pytest.mark.cuda (dispatch, opcheck, torch.compile, CUDA-graph capture and replay).
+"""
+
+import json
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -139,7 +149,7 @@ def test_cuda_paths(dtype, T):
     out = moe.moe_experts(*args)
     tol = 3e-2 if dtype == torch.bfloat16 else 1e-4
     torch.testing.assert_close(out.double().cpu(), loop_reference(*[a.cpu() for a in args]), rtol=tol, atol=tol)
-    # no host sync on the bf16 grouped path: it must be capturable in a CUDA graph
+    # no host sync on the bf16 paths (T=3: the decode kernels, T=300: grouped GEMM): capturable in a CUDA graph
     if dtype == torch.bfloat16:
         graph = torch.cuda.CUDAGraph()
         static = [a.clone() for a in args]
@@ -166,3 +176,244 @@ def test_out_of_range_expert_ids_raise_before_any_allocation(bad_id, mode):
             torch.compile(moe.moe_experts, fullgraph=True, backend="aot_eager")(x, ids, w, wg, wu, wd)
         else:
             torch.ops.kimi.moe_experts_backward(torch.randn(5, 16), x, ids, w, wg, wu, wd)
+
+
+# ------------------------------------------------------------------------------------------------ decode kernels
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+# name: (T, k, E, D, I, dtype, blocks: None = decode_blocks(D, I), else DecodeBlocks fields)
+# D and I are no multiples of the blocks; small blocks give several partial blocks along every axis.
+SMALL_BLOCKS = (8, 16, 4, 8, 8, 4)
+DECODE_CASES = {
+    "T1_k2_fp32_small_blocks": (1, 2, 16, 40, 24, "float32", SMALL_BLOCKS),
+    "T1_k8_bf16_small_blocks": (1, 8, 16, 40, 24, "bfloat16", SMALL_BLOCKS),
+    "T3_k8_fp32_small_blocks": (3, 8, 16, 40, 24, "float32", SMALL_BLOCKS),
+    "T3_k2_bf16_small_blocks": (3, 2, 16, 40, 24, "bfloat16", SMALL_BLOCKS),
+    # the default tiles: two column blocks of 256 along D=300 (the second partial), I=40 padded to 64
+    "T1_k8_bf16_default_blocks": (1, 8, 16, 300, 40, "bfloat16", None),
+    "T3_k2_fp32_default_blocks": (3, 2, 16, 300, 40, "float32", None),
+    "T3_k8_fp16_small_blocks": (3, 8, 16, 40, 24, "float16", SMALL_BLOCKS),
+}
+
+
+def make_decode(T, k, E, D, I, dtype, seed=0):
+    """Random inputs with a repeated expert in every token (slots 0 and 1 share one) and combine weights of both
+    signs that sum to anything (the op does not normalise them)."""
+    x, ids, w, wg, wu, wd = make(T, D, I, E, k, dtype=dtype, seed=seed, distinct=False)
+    g = torch.Generator().manual_seed(seed + 1)
+    ids = ids.clone()
+    if k > 1:
+        ids[:, 1] = ids[:, 0]
+    w = torch.randn(T, k, generator=g) * 1.7
+    return x, ids, w, wg, wu, wd
+
+
+def _decode_case_inputs(name):
+    T, k, E, D, I, dtype, blocks = DECODE_CASES[name]
+    return make_decode(T, k, E, D, I, getattr(torch, dtype), seed=len(name) + T * 7 + k), blocks
+
+
+def _decode_interp_main():
+    """Body of the interpreter subprocess: prints one JSON line, each case's output as float64 lists."""
+    assert os.environ.get("TRITON_INTERPRET") == "1"
+    from kimi_compile.ops.moe import decode
+    res = {}
+    for name in DECODE_CASES:
+        args, blocks = _decode_case_inputs(name)
+        out = decode.moe_experts_decode(*args, blocks=None if blocks is None else decode.DecodeBlocks(*blocks))
+        res[name] = [str(out.dtype), out.double().tolist()]
+    print("RESULT " + json.dumps(res))
+
+
+@pytest.fixture(scope="module")
+def decode_interp_results():
+    pytest.importorskip("triton")
+    env = dict(os.environ)
+    env["TRITON_INTERPRET"] = "1"
+    code = "import sys; sys.path.insert(0, %r); import test_moe as t; t._decode_interp_main()" % HERE
+    p = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
+    line = [ln for ln in p.stdout.splitlines() if ln.startswith("RESULT ")]
+    assert p.returncode == 0 and line, f"interpreter run failed:\n{p.stdout[-3000:]}\n{p.stderr[-5000:]}"
+    return json.loads(line[0][len("RESULT "):])
+
+
+def assert_decode_close(out, ref, dtype, bf16_truncated=False):
+    """float32 math throughout, one rounding to the output dtype: |out - ref| <= half an ulp of the output dtype
+    (at most 2^-8 of the value in bf16, 2^-11 in fp16; 2^-10 allowed) or float32 summation noise, plus a small
+    absolute floor for values near 0. bf16_truncated: the Triton interpreter converts float32 to bf16 by truncation
+    (measured: every output rounded towards 0), one ulp (2^-7) where the GPU rounds to nearest."""
+    rtol = {torch.bfloat16: 2 ** -7 if bf16_truncated else 2 ** -8, torch.float16: 2 ** -10,
+            torch.float32: 1e-5}[dtype]
+    err = (out.double().cpu() - ref.double().cpu()).abs()
+    bound = rtol * ref.double().cpu().abs() + 1e-5 * ref.double().abs().max().item()
+    excess = (err - bound).max().item()
+    assert excess <= 0, f"max error {err.max().item():.3g}, worst excess over the bound {excess:.3g}"
+
+
+@pytest.mark.parametrize("name", list(DECODE_CASES))
+def test_decode_kernels_interpreter(decode_interp_results, name):
+    args, _ = _decode_case_inputs(name)
+    dtype_name, values = decode_interp_results[name]
+    out = torch.tensor(values, dtype=torch.float64)
+    assert dtype_name == str(args[0].dtype) and out.shape == args[0].shape
+    assert_decode_close(out, loop_reference(*args), args[0].dtype, bf16_truncated=True)
+
+
+def test_decode_launcher_rejects_float64():
+    pytest.importorskip("triton")
+    from kimi_compile.ops.moe import decode
+    args = make(1, 16, 8, 4, 2, dtype=torch.float64)
+    with pytest.raises(TypeError, match="x must be float16, bfloat16 or float32"):
+        decode.moe_experts_decode(*args)
+
+
+def test_forward_path_on_cpu_is_the_sorted_loop():
+    x, ids, w, wg, wu, wd = make(1, 16, 8, 4, 2)
+    assert moe._forward_path(x, ids, wg) == "sorted_loop"
+
+
+# the real compiler (no GPU): the interpreter above never runs it. Kimi Linear widths and tiles, pointers 16-byte
+# aligned, D, I and the leading strides multiples of 16, the innermost weight stride 1 (what a launch specialises).
+SM90_KERNELS = ("_moe_gate_up_kernel", "_moe_down_combine_kernel")
+
+
+def _sm90_table(kernel, blocks):
+    if kernel == "_moe_gate_up_kernel":
+        return dict(X="x", Ids="*i64", Wg="w", Wu="w", H="*fp32", sg_d=1, su_d=1, K=8, BLOCK_I=blocks.gate_up_block_i,
+                    BLOCK_D=blocks.gate_up_block_d), blocks.gate_up_warps
+    return dict(Hs="*fp32", Ids="*i64", Wts="*fp32", Wd="w", Out="x", sd_i=1, K=8, KP=8, BLOCK_D=blocks.down_block_d,
+                BLOCK_I=blocks.down_block_i), blocks.down_warps
+
+
+@pytest.mark.parametrize("dtype", ["bf16", "fp16", "fp32"])
+@pytest.mark.parametrize("kernel", SM90_KERNELS)
+def test_decode_kernels_compile_for_sm90(kernel, dtype):
+    triton = pytest.importorskip("triton")
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from kimi_compile.ops.moe import decode
+
+    fn = getattr(decode, kernel)
+    table, warps = _sm90_table(kernel, decode.decode_blocks(2304, 1024, 8))
+    sig, consts, hints = {}, {}, {}
+    for i, p in enumerate(fn.params):
+        spec = table.get(p.name, "i32")
+        if isinstance(spec, int):
+            sig[p.name], consts[p.name] = "constexpr", spec
+        elif spec == "i32":
+            sig[p.name] = "i32"
+            hints[(i,)] = [["tt.divisibility", 16]]
+        else:
+            sig[p.name] = "*" + dtype if spec in ("x", "w") else spec
+            hints[(i,)] = [["tt.divisibility", 16]]
+    compiled = triton.compile(ASTSource(fn, sig, consts, hints), target=GPUTarget("cuda", 90, 32),
+                              options={"num_warps": warps})
+    ptx = compiled.asm["ptx"]
+    assert f".entry {kernel}" in ptx
+    assert "ld.global.v4" in ptx  # 16-byte weight loads: the rows are read wide
+
+
+# ------------------------------------------------------------------------------------------------ decode on the GPU
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs an NVIDIA GPU")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("T,k", [(1, 2), (1, 8), (3, 2), (3, 8)])
+@pytest.mark.parametrize("blocks", [None, SMALL_BLOCKS], ids=["default_blocks", "small_blocks"])
+def test_cuda_decode_kernels_vs_loop(dtype, T, k, blocks):
+    from kimi_compile.ops.moe import decode
+    args = [a.cuda() for a in make_decode(T, k, 16, 300, 72, dtype, seed=T * 10 + k)]
+    out = decode.moe_experts_decode(*args, blocks=None if blocks is None else decode.DecodeBlocks(*blocks))
+    assert out.dtype == dtype and out.shape == (T, 300) and out.is_cuda
+    assert_decode_close(out, loop_reference(*[a.cpu() for a in args]), dtype)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs an NVIDIA GPU")
+@pytest.mark.parametrize("T", [1, 8])
+def test_cuda_decode_kimi_widths(T):
+    """Kimi Linear widths (D=2304, I=1024, top-8; 32 experts instead of 256 to keep the test small), bf16, through
+    the op: against the float64 loop (on the GPU) and against moe_experts_reference."""
+    args = [a.cuda() for a in make(T, 2304, 1024, 32, 8, dtype=torch.bfloat16, seed=T)]
+    assert moe._forward_path(args[0], args[1], args[3]) == "decode"
+    out = moe.moe_experts(*args)
+    assert_decode_close(out, loop_reference(*args), torch.bfloat16)
+    # the reference rounds a, b, h and each expert's output to bf16: measured on CPU up to 0.022 from the float64
+    # loop at these widths (0.9 of a 2e-2 + 2e-2 |ref| bound), so a looser match
+    torch.testing.assert_close(out, moe.moe_experts_reference(*args), rtol=4e-2, atol=4e-2)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs an NVIDIA GPU")
+def test_cuda_dispatch_decode_up_to_the_threshold_then_grouped_mm(monkeypatch):
+    """T * k <= DECODE_MAX_SLOTS runs the decode kernels, above it the grouped GEMM (bf16, sm90+; before sm90 the
+    sorted loop, E=16 < 72 slots); both match moe_experts_reference."""
+    k = 8
+    T_decode = moe.DECODE_MAX_SLOTS // k
+    calls = []
+    decode = moe._decode_module()
+    real_decode, real_grouped = decode.moe_experts_decode, moe._experts_grouped_mm
+    monkeypatch.setattr(decode, "moe_experts_decode", lambda *a, **kw: calls.append("decode") or real_decode(*a, **kw))
+    monkeypatch.setattr(moe, "_experts_grouped_mm", lambda *a: calls.append("grouped_mm") or real_grouped(*a))
+    grouped = torch.cuda.get_device_capability() >= (9, 0) and hasattr(torch, "_grouped_mm")
+    for T, want in ((1, "decode"), (T_decode, "decode"), (T_decode + 1, "grouped_mm" if grouped else "sorted_loop")):
+        args = [a.cuda() for a in make(T, 64, 32, 16, k, dtype=torch.bfloat16, seed=T, distinct=False)]
+        assert moe._forward_path(args[0], args[1], args[3]) == want, T
+        calls.clear()
+        out = moe.moe_experts(*args)
+        assert calls == ([want] if want != "sorted_loop" else []), (T, calls)
+        torch.testing.assert_close(out, moe.moe_experts_reference(*args), rtol=3e-2, atol=3e-2)
+    # float16 / float32 take the decode path too; float64 does not
+    for dtype, want in ((torch.float16, "decode"), (torch.float32, "decode"), (torch.float64, "gathered")):
+        args = [a.cuda() for a in make(1, 64, 32, 16, k, dtype=dtype)]
+        assert moe._forward_path(args[0], args[1], args[3]) == want, dtype
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs an NVIDIA GPU")
+def test_cuda_decode_opcheck():
+    args = [a.cuda() for a in make_decode(1, 8, 16, 64, 32, torch.bfloat16, seed=11)]
+    assert moe._forward_path(args[0], args[1], args[3]) == "decode"
+    torch.library.opcheck(torch.ops.kimi.moe_experts.default, args)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs an NVIDIA GPU")
+def test_cuda_decode_compiled_without_graph_breaks():
+    x, ids, w, wg, wu, wd = (a.cuda() for a in make(2, 64, 32, 16, 8, dtype=torch.bfloat16, seed=12))
+
+    def f(x, ids, w):
+        return moe.moe_experts(x * 2, ids, w, wg, wu, wd) + 1
+
+    torch._dynamo.reset()
+    assert torch._dynamo.explain(f)(x, ids, w).graph_break_count == 0
+    torch._dynamo.reset()
+    cf = torch.compile(f, fullgraph=True)
+    torch.testing.assert_close(cf(x, ids, w), f(x, ids, w))
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs an NVIDIA GPU")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_cuda_decode_graph_capture_and_replay(dtype):
+    """Captured once, replayed on new tokens, expert ids and combine weights written into the static inputs: the
+    replay equals an eager call on the new inputs (the kernels read every input from device memory)."""
+    first = [a.cuda() for a in make_decode(1, 8, 16, 64, 32, dtype, seed=13)]
+    second = [a.cuda() for a in make_decode(1, 8, 16, 64, 32, dtype, seed=14)]
+    second[3:] = first[3:]  # the same expert weights, as in a model
+    static = [a.clone() for a in first]
+    moe.moe_experts(*static)  # compile the kernels outside the capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = moe.moe_experts(*static)
+    graph.replay()
+    torch.testing.assert_close(captured, moe.moe_experts(*first), rtol=0, atol=0)
+    for dst, src in zip(static[:3], second[:3]):
+        dst.copy_(src)
+    graph.replay()
+    eager = moe.moe_experts(*second)
+    torch.testing.assert_close(captured, eager, rtol=0, atol=0)
+    assert_decode_close(captured, loop_reference(*[a.cpu() for a in second]), dtype)

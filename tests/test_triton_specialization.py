@@ -11,7 +11,7 @@ import pytest
 triton = pytest.importorskip("triton")
 
 KERNEL_MODULES = ["kda.common", "kda.intra", "kda.chunk_pass", "kda.recurrent", "kda.backward", "short_conv.kernel",
-                  "attn_res.kernel"]
+                  "attn_res.kernel", "moe.decode"]
 
 
 def _jit_functions():
@@ -36,7 +36,8 @@ def _kernels():
 
 def test_kernels_found():
     names = [n for n, _ in _kernels()]
-    assert "short_conv.kernel.short_conv_kernel" in names and len(names) == 9, names  # 5 KDA, 1 conv, 3 AttnRes
+    # 5 KDA, 1 conv, 3 AttnRes, 2 MoE
+    assert "short_conv.kernel.short_conv_kernel" in names and len(names) == 11, names
     assert "kda.common._seq_bounds" not in names  # a helper
     assert "kda.intra._kda_intra_kernel" in names and "kda.backward._kda_chunk_bwd_kernel" in names
 

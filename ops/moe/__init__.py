@@ -19,11 +19,15 @@ Why an op: a MoE written in Python loops over experts with data-dependent token 
 graph stays whole (router top-k is plain ``torch.topk`` in the model), and the implementation is free to use
 whatever runs fastest on the device:
 
-* CUDA, bfloat16, sm90+, D and I multiples of 8: ``torch._grouped_mm`` over the token-slots sorted by expert;
-  group offsets are a device-side ``cumsum`` of per-expert counts. No host sync, so the op can be captured in a
-  CUDA graph (``mode="reduce-overhead"``).
-* CUDA otherwise, few slots (``T * k <= max(E, 64)``): each slot gathers its expert's weights and runs a batched
-  matmul; no host sync (decode-sized batches).
+* CUDA, float16 / bfloat16 / float32, few slots (``T * k <= DECODE_MAX_SLOTS``, decode): two Triton kernels
+  (``decode.py``): one program per (slot, block of I) forms ``silu(gate) * up`` in float32, one per (token, block
+  of D) applies the down projections and the weighted sum. Each slot streams its expert's weights; no sort, no
+  host sync, fixed shapes (capturable in a CUDA graph).
+* CUDA, bfloat16, sm90+, D and I multiples of 8, more slots: ``torch._grouped_mm`` over the token-slots sorted by
+  expert; group offsets are a device-side ``cumsum`` of per-expert counts. No host sync, so the op can be captured
+  in a CUDA graph (``mode="reduce-overhead"``).
+* CUDA otherwise (float64, or float16 / float32 above the decode path), few slots (``T * k <= max(E, 64)``):
+  each slot gathers its expert's weights and runs a batched matmul; no host sync.
 * Otherwise (CPU always): slots sorted by expert, host-side offsets (a sync, harmless on CPU), one matmul per
   expert that received tokens.
 
@@ -33,6 +37,10 @@ Autograd: gradients for ``x``, ``topk_weights``, ``w_gate``, ``w_up``, ``w_down`
 
 from __future__ import annotations
 
+import functools
+import importlib
+import importlib.util
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -40,6 +48,10 @@ from torch import Tensor
 __all__ = ["moe_experts", "moe_experts_reference"]
 
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+# Up to 64 (token, slot) pairs the slots are nearly all distinct experts (E=256, top-8: 57 of 64 expected), so
+# streaming each slot's expert costs about the grouped GEMM's bytes without its sort, gather and ~25 launches.
+DECODE_MAX_SLOTS = 64
 
 
 def _check(x, topk_ids, topk_weights, w_gate, w_up, w_down) -> None:
@@ -175,16 +187,42 @@ def _grouped_mm_usable(x: Tensor, w_gate: Tensor) -> bool:
     return D % 8 == 0 and I % 8 == 0
 
 
+@functools.lru_cache(maxsize=None)
+def _decode_module():
+    """ops/moe/decode.py (imports triton), or None where triton is not installed."""
+    if importlib.util.find_spec("triton") is None:
+        return None
+    return importlib.import_module(f"{__name__}.decode")
+
+
+def _forward_path(x: Tensor, topk_ids: Tensor, w_gate: Tensor) -> str:
+    """Which implementation runs the forward: "decode", "grouped_mm", "gathered" or "sorted_loop" (metadata only;
+    reads ``DECODE_MAX_SLOTS`` at call time, so a benchmark may move the threshold)."""
+    T, k = topk_ids.shape
+    if not x.is_cuda:
+        return "sorted_loop"
+    if T * k <= DECODE_MAX_SLOTS and x.dtype in (torch.float16, torch.bfloat16, torch.float32) \
+            and _decode_module() is not None:
+        return "decode"
+    if _grouped_mm_usable(x, w_gate):
+        return "grouped_mm"
+    if T * k <= max(w_gate.shape[0], 64):
+        return "gathered"
+    return "sorted_loop"
+
+
 def _moe_forward(x, topk_ids, topk_weights, w_gate, w_up, w_down) -> Tensor:
     T, k = topk_ids.shape
     if T == 0:
         return x.new_zeros(x.shape)
     x = x.contiguous()
-    if x.is_cuda:
-        if _grouped_mm_usable(x, w_gate):
-            return _experts_grouped_mm(x, topk_ids, topk_weights, w_gate, w_up, w_down)
-        if T * k <= max(w_gate.shape[0], 64):
-            return _experts_gathered(x, topk_ids, topk_weights, w_gate, w_up, w_down)
+    path = _forward_path(x, topk_ids, w_gate)
+    if path == "decode":
+        return _decode_module().moe_experts_decode(x, topk_ids, topk_weights, w_gate, w_up, w_down)
+    if path == "grouped_mm":
+        return _experts_grouped_mm(x, topk_ids, topk_weights, w_gate, w_up, w_down)
+    if path == "gathered":
+        return _experts_gathered(x, topk_ids, topk_weights, w_gate, w_up, w_down)
     return _experts_sorted_loop(x, topk_ids, topk_weights, w_gate, w_up, w_down)
 
 
