@@ -164,6 +164,13 @@ def step_row(name, args):
     _sync(device)
     first_s = time.perf_counter() - t0
     sec, base, peak = _time_steps(step, device, warmup=args.warmup, iters=args.iters)
+    if args.profile and device == "cuda":  # where a step's time goes: the top CUDA kernels of one step
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+            step()
+            _sync(device)
+        print(f"## profile of one step: {name}\n" + prof.key_averages().table(sort_by="cuda_time_total",
+                                                                               row_limit=args.profile),
+              flush=True)
     row = dict(row=name, ms=sec * 1e3, tokens_per_s=B * T / sec, params=n_params, first_step_s=first_s,
                build_s=t0 - t_build, B=B, T=T, note=note)
     if peak is not None:
@@ -266,6 +273,8 @@ def parse_args(argv=None):
     p.add_argument("--quick", action="store_true", help="CPU smoke run: tiny model, float32, T=64, no KDA rows")
     p.add_argument("--quick-backend", default="aot_eager", help="torch.compile backend of --quick's compiled rows")
     p.add_argument("--quick-eager", action="store_true", help="--quick: run the compiled rows eagerly")
+    p.add_argument("--profile", type=int, default=0, metavar="N",
+                   help="print the N CUDA kernels that take most time in one step of each step row")
     p.add_argument("--in-process", action="store_true", help="no subprocess per row (no time bound per row)")
     p.add_argument("--one", default=None, help=argparse.SUPPRESS)
     p.add_argument("--row-out", default=None, help=argparse.SUPPRESS)
