@@ -41,7 +41,8 @@ from typing import Optional, Union
 import torch
 
 from ..dtypes import EXPORT_DTYPES, parse_dtype
-from ..lowering.onnx import custom_translation_table, raise_default_opset, widen_bfloat16_einsum
+from ..lowering.onnx import custom_translation_table
+from ..lowering.onnx_passes import raise_default_opset, widen_bfloat16_einsum
 from ..model import absorbed_attention
 from ..resolve import resolve_model
 from ..state import present_name
