@@ -1,6 +1,6 @@
 """Opset <= 18 lowerings of ``kimi::kda`` and ``kimi::short_conv`` for runtimes without opset 27.
 
-KDA runs as a chunked WY form (the same algebra as ``ops/kda.py``'s reference), with the chunk-parallel
+KDA runs as a chunked WY form (the same algebra as ``ops/kda/naive.py``'s reference), with the chunk-parallel
 work done for all chunks at once and one ``Loop`` over chunks carrying the state. For a chunk of C tokens
 with in-chunk gate cumsum G (G_t = sum_{s<=t} g_s, per key channel), state S0 at the chunk start::
 
