@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 import tempfile
 import time
@@ -21,16 +20,6 @@ import warnings
 from pathlib import Path
 
 import torch
-
-
-def median_ms(fn, repeats: int) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
 
 
 def main(argv=None) -> int:
@@ -46,7 +35,9 @@ def main(argv=None) -> int:
 
     from kimi_compile import KimiForCausalLM, tiny_config
     from kimi_compile.export.onnx import export_onnx
+    from kimi_compile.export.ort_benchmark import median_ms
     from kimi_compile.export.ort_runtime import OrtKimiModel
+    from kimi_compile.greedy import model_step
 
     torch.set_num_threads(args.threads)
     model = KimiForCausalLM.from_config(tiny_config("kimi_linear"), seed=0).eval()
@@ -63,12 +54,8 @@ def main(argv=None) -> int:
             print(f"exported {name} in {time.perf_counter() - t0:.0f} s", file=sys.stderr)
             runners[name] = OrtKimiModel(out, intra_op_num_threads=args.threads, allow_spinning=False)
 
-        def torch_step(ids, state):
-            with torch.no_grad():
-                return model(ids, state if state is not None else model.empty_state(ids.shape[0]),
-                             logits_to_keep=1)
-
-        steps = {"eager PyTorch": torch_step, **{f"ORT {k}": r.step for k, r in runners.items()}}
+        torch.set_grad_enabled(False)
+        steps = {"eager PyTorch": model_step(model), **{f"ORT {k}": r.step for k, r in runners.items()}}
         gen = torch.Generator().manual_seed(0)
         for T in args.lengths:
             prompt = torch.randint(0, model.config.vocab_size, (1, T), generator=gen)

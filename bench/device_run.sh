@@ -6,9 +6,8 @@
 # the correctness "checks" rows, which the CUDA tests cover); ORDER="tests" or "bench" runs one half; TESTS
 # overrides the CUDA test files; ORDER="ncu_profile" profiles the forward's kernels with Nsight Compute (NCU_S
 # bounds it); TEST_WORKERS sets pytest-xdist workers (default 4: most test time is Triton
-# compiling on the CPU). Measured on the H200 (run 6): the bench parts take about 5 minutes (kda 1.5, attn_res
-# 0.3, model 2, train 1.5; run 8: train took over 3 minutes on a cold machine, FLA's backward autotuning, and 45 s
-# warm), the CUDA tests about 8 minutes on one worker, so the whole does not fit one 10-minute
+# compiling on the CPU). On the H200 the bench parts take about 5 minutes (train up to 3 on a cold machine: FLA's
+# backward autotunes) and the CUDA tests about 8 on one worker, so the whole does not fit one 10-minute
 # call: run ORDER=bench and ORDER=tests as two calls. MODEL_LAYERS=0 benchmarks the full 27-layer model.
 set -u
 REPO=$(cd "$(dirname "$0")/.." && pwd)

@@ -31,8 +31,6 @@ import json
 import logging
 import os
 import re
-import shutil
-import tempfile
 import time
 import warnings
 from collections import Counter
@@ -43,9 +41,14 @@ from typing import Optional, Union
 import torch
 
 from ..dtypes import EXPORT_DTYPES, parse_dtype
+from ..lowering.onnx import custom_translation_table
+from ..lowering.onnx_passes import raise_default_opset, widen_bfloat16_einsum
 from ..model import absorbed_attention
 from ..resolve import resolve_model
-from .atomic_dir import move_into_place
+from ..state import present_name
+from .atomic_dir import staging_dir
+from .genai_config import genai_unsupported_reason, write_genai_config, write_io_description
+from .mla_cache import check_layout, from_graph_state, graph_state_specs, to_graph_state
 
 __all__ = ["export_onnx", "OnnxExportResult", "ExportError", "MODEL_FILE", "DATA_FILE", "graph_op_counts",
            "DTYPES", "DEFAULT_LOWERING_NOTE"]
@@ -114,8 +117,6 @@ class _GraphModule(torch.nn.Module):
         self.mla_cache = mla_cache
 
     def forward(self, input_ids, *args):
-        from .mla_cache import from_graph_state, to_graph_state
-
         if self.use_positions:
             position_ids, flat = args[0], args[1:]
         else:
@@ -299,10 +300,6 @@ def export_onnx(model=None, out_dir: Union[str, os.PathLike] = "kimi_export_out/
     Returns:
         :class:`OnnxExportResult` with the paths, I/O names, op counts and per-stage seconds.
     """
-    from kimi_compile.state import present_name
-
-    from .mla_cache import check_layout, graph_state_specs
-
     lowering_note = DEFAULT_LOWERING_NOTE if opset is None and fallback is None else "as asked"
     if opset is None:
         opset = 27 if fallback is False else 18
@@ -324,14 +321,9 @@ def export_onnx(model=None, out_dir: Union[str, os.PathLike] = "kimi_export_out/
     out_dir = Path(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
         raise ValueError(f"out_dir {out_dir} exists and is not a directory")
-    parent = out_dir.resolve().parent
-    created_parents = [p for p in [parent, *parent.parents] if not p.exists()]
-    parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=parent))
     seconds: dict[str, float] = {}
     bar = _progress(progress)
     stage = STAGES[0]
-    done = False
 
     def enter(name: str) -> None:
         nonlocal stage
@@ -342,120 +334,106 @@ def export_onnx(model=None, out_dir: Union[str, os.PathLike] = "kimi_export_out/
         _fail_hook(name, _fail_at)
 
     try:
-        t0 = time.perf_counter()
-        enter("prepare")
-        model = resolve_model(model, dtype)
-        model.eval()
-        dtype = model.dtype
-        config = model.config
-        specs = graph_state_specs(config, dtype, mla_cache)
-        names = [s.name for s in specs]
-        use_positions = bool(config.use_rope)
-        in_names = ["input_ids"] + (["position_ids"] if use_positions else []) + names
-        out_names = ["logits"] + [present_name(n) for n in names]
-        with open(tmp / CONFIG_FILE, "w", encoding="utf-8") as f:
-            json.dump(config.to_dict(), f, indent=2, default=str)
-        seconds["prepare"] = time.perf_counter() - t0
+        with staging_dir(out_dir) as tmp:
+            t0 = time.perf_counter()
+            enter("prepare")
+            model = resolve_model(model, dtype)
+            model.eval()
+            dtype = model.dtype
+            config = model.config
+            specs = graph_state_specs(config, dtype, mla_cache)
+            names = [s.name for s in specs]
+            use_positions = bool(config.use_rope)
+            in_names = ["input_ids"] + (["position_ids"] if use_positions else []) + names
+            out_names = ["logits"] + [present_name(n) for n in names]
+            with open(tmp / CONFIG_FILE, "w", encoding="utf-8") as f:
+                json.dump(config.to_dict(), f, indent=2, default=str)
+            seconds["prepare"] = time.perf_counter() - t0
 
-        t0 = time.perf_counter()
-        enter("capture")
-        from kimi_compile.lowering.onnx import custom_translation_table, raise_default_opset
+            t0 = time.perf_counter()
+            enter("capture")
+            wrapper = _GraphModule(model, specs, use_positions, mla_cache).eval()
+            with _quiet(), torch.no_grad(), absorbed_attention(model):
+                exported = torch.export.export(wrapper, _sample_inputs(model, specs, 2, 3, 4),
+                                               dynamic_shapes=_dynamic_shapes(specs, use_positions))
+            seconds["capture"] = time.perf_counter() - t0
 
-        wrapper = _GraphModule(model, specs, use_positions, mla_cache).eval()
-        with _quiet(), torch.no_grad(), absorbed_attention(model):
-            exported = torch.export.export(wrapper, _sample_inputs(model, specs, 2, 3, 4),
-                                           dynamic_shapes=_dynamic_shapes(specs, use_positions))
-        seconds["capture"] = time.perf_counter() - t0
+            t0 = time.perf_counter()
+            enter("translate")
+            with _quiet():
+                program = torch.onnx.export(exported, dynamo=True,
+                                            custom_translation_table=custom_translation_table(fallback),
+                                            input_names=in_names, output_names=out_names, opset_version=18,
+                                            optimize=optimize, verbose=False, report=False)
+            del exported
+            seconds["translate"] = time.perf_counter() - t0
 
-        t0 = time.perf_counter()
-        enter("translate")
-        with _quiet():
-            program = torch.onnx.export(exported, dynamo=True, custom_translation_table=custom_translation_table(fallback),
-                                        input_names=in_names, output_names=out_names, opset_version=18,
-                                        optimize=optimize, verbose=False, report=False)
-        del exported
-        seconds["translate"] = time.perf_counter() - t0
+            t0 = time.perf_counter()
+            enter("finish graph")
+            onnx_model = program.model
+            _rename_axes(onnx_model, _axis_mapping(onnx_model, names, specs))
+            if dtype == torch.bfloat16:
+                widen_bfloat16_einsum(onnx_model)
+            if fallback:
+                raise_default_opset(onnx_model, opset)
+            else:
+                raise_default_opset(onnx_model, 27)
+            onnx_model.producer_name = "kimi-compile"
+            onnx_model.metadata_props.update({
+                "kimi_compile.lowering": "fallback" if fallback else "opset27",
+                "kimi_compile.model_type": str(config.model_type),
+                "kimi_compile.dtype": str(dtype).replace("torch.", ""),
+            })
+            seconds["finish graph"] = time.perf_counter() - t0
 
-        t0 = time.perf_counter()
-        enter("finish graph")
-        onnx_model = program.model
-        _rename_axes(onnx_model, _axis_mapping(onnx_model, names, specs))
-        if dtype == torch.bfloat16:
-            from kimi_compile.lowering.onnx import widen_bfloat16_einsum
+            t0 = time.perf_counter()
+            enter("save")
+            import onnx_ir as ir
 
-            widen_bfloat16_einsum(onnx_model)
-        if fallback:
-            raise_default_opset(onnx_model, opset)
-        else:
-            raise_default_opset(onnx_model, 27)
-        onnx_model.producer_name = "kimi-compile"
-        onnx_model.metadata_props.update({
-            "kimi_compile.lowering": "fallback" if fallback else "opset27",
-            "kimi_compile.model_type": str(config.model_type),
-            "kimi_compile.dtype": str(dtype).replace("torch.", ""),
-        })
-        seconds["finish graph"] = time.perf_counter() - t0
+            weight_bytes = _initializer_bytes(onnx_model)
+            external = (external_data in (True, "always")
+                        or (external_data == "auto" and weight_bytes > EXTERNAL_DATA_THRESHOLD))
+            model_path = tmp / MODEL_FILE
+            if external:
+                from tqdm.auto import tqdm
 
-        t0 = time.perf_counter()
-        enter("save")
-        import onnx_ir as ir
+                with tqdm(desc="writing model.onnx.data", unit="tensor", disable=not progress, leave=False) as wbar:
+                    def on_tensor(tensor, info) -> None:
+                        if wbar.total is None:
+                            wbar.total = info.total
+                        wbar.update(1)
 
-        weight_bytes = _initializer_bytes(onnx_model)
-        external = (external_data in (True, "always")
-                    or (external_data == "auto" and weight_bytes > EXTERNAL_DATA_THRESHOLD))
-        model_path = tmp / MODEL_FILE
-        if external:
-            from tqdm.auto import tqdm
+                    ir.save(onnx_model, model_path, external_data=DATA_FILE, callback=on_tensor)
+            else:
+                ir.save(onnx_model, model_path)
+            op_counts = graph_op_counts(onnx_model)
+            del program, onnx_model
+            seconds["save"] = time.perf_counter() - t0
 
-            with tqdm(desc="writing model.onnx.data", unit="tensor", disable=not progress, leave=False) as wbar:
-                def on_tensor(tensor, info) -> None:
-                    if wbar.total is None:
-                        wbar.total = info.total
-                    wbar.update(1)
+            t0 = time.perf_counter()
+            enter("check")
+            if check:
+                import onnx
 
-                ir.save(onnx_model, model_path, external_data=DATA_FILE, callback=on_tensor)
-        else:
-            ir.save(onnx_model, model_path)
-        op_counts = graph_op_counts(onnx_model)
-        del program, onnx_model
-        seconds["save"] = time.perf_counter() - t0
+                onnx.checker.check_model(str(model_path), full_check=True)
+            seconds["check"] = time.perf_counter() - t0
 
-        t0 = time.perf_counter()
-        enter("check")
-        if check:
-            import onnx
+            t0 = time.perf_counter()
+            enter("describe")
+            genai = genai_unsupported_reason(config, mla_cache)
+            if genai is None:
+                write_genai_config(tmp, config, specs)
+            write_io_description(tmp, config, specs, dtype=dtype, opset=27 if not fallback else opset,
+                                 fallback=fallback, external_data=external, mla_cache=mla_cache, genai=genai)
+            seconds["describe"] = time.perf_counter() - t0
 
-            onnx.checker.check_model(str(model_path), full_check=True)
-        seconds["check"] = time.perf_counter() - t0
-
-        t0 = time.perf_counter()
-        enter("describe")
-        from .genai_config import genai_unsupported_reason, write_genai_config, write_io_description
-
-        genai = genai_unsupported_reason(config, mla_cache)
-        if genai is None:
-            write_genai_config(tmp, config, specs)
-        write_io_description(tmp, config, specs, dtype=dtype, opset=27 if not fallback else opset,
-                             fallback=fallback, external_data=external, mla_cache=mla_cache, genai=genai)
-        seconds["describe"] = time.perf_counter() - t0
-
-        enter("finalize")
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o777 & ~umask)  # mkdtemp made it private
-        move_into_place(tmp, out_dir)
-        done = True
+            enter("finalize")  # leaving the block renames the folder into place
         bar.update(1)
         bar.set_postfix_str("done")
     except Exception as e:
         raise ExportError(f"ONNX export failed at stage {stage!r}: {type(e).__name__}: {e}") from e
     finally:
         bar.close()
-        if not done:
-            shutil.rmtree(tmp, ignore_errors=True)
-            for p in created_parents:  # innermost first; only folders this call created and left empty
-                with contextlib.suppress(OSError):
-                    p.rmdir()
 
     return OnnxExportResult(out_dir=out_dir, model_path=out_dir / MODEL_FILE, opset=27 if not fallback else opset,
                             fallback=fallback, dtype=dtype, input_names=in_names, output_names=out_names,

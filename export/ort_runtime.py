@@ -9,27 +9,26 @@
 The state stays in ONNX Runtime ``OrtValue`` objects between calls (no host copies of the caches). The
 runner needs only the graph: the state inputs, their dtypes and axes are read from the session; the MLA cache
 layout (``export/mla_cache.py``) from ``kimi_compile.json`` (:meth:`OrtKimiModel.model_state` converts a state
-to the PyTorch model's layout, :meth:`OrtKimiModel.graph_state` back).
+to the PyTorch model's layout, :meth:`OrtKimiModel.graph_state` back). Checking a folder against PyTorch is
+``export/ort_verify.py``, timing it ``export/ort_benchmark.py``.
 """
 
 from __future__ import annotations
 
 import os
-import statistics
 import threading
-import time
 from pathlib import Path
 from typing import Any, Optional, Union
 
 import numpy as np
 import torch
 
-from kimi_compile.greedy import greedy, model_step
+from kimi_compile.greedy import greedy
 
 from .genai_config import read_io_description
 from .mla_cache import from_graph_state, to_graph_state
 
-__all__ = ["OrtKimiModel", "generate", "load", "benchmark"]
+__all__ = ["OrtKimiModel", "generate", "load"]
 
 MODEL_FILE = "model.onnx"
 STATE_PREFIX = "past_key_values."
@@ -231,189 +230,3 @@ def generate(onnx_dir: Union[str, os.PathLike], input_ids, max_new_tokens: int, 
     if isinstance(input_ids, torch.Tensor):
         return torch.from_numpy(out).to(input_ids.device)
     return out
-
-
-# ------------------------------------------------------------------------------------------------ timing
-
-
-def _median_ms(fn, repeats: int) -> float:
-    fn()  # warm-up
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
-
-
-def benchmark(onnx_dir: Union[str, os.PathLike], model=None, *, batch_size: int = 1, prompt_len: int = 64,
-              decode_steps: int = 32, repeats: int = 5, threads: Optional[int] = None, seed: int = 0
-              ) -> dict[str, Any]:
-    """ONNX Runtime CPU vs PyTorch eager CPU timings of one exported model (median of ``repeats``).
-
-    prefill_ms: one call on a ``[batch_size, prompt_len]`` prompt from an empty state.
-    decode_ms_per_token: ``decode_steps`` single-token calls after that prefill, divided by the steps.
-    ``model`` (a KimiForCausalLM) adds the same measurements for PyTorch eager (``torch.no_grad``).
-    """
-    import onnxruntime as ort
-
-    opts = ort.SessionOptions()
-    if threads is not None:
-        opts.intra_op_num_threads = int(threads)
-        opts.inter_op_num_threads = 1
-    runner = OrtKimiModel(onnx_dir, session_options=opts)
-    rng = np.random.default_rng(seed)
-    vocab = runner.session.get_outputs()[0].shape[-1]
-    vocab = vocab if isinstance(vocab, int) else 100
-    prompt = rng.integers(0, vocab, size=(batch_size, prompt_len), dtype=np.int64)
-    step_ids = rng.integers(0, vocab, size=(batch_size, 1), dtype=np.int64)
-
-    result: dict[str, Any] = {
-        "batch_size": batch_size, "prompt_len": prompt_len, "decode_steps": decode_steps, "repeats": repeats,
-        "threads": threads,
-    }
-    if model is not None:  # PyTorch first: ONNX Runtime's spinning pool threads must not steal its CPU
-        import torch
-
-        prev_threads = torch.get_num_threads()
-        if threads is not None:
-            torch.set_num_threads(int(threads))
-        try:
-            t_prompt, t_step = torch.from_numpy(prompt), torch.from_numpy(step_ids)
-            with torch.no_grad():
-                def pt_prefill():
-                    return model(t_prompt, model.empty_state(batch_size))
-
-                prefill_ms = _median_ms(pt_prefill, repeats)
-                _, pt_state = pt_prefill()
-
-                def pt_decode():
-                    st = pt_state
-                    for _ in range(decode_steps):
-                        _, st = model(t_step, st)
-
-                result["torch_eager"] = {"prefill_ms": prefill_ms,
-                                         "decode_ms_per_token": _median_ms(pt_decode, repeats) / max(decode_steps, 1)}
-        finally:
-            torch.set_num_threads(prev_threads)
-
-    def ort_prefill():
-        return runner(prompt)
-
-    _, ort_state = ort_prefill()
-
-    def ort_decode():
-        st = ort_state
-        for _ in range(decode_steps):
-            _, st = runner(step_ids, st)
-
-    result["ort"] = {"prefill_ms": _median_ms(ort_prefill, repeats),
-                     "decode_ms_per_token": _median_ms(ort_decode, repeats) / max(decode_steps, 1)}
-    return result
-
-
-# ------------------------------------------------------------------------------------------------ verification
-
-
-def _torch_state_max_err(runner: "OrtKimiModel", ort_state: dict[str, Any], torch_state: dict[str, Any]) -> float:
-    worst = 0.0
-    got_state = runner.model_state(ort_state)
-    for name, value in torch_state.items():
-        ref = value.float().cpu()
-        got = got_state[name]
-        if got.dtype == torch.int16 or got.dtype == torch.uint16:  # bfloat16 bits
-            got = got.view(torch.bfloat16)
-        if got.shape != ref.shape:
-            return float("inf")
-        if ref.numel():
-            worst = max(worst, float((got.float() - ref).abs().max()))
-    return worst
-
-
-VERIFY_STAGES = ("logits and state", "prefill in two calls", "greedy tokens", "timing")
-
-
-def verify(onnx_dir: Union[str, os.PathLike], model, *, cases=((1, 1), (3, 7), (1, 33)), split=(2, 12, 5),
-           gen_batch: int = 3, gen_prompt: int = 5, new_tokens: int = 32, timing_runs: int = 3, timing_steps: int = 8, seed: int = 0,
-           progress: Optional[bool] = None) -> dict[str, Any]:
-    """Check an exported folder against the PyTorch model it came from (ONNX Runtime CPU, fresh state).
-
-    * ``cases``: (batch, prompt length) pairs; logits and every state piece compared with the model (the
-      graph's state converted to the model's layout).
-    * ``split``: (batch, length, cut): prefill in two calls (cut, length - cut) vs one call.
-    * greedy generation of ``new_tokens`` on a ``[gen_batch, gen_prompt]`` prompt, ONNX Runtime and PyTorch
-      eager through the same loop (:func:`kimi_compile.greedy.greedy`).
-    * timings on that prompt: one warm-up, then the median of ``timing_runs`` runs of the prefill and of
-      ``timing_steps`` decode steps, for both (``timing_ms``; CPU, a report, not a benchmark).
-    ``progress``: a bar over these stages (None: only on a terminal). Returns a dict; raises nothing for
-    mismatches.
-    """
-    from tqdm.auto import tqdm
-
-    runner = OrtKimiModel(onnx_dir, allow_spinning=False)
-    vocab = model.config.vocab_size
-    gen = torch.Generator().manual_seed(seed)
-    report: dict[str, Any] = {"cases": []}
-    worst_logits = worst_state = 0.0
-    bar = tqdm(total=len(VERIFY_STAGES), desc="kimi-export verify", unit="step", leave=False,
-               disable=None if progress is None else not progress)
-    try:
-        with torch.no_grad():
-            bar.set_postfix_str(VERIFY_STAGES[0])
-            for B, T in cases:
-                ids = torch.randint(0, vocab, (B, T), generator=gen)
-                ref_logits, ref_state = model(ids)
-                logits, state = runner(ids)
-                err_l = float(np.abs(logits - ref_logits.float().numpy()).max())
-                err_s = _torch_state_max_err(runner, state, ref_state)
-                worst_logits, worst_state = max(worst_logits, err_l), max(worst_state, err_s)
-                report["cases"].append({"batch": B, "length": T, "max_logit_err": err_l, "max_state_err": err_s})
-            bar.update(1)
-
-            bar.set_postfix_str(VERIFY_STAGES[1])
-            B, T, cut = split
-            ids = torch.randint(0, vocab, (B, T), generator=gen)
-            one_logits, one_state = runner(ids)
-            l1, st = runner(ids[:, :cut])
-            l2, two_state = runner(ids[:, cut:], st)
-            two_logits = np.concatenate([l1, l2], axis=1)
-            split_err = float(np.abs(two_logits - one_logits).max())
-            for name in runner.state_names:
-                a, b = one_state[name].numpy(), two_state[name].numpy()
-                split_err = max(split_err, float(np.abs(a.astype(np.float32) - b.astype(np.float32)).max())
-                                if a.size else 0.0)
-            report["prefill_split_max_err"] = split_err
-            bar.update(1)
-
-            bar.set_postfix_str(VERIFY_STAGES[2])
-            prompt = torch.randint(0, vocab, (gen_batch, gen_prompt), generator=gen)
-            torch_step = model_step(model)
-            ref_tokens = greedy(torch_step, prompt, new_tokens)
-            ort_tokens = greedy(runner.step, prompt, new_tokens)
-            report["tokens_identical"] = bool(torch.equal(ort_tokens, ref_tokens))
-            report["new_tokens"] = new_tokens
-            report["gen_batch"] = gen_batch
-            bar.update(1)
-
-            bar.set_postfix_str(VERIFY_STAGES[3])
-            timing = {}
-            for side, step in (("torch", torch_step), ("ort", runner.step)):
-                _, prefilled = step(prompt, None)
-                token = ort_tokens[:, gen_prompt:gen_prompt + 1]
-
-                def decode(step=step, prefilled=prefilled, token=token):
-                    st = prefilled
-                    for _ in range(timing_steps):
-                        _, st = step(token, st)
-
-                timing[f"{side}_prefill"] = _median_ms(lambda step=step: step(prompt, None), timing_runs)
-                timing[f"{side}_decode_per_token"] = _median_ms(decode, timing_runs) / max(timing_steps, 1)
-            timing["runs"] = timing_runs
-            timing["note"] = f"CPU, median of {timing_runs} runs after a warm-up"
-            report["timing_ms"] = timing
-            bar.update(1)
-    finally:
-        bar.close()
-    report["max_logit_err"] = worst_logits
-    report["max_state_err"] = worst_state
-    return report

@@ -262,7 +262,8 @@ def _print_report(label, result, verify_report, bench, dtype_name, tol, notes=()
 
 def _run_onnx(args) -> int:
     from kimi_compile.export.onnx import export_onnx
-    from kimi_compile.export.ort_runtime import benchmark, verify
+    from kimi_compile.export.ort_benchmark import benchmark
+    from kimi_compile.export.ort_verify import verify
 
     out_dir = Path(args.out)
     model, label = _load_model(args)

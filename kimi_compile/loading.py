@@ -336,7 +336,7 @@ def load_model(path: Union[str, os.PathLike], *, dtype: Optional[torch.dtype] = 
         from .parallel import load_sharded
         return load_sharded(path, mesh, dtype=dtype, device=device, progress=progress,
                             moe_combine_with_bias=moe_combine_with_bias, attn_res_block_size=attn_res_block_size)
-    from safetensors import SafetensorError, safe_open
+    from safetensors import SafetensorError
     from tqdm.auto import tqdm
 
     path = os.fspath(path)
@@ -356,15 +356,7 @@ def load_model(path: Union[str, os.PathLike], *, dtype: Optional[torch.dtype] = 
     with torch.no_grad():
         for name in optional:  # AttnRes parameters the checkpoint does not hold keep the paper's init
             mapper.params[name].fill_(0.0 if "attn_res_query" in name else 1.0)
-    handles: dict[str, object] = {}
-
-    def handle(shard: str):
-        if shard not in handles:
-            try:
-                handles[shard] = safe_open(shard, framework="pt", device="cpu")
-            except SafetensorError as e:
-                raise ValueError(f"corrupt or truncated safetensors file {shard}: {e}") from e
-        return handles[shard]
+    handle = _ShardHandles()
 
     bar = tqdm(total=len(plan), desc=f"loading {os.path.basename(os.path.normpath(path))}", unit="tensor",
                disable=not progress)
@@ -385,8 +377,29 @@ def load_model(path: Union[str, os.PathLike], *, dtype: Optional[torch.dtype] = 
                 bar.update(1)
     finally:
         bar.close()
-        handles.clear()
+        handle.close()
     return model.eval()
+
+
+class _ShardHandles:
+    """``handle(shard)``: the shard's ``safe_open`` handle, opened on first use (a file safetensors cannot open
+    raises ValueError naming it); ``close()`` drops them all."""
+
+    def __init__(self) -> None:
+        self._handles: dict[str, object] = {}
+
+    def __call__(self, shard: str):
+        if shard not in self._handles:
+            from safetensors import SafetensorError, safe_open
+
+            try:
+                self._handles[shard] = safe_open(shard, framework="pt", device="cpu")
+            except SafetensorError as e:
+                raise ValueError(f"corrupt or truncated safetensors file {shard}: {e}") from e
+        return self._handles[shard]
+
+    def close(self) -> None:
+        self._handles.clear()
 
 
 def _read_config(path: str, dtype, moe_combine_with_bias: Optional[bool], attn_res_block_size: Optional[int]

@@ -49,8 +49,9 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Partial, Replicate, Shard
 from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
 
+from . import loading as L
 from .config import KimiConfig
-from .model import FP32_TENSORS, KDAAttention, KimiForCausalLM, MLAttention, MoE, Rotary, SwiGLU
+from .model import KDAAttention, KimiForCausalLM, MLAttention, MoE, SwiGLU
 from .state import StateSpec, empty_state as _global_empty_state, state_specs as _global_state_specs
 
 __all__ = ["parallelize", "load_sharded", "local_state_specs", "ParallelKimiForCausalLM", "shard_ranges"]
@@ -271,27 +272,24 @@ def shard_ranges(model: "ParallelKimiForCausalLM", name: str, t: Tensor) -> Opti
 # ------------------------------------------------------------------------------------------------ sharded loading
 
 def _materialize_sharded(model: ParallelKimiForCausalLM, dtype: torch.dtype, device: torch.device) -> None:
-    """Give a parallelized meta model real, uninitialised local storage (float32 where by definition)."""
+    """Give a parallelized meta model real, uninitialised local storage: :meth:`KimiForCausalLM.materialize_`
+    (dtypes, tied head, rope table) on local shapes, then each DTensor parameter wraps its local tensor again."""
+    sharded: dict[tuple[nn.Module, str], DTensor] = {}
     for module in model.modules():
         for name, t in list(module._parameters.items()):
-            if t is None:
-                continue
-            target = torch.float32 if name in FP32_TENSORS else dtype
             if isinstance(t, DTensor):
-                local = torch.empty(t.to_local().shape, dtype=target, device=device)
-                new = DTensor.from_local(local, t.device_mesh, t.placements, run_check=False, shape=t.shape,
-                                         stride=t.stride())
-            else:
-                new = torch.empty(t.shape, dtype=target, device=device)
-            module._parameters[name] = nn.Parameter(new, requires_grad=t.requires_grad)
-        for name, t in list(module._buffers.items()):
-            if t is not None:
-                target = torch.float32 if name in FP32_TENSORS else dtype
-                module._buffers[name] = torch.empty(t.shape, dtype=target, device=device)
-    if model.config.tie_word_embeddings:
-        model.lm_head.weight = model.model.embed_tokens.weight
-    if model.model.rotary is not None:
-        model.model.rotary = Rotary(model.config).to(device)
+                sharded[(module, name)] = t
+                module._parameters[name] = nn.Parameter(torch.empty(t.to_local().shape, dtype=t.dtype,
+                                                                    device="meta"), requires_grad=t.requires_grad)
+    model.materialize_(dtype, device)
+    wrapped: dict[int, nn.Parameter] = {}  # by the original DTensor, so a tied embedding / head stays one parameter
+    for (module, name), t in sharded.items():
+        if id(t) not in wrapped:
+            local = module._parameters[name].detach()
+            wrapped[id(t)] = nn.Parameter(DTensor.from_local(local, t.device_mesh, t.placements, run_check=False,
+                                                             shape=t.shape, stride=t.stride()),
+                                          requires_grad=t.requires_grad)
+        module._parameters[name] = wrapped[id(t)]
 
 
 def _local_view(t: Tensor) -> Tensor:
@@ -313,10 +311,7 @@ def load_sharded(path: Union[str, os.PathLike], mesh: DeviceMesh, *, dtype: Opti
     then each rank reads, per tensor, only the rows / columns it keeps (``safe_open(...).get_slice``).
     ``device`` defaults to (and must be of the type of) the mesh's device (the current CUDA device on a CUDA
     mesh)."""
-    from safetensors import SafetensorError, safe_open
     from tqdm.auto import tqdm
-
-    from . import loading as L
 
     tp = _check_mesh(mesh)
     if device is None or torch.device(device).type != mesh.device_type:  # the mesh decides where shards live
@@ -343,15 +338,7 @@ def load_sharded(path: Union[str, os.PathLike], mesh: DeviceMesh, *, dtype: Opti
     with torch.no_grad():
         for n in optional:  # AttnRes parameters the checkpoint does not hold keep the paper's init
             params[n].fill_(0.0 if "attn_res_query" in n else 1.0)
-    handles: dict[str, object] = {}
-
-    def handle(shard: str):
-        if shard not in handles:
-            try:
-                handles[shard] = safe_open(shard, framework="pt", device="cpu")
-            except SafetensorError as e:
-                raise ValueError(f"corrupt or truncated safetensors file {shard}: {e}") from e
-        return handles[shard]
+    handle = L._ShardHandles()
 
     bar = tqdm(total=len(plan), desc=f"loading {os.path.basename(os.path.normpath(path))} "
                f"(rank {mesh.get_local_rank()}/{tp})", unit="tensor", disable=not progress)
@@ -365,7 +352,7 @@ def load_sharded(path: Union[str, os.PathLike], mesh: DeviceMesh, *, dtype: Opti
                 bar.update(1)
     finally:
         bar.close()
-        handles.clear()
+        handle.close()
     return model.eval()
 
 

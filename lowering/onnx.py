@@ -10,7 +10,8 @@ Two paths:
 * default (``fallback=False``): ``kimi::kda`` -> one opset-27 ``LinearAttention`` node
   (``update_rule="gated_delta"``, per-key-channel decay), ``kimi::short_conv`` -> one opset-27
   ``CausalConvWithState`` node. The exported model must then import the default domain at opset 27
-  (:func:`raise_default_opset`).
+  (:func:`~kimi_compile.lowering.onnx_passes.raise_default_opset`, with the other passes over the exported
+  model in ``lowering/onnx_passes.py``).
 * fallback (``fallback=True``): only ops of opset <= 18: KDA as a chunked WY form with one ``Loop`` over
   chunks (``lowering/onnx_fallback.py``), the conv as ``Concat`` + depthwise ``Conv`` + ``Slice``.
 
@@ -47,6 +48,7 @@ from .onnx_builder import (
     scalar_f32,
     short_conv_dims,
 )
+from .onnx_passes import DEFAULT_OPSET, raise_default_opset, widen_bfloat16_einsum  # noqa: F401  (also public here)
 
 __all__ = [
     "OPSET27",
@@ -54,6 +56,7 @@ __all__ = [
     "DEFAULT_OPSET",
     "custom_translation_table",
     "raise_default_opset",
+    "widen_bfloat16_einsum",
     "kda_linear_attention",
     "short_conv_causal_conv",
     "attn_res_onnx",
@@ -65,7 +68,6 @@ __all__ = [
 #: onnxscript 0.7.2 ships opsets up to 23 as modules; opset 27 (LinearAttention, CausalConvWithState)
 #: is reached through a bare ``Opset`` object whose schemas come from the installed ``onnx``.
 OPSET27 = onnxscript.values.Opset("", 27)
-DEFAULT_OPSET = 27
 FALLBACK_OPSET = 18  # the exporter's own opset (torchlib); the fallback graph uses nothing newer
 
 
@@ -228,7 +230,7 @@ def moe_experts_onnx(x, topk_ids, topk_weights, w_gate, w_up, w_down):
 
 
 # --------------------------------------------------------------------------------------------------------
-# translation table and opset fix-up
+# translation table
 # --------------------------------------------------------------------------------------------------------
 
 
@@ -241,54 +243,3 @@ def custom_translation_table(fallback: bool = False) -> dict[Any, Callable]:
     """
     return {getattr(torch.ops.kimi, name).default: registry.resolve(ref)
             for name, ref in registry.onnx_lowerings(fallback).items()}
-
-
-def raise_default_opset(model, version: int = DEFAULT_OPSET) -> None:
-    """Set the default-domain opset import of an ``onnx.ModelProto`` or ``onnx_ir.Model`` to ``version``.
-
-    The exporter writes the opset of its own op library (18) even when nodes of newer ops were recorded.
-    """
-    if isinstance(model, ir.Model):
-        model.opset_imports[""] = version
-        model.graph.opset_imports[""] = version
-        return
-    for entry in model.opset_import:
-        if entry.domain in ("", "ai.onnx"):
-            entry.version = version
-            return
-    new = model.opset_import.add()
-    new.domain, new.version = "", version
-
-
-def widen_bfloat16_einsum(model) -> int:
-    """Run bfloat16 ``Einsum`` nodes in float32 (Cast in, Einsum, Cast out); returns how many were rewritten.
-
-    ONNX ``Einsum`` (opset 12, still current at 27) has no bfloat16 type: torchlib emits it for ``torch.einsum``
-    anyway, and the checker rejects the graph. Only the default domain's nodes of ``model.graph`` (an
-    ``onnx_ir.Model``) and its subgraphs are touched.
-    """
-    BF16 = ir.DataType.BFLOAT16
-    changed = 0
-    for node in list(ir.traversal.RecursiveGraphIterator(model.graph)):
-        if node.op_type != "Einsum" or node.domain not in ("", "ai.onnx"):
-            continue
-        if not any(v is not None and v.dtype == BF16 for v in node.inputs):
-            continue
-        graph = node.graph
-        casts = [ir.node("Cast", [v], {"to": int(FLOAT)}) for v in node.inputs]
-        wide = ir.node("Einsum", [c.outputs[0] for c in casts], {"equation": node.attributes["equation"].value})
-        back = ir.node("Cast", [wide.outputs[0]], {"to": int(BF16)})
-        old = node.outputs[0]
-        new = back.outputs[0]
-        new.shape, new.type = old.shape, old.type
-        ir.convenience.replace_all_uses_with(old, new)
-        for i, out in enumerate(graph.outputs):
-            if out is old:
-                graph.outputs[i] = new
-        graph.insert_before(node, [*casts, wide, back])
-        graph.remove(node, safe=True)
-        name = old.name
-        old.name = None
-        new.name = name
-        changed += 1
-    return changed

@@ -3,9 +3,9 @@
 Importing this package registers the ops: ``torch.ops.kimi.kda``, ``short_conv``, ``attn_res`` (with its
 two-phase ``attn_res_phase1`` / ``attn_res_merge``), ``moe_experts`` and their backward ops. Each op with more
 than one file has a folder laid out like FLA's ``fla/ops/<op>/``: ``__init__.py`` holds the contract
-(docstring), checks, registration, fake and autograd; the Triton kernels sit beside it (``kda/`` splits them by
-stage, ``kda/naive.py`` is the float64 oracle, ``kda/tuning.py`` the kernels' tuning; ``moe/decode.py`` holds the
-MoE decode kernels).
+(docstring), checks, registration, fake and autograd; ``naive.py`` the plain-PyTorch reference (the CPU kernel;
+for KDA the float64 oracle); the Triton kernels sit beside them (``kda/`` splits them by stage, ``kda/tuning.py``
+holds the kernels' tuning; ``moe/decode.py`` the MoE decode kernels).
 lowering/registry.py lists, per op, where its reference, fake, kernels and lowerings live.
 """
 

@@ -104,7 +104,7 @@ def _warm_imports():
 def test_guard_refuses_a_large_tensor():
     with no_large_allocation():
         with pytest.raises(RuntimeError, match="can't allocate memory"):
-            torch.empty(256, 10 ** 9)  # what materialize_ did for hidden_size 10**9 on 15f1186
+            torch.empty(256, 10 ** 9)  # what allocating first would do for hidden_size 10**9
     torch.empty(1 << 20)  # and is lifted afterwards
 
 

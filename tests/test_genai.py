@@ -11,7 +11,6 @@ argument rules, the MLA cache halves, and the import-cycle check of the generati
 
 from __future__ import annotations
 
-import ast
 import warnings
 from pathlib import Path
 
@@ -254,45 +253,3 @@ def test_mla_cache_halves_round_trip(width):
         graph_state_specs(cfg, torch.float32, "paged")
     with pytest.raises(ValueError, match="past_key_values.1.value"):
         from_graph_state({"past_key_values.1.key": key}, width, "split")
-
-
-# ------------------------------------------------------------------------------------------------ import cycles
-
-
-def _imports(path: Path, package: str) -> set[str]:
-    """Modules of kimi_compile that ``path`` imports anywhere (function bodies included)."""
-    tree = ast.parse(path.read_text())
-    found = set()
-    for node in ast.walk(tree):
-        if isinstance(node, ast.ImportFrom):
-            if node.level:
-                base = package.rsplit(".", node.level - 1)[0] if node.level > 1 else package
-                mod = f"{base}.{node.module}" if node.module else base
-                names = [f"{mod}.{a.name}" for a in node.names] + [mod]
-            else:
-                names = [node.module or ""] + [f"{node.module}.{a.name}" for a in node.names]
-            found.update(n for n in names if n.startswith("kimi_compile"))
-        elif isinstance(node, ast.Import):
-            found.update(a.name for a in node.names if a.name.startswith("kimi_compile"))
-    return found
-
-
-def test_no_import_cycles_between_generation_and_lowering_modules():
-    root = Path(__file__).resolve().parents[1]
-    files = {
-        "kimi_compile.generate": root / "kimi_compile/generate.py",
-        "kimi_compile.greedy": root / "kimi_compile/greedy.py",
-        "kimi_compile.export.ort_runtime": root / "export/ort_runtime.py",
-        "kimi_compile.export.genai_runtime": root / "export/genai_runtime.py",
-        "kimi_compile.lowering.onnx": root / "lowering/onnx.py",
-        "kimi_compile.lowering.onnx_fallback": root / "lowering/onnx_fallback.py",
-        "kimi_compile.lowering.onnx_builder": root / "lowering/onnx_builder.py",
-    }
-    graph = {m: {d for d in _imports(p, m.rsplit(".", 1)[0]) if d in files and d != m} for m, p in files.items()}
-    assert "kimi_compile.export.ort_runtime" in graph["kimi_compile.generate"]  # the check sees lazy imports
-
-    def reaches(a, b, seen=()):
-        return b in graph[a] or any(reaches(n, b, (*seen, a)) for n in graph[a] if n not in seen)
-
-    cycles = [m for m in files if reaches(m, m)]
-    assert not cycles, graph

@@ -259,8 +259,8 @@ def test_config_bounds_name_the_field():
 
 
 def test_loader_checks_everything_before_allocating(hf_kimi, tmp_path, monkeypatch):
-    """A checkpoint that cannot load fails before the model gets any storage (15f1186 allocated every parameter
-    first, then read the headers)."""
+    """A checkpoint that cannot load fails before the model gets any storage: the headers are checked first, so
+    a bad file never costs a full-size allocation."""
     allocated = []
     real = KimiForCausalLM.materialize_
     monkeypatch.setattr(KimiForCausalLM, "materialize_", lambda self, *a: allocated.append(1) or real(self, *a))

@@ -1,6 +1,10 @@
 """The op table (lowering/registry.py) covers every registered kimi op, and every name in it exists."""
 from __future__ import annotations
 
+import importlib.util
+import re
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -53,3 +57,51 @@ def test_translation_table_is_the_registry(fallback):
     assert table == want and len(table) == 6
     kda_lowering = table[torch.ops.kimi.kda.default].__name__
     assert kda_lowering == ("kda_chunked" if fallback else "kda_linear_attention")
+
+
+# ------------------------------------------------------------------------------------------------ README matrix
+
+ROOT = Path(__file__).resolve().parents[1]
+README_COLUMNS = {"reference": 2, "fake": 1, "cuda": 3, "onnx": 4, "onnx_fallback": 5}  # column of each field
+
+
+def _readme_rows() -> dict[str, list[str]]:
+    """The README's op matrix: op -> its cells (the rows whose first cell is a `kimi::` op)."""
+    rows = {}
+    for line in (ROOT / "README.md").read_text().splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if line.startswith("| `kimi::") and len(cells) == 8:
+            rows[cells[0].strip("`")] = cells
+    return rows
+
+
+def _source_path(ref: str) -> str:
+    """``"kimi_compile.ops.kda.naive:f"`` -> ``"ops/kda/naive.py:f"`` (the file in this checkout)."""
+    module, _, attr = ref.partition(":")
+    origin = Path(importlib.util.find_spec(module).origin).resolve()
+    return f"{origin.relative_to(ROOT).as_posix()}:{attr}"
+
+
+def test_readme_matrix_matches_the_op_table():
+    readme = _readme_rows()
+    assert set(readme) == {row.op for row in registry.OPS}, "README op matrix rows != lowering/registry.py rows"
+    for row in registry.OPS:
+        cells = readme[row.op]
+        for field, col in README_COLUMNS.items():
+            ref = getattr(row, field)
+            if ref is None:
+                assert cells[col].startswith("—"), (row.op, field, cells[col])
+            else:
+                assert f"`{_source_path(ref)}`" in cells[col], (row.op, field, cells[col], _source_path(ref))
+        plugin = cells[6]
+        assert (plugin == "none") if row.tensorrt_plugin is None else plugin.startswith(f"`{row.tensorrt_plugin}`"), (
+            row.op, plugin)
+        tests = re.findall(r"`(test_\w+\.py)`", cells[7])
+        assert tests and all((ROOT / "tests" / t).is_file() for t in tests), (row.op, cells[7])
+
+
+def test_readme_names_the_ops_without_a_plugin():
+    text = (ROOT / "README.md").read_text()
+    line = text[text.index("**No TensorRT plugin:**"):].split("\n\n", 1)[0]
+    named = set(re.findall(r"`(kimi::\w+)`", line))
+    assert named == {r.op for r in registry.OPS if r.tensorrt_plugin is None and not r.op.endswith("_backward")}

@@ -1,4 +1,4 @@
-"""The ONNX rewrite between standard ops and TensorRT plugin nodes (lowering/tensorrt.py), on small hand-built
+"""The ONNX rewrite between standard ops and TensorRT plugin nodes (lowering/tensorrt/graph.py), on small hand-built
 graphs: optional inputs become zeros, layouts round-trip, graph inputs / outputs keep their names, nodes that
 are not the kimi ops stay, and plugin -> standard gives the same numbers in ONNX Runtime as the original."""
 

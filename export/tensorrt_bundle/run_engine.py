@@ -108,6 +108,7 @@ class TrtKimiRunner:
         return outs["logits"], next_state(outs)
 
     def generate(self, input_ids, max_new_tokens):
+        # its own greedy loop, not kimi_compile.greedy: the bundle runs where kimi_compile is not installed
         torch = self.torch
         ids = torch.as_tensor(input_ids, dtype=torch.int64).to(self.device)
         logits, state = self(ids)

@@ -20,7 +20,7 @@ __all__ = ["kernel_binding", "launch_params", "kernel_constexprs", "example_shap
 
 def kernel_binding(spec: PluginSpec) -> Optional[KernelBinding]:
     """The Triton kernel that implements ``spec`` ahead of time (None when its module is unavailable):
-    ``kimi::short_conv`` -> ``ops/short_conv_triton.py``; ``kimi::kda`` -> the token-loop kernel behind
+    ``kimi::short_conv`` -> ``ops/short_conv/kernel.py``; ``kimi::kda`` -> the token-loop kernel behind
     ``kda_plugin.kda_plugin_kernel``."""
     binding = kda_binding() if spec is KDA else spec.kernel
     if binding is None or importlib.util.find_spec(binding.module) is None:

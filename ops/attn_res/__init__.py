@@ -38,8 +38,9 @@ score the completed sources at once, and each sublayer then adds only its partia
 Phase 1 and merge are differentiable too (backward formulas in PyTorch, a few nodes), so one code
 path serves training and inference; the two-phase split pays off at inference.
 
-Kernels: the default implementation (any device) is plain PyTorch; on CUDA the float16 / bfloat16 /
-float32 cases run the Triton kernels of ``ops/attn_res/kernel.py`` (float64 stays on the PyTorch path).
+Kernels: the default implementation (any device) is plain PyTorch (``ops/attn_res/naive.py``, also the
+reference); on CUDA the float16 / bfloat16 / float32 cases run the Triton kernels of ``ops/attn_res/kernel.py``
+(float64 stays on the PyTorch path).
 """
 
 from __future__ import annotations
@@ -53,6 +54,15 @@ import torch
 from torch import Tensor
 
 from .._checks import check_float, check_same_device, check_tensor
+from .naive import (
+    acc_dtype,
+    attn_res_backward_reference,
+    attn_res_merge_backward_reference,
+    attn_res_merge_reference,
+    attn_res_phase1_backward_reference,
+    attn_res_phase1_reference,
+    attn_res_reference,
+)
 
 __all__ = [
     "attn_res",
@@ -129,7 +139,7 @@ def _check_merge(out, lse_max, lse_sum, partial, query, eps) -> None:
         _check_tensor(t, name)
         if t.shape != (B, T):
             raise ValueError(f"attn_res_merge: {name} must have shape [B, T] = [{B}, {T}], got {tuple(t.shape)}")
-        want = _acc_dtype(partial.dtype)
+        want = acc_dtype(partial.dtype)
         if t.dtype != want:
             raise TypeError(f"attn_res_merge: {name} must be {want} (the phase-1 statistics for {partial.dtype}), got {t.dtype}")
         if t.device != partial.device:
@@ -139,140 +149,6 @@ def _check_merge(out, lse_max, lse_sum, partial, query, eps) -> None:
         raise ValueError(f"attn_res_merge: query must have shape [D] = [{D}], got {tuple(query.shape)}")
     _check_same(query, "query", partial, "partial")
     _check_eps(eps)
-
-
-# --------------------------------------------------------------------------------------------
-# PyTorch implementations (any device; the CPU kernels and the reference)
-# --------------------------------------------------------------------------------------------
-
-
-def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-def _scores(xf: Tensor, qf: Tensor, eps: float) -> Tuple[Tensor, Tensor]:
-    """``xf`` ``[..., D]``, ``qf`` ``[D]`` or ``[S, D]`` -> (score, rstd).  score ``[..., ]`` or ``[S, ...]``."""
-    rstd = torch.rsqrt(xf.pow(2).mean(-1) + eps)
-    if qf.dim() == 1:
-        dot = torch.matmul(xf, qf)
-    else:
-        dot = torch.einsum("nbtd,sd->snbt", xf, qf)
-    return dot * rstd, rstd
-
-
-def attn_res_reference(sources: Tensor, query: Tensor, eps: float = 1e-6) -> Tensor:
-    """Plain-PyTorch AttnRes (the CPU kernel of ``kimi::attn_res``); not an op, no validation."""
-    acc = _acc_dtype(sources.dtype)
-    xf = sources.to(acc)
-    score, _ = _scores(xf, query.to(acc), eps)  # [N, B, T]
-    alpha = torch.softmax(score, dim=0)
-    out = (alpha.unsqueeze(-1) * xf).sum(0)
-    return out.to(sources.dtype).contiguous()
-
-
-def _attn_res_backward_torch(grad_out: Tensor, sources: Tensor, query: Tensor, eps: float):
-    acc = _acc_dtype(sources.dtype)
-    xf = sources.to(acc)
-    qf = query.to(acc)
-    g = grad_out.to(acc)
-    D = sources.shape[-1]
-    score, rstd = _scores(xf, qf, eps)  # [N, B, T]
-    alpha = torch.softmax(score, dim=0)
-    a = (xf * g).sum(-1)  # g . x_n            [N, B, T]
-    delta = (alpha * a).sum(0)  # g . out      [B, T]
-    ds = alpha * (a - delta)  # dL/dscore      [N, B, T]
-    coef = ds * rstd
-    dx = alpha.unsqueeze(-1) * g + coef.unsqueeze(-1) * qf - (coef * score * rstd / D).unsqueeze(-1) * xf
-    dq = torch.einsum("nbt,nbtd->d", coef, xf)
-    return dx.to(sources.dtype).contiguous(), dq.to(query.dtype).contiguous()
-
-
-def _phase1_torch(sources: Tensor, queries: Tensor, eps: float):
-    acc = _acc_dtype(sources.dtype)
-    xf = sources.to(acc)
-    score, _ = _scores(xf, queries.to(acc), eps)  # [S, N, B, T]
-    m = score.amax(dim=1)  # [S, B, T]
-    p = torch.exp(score - m.unsqueeze(1))
-    l = p.sum(dim=1)
-    out = torch.einsum("snbt,nbtd->sbtd", p, xf) / l.unsqueeze(-1)
-    return out.to(sources.dtype).contiguous(), m.contiguous(), l.contiguous()
-
-
-def _merge_torch(out: Tensor, lse_max: Tensor, lse_sum: Tensor, partial: Tensor, query: Tensor, eps: float):
-    acc = _acc_dtype(partial.dtype)
-    xf = partial.to(acc)
-    s2, _ = _scores(xf, query.to(acc), eps)  # [B, T]
-    m1 = lse_max.to(acc)
-    m = torch.maximum(m1, s2)
-    w1 = lse_sum.to(acc) * torch.exp(m1 - m)
-    w2 = torch.exp(s2 - m)
-    h = (w1.unsqueeze(-1) * out.to(acc) + w2.unsqueeze(-1) * xf) / (w1 + w2).unsqueeze(-1)
-    return h.to(partial.dtype).contiguous()
-
-
-def _phase1_backward_torch(g_out, g_max, g_sum, sources: Tensor, queries: Tensor, eps: float):
-    """Gradients of phase 1 for (sources, queries).
-
-    With p = exp(score - m), l = sum_n p, alpha = p / l and one-hot(argmax) (ties share, as for
-    amax): dscore = alpha (g_out . x - g_out . out) + g_sum (p - l onehot) + g_max onehot.
-    """
-    acc = _acc_dtype(sources.dtype)
-    xf = sources.to(acc)
-    qf = queries.to(acc)
-    D = sources.shape[-1]
-    score, rstd = _scores(xf, qf, eps)  # [S, N, B, T], [N, B, T]
-    m = score.amax(dim=1, keepdim=True)
-    p = torch.exp(score - m)
-    l = p.sum(dim=1, keepdim=True)
-    alpha = p / l
-    onehot = (score == m).to(acc)
-    onehot = onehot / onehot.sum(dim=1, keepdim=True)
-    dscore = torch.zeros_like(score)
-    dx = torch.zeros_like(xf)
-    if g_out is not None:
-        go = g_out.to(acc)
-        out = torch.einsum("snbt,nbtd->sbtd", alpha, xf)
-        a = torch.einsum("sbtd,nbtd->snbt", go, xf)
-        delta = (go * out).sum(-1).unsqueeze(1)
-        dscore = dscore + alpha * (a - delta)
-        dx = dx + torch.einsum("snbt,sbtd->nbtd", alpha, go)
-    if g_sum is not None:
-        gl = g_sum.to(acc).unsqueeze(1)
-        dscore = dscore + gl * (p - l * onehot)
-    if g_max is not None:
-        dscore = dscore + g_max.to(acc).unsqueeze(1) * onehot
-    coef = dscore * rstd  # [S, N, B, T]
-    dx = dx + torch.einsum("snbt,sd->nbtd", coef, qf)
-    dx = dx - ((coef * score).sum(0) * rstd / D).unsqueeze(-1) * xf
-    dq = torch.einsum("snbt,nbtd->sd", coef, xf)
-    return dx.to(sources.dtype), dq.to(queries.dtype)
-
-
-def _merge_backward_torch(g, out: Tensor, lse_max: Tensor, lse_sum: Tensor, partial: Tensor, query: Tensor, eps: float):
-    """Gradients of the merge.  h = a out + b partial with a = sigmoid(lam - s2), b = 1 - a,
-    lam = lse_max + log(lse_sum) (the phase-1 log-sum-exp), s2 = query . rmsnorm(partial)."""
-    acc = _acc_dtype(partial.dtype)
-    D = partial.shape[-1]
-    pf = partial.to(acc)
-    qf = query.to(acc)
-    of = out.to(acc)
-    gf = g.to(acc)
-    s2, r2 = _scores(pf, qf, eps)  # [B, T]
-    lam = lse_max.to(acc) + torch.log(lse_sum.to(acc))
-    a = torch.sigmoid(lam - s2)
-    b = torch.sigmoid(s2 - lam)
-    dlam = (gf * (of - pf)).sum(-1) * a * b
-    coef = -dlam * r2  # d s2 = -d lam
-    d_out = a.unsqueeze(-1) * gf
-    d_partial = b.unsqueeze(-1) * gf + coef.unsqueeze(-1) * qf - (coef * s2 * r2 / D).unsqueeze(-1) * pf
-    d_query = torch.einsum("bt,btd->d", coef, pf)
-    return (
-        d_out.to(out.dtype),
-        dlam.to(lse_max.dtype),
-        (dlam / lse_sum.to(acc)).to(lse_sum.dtype),
-        d_partial.to(partial.dtype),
-        d_query.to(query.dtype),
-    )
 
 
 def _triton_kernels(t: Tensor):
@@ -319,14 +195,14 @@ def _attn_res_fake(sources: Tensor, query: Tensor, eps: float = 1e-6) -> Tensor:
 
 @torch.library.custom_op("kimi::attn_res_backward", mutates_args=())
 def _attn_res_backward_op(grad_out: Tensor, sources: Tensor, query: Tensor, eps: float) -> Tuple[Tensor, Tensor]:
-    return _attn_res_backward_torch(grad_out, sources, query, eps)
+    return attn_res_backward_reference(grad_out, sources, query, eps)
 
 
 @_attn_res_backward_op.register_kernel("cuda")
 def _attn_res_backward_cuda(grad_out: Tensor, sources: Tensor, query: Tensor, eps: float) -> Tuple[Tensor, Tensor]:
     kernels = _triton_kernels(sources)
     if kernels is None:
-        return _attn_res_backward_torch(grad_out, sources, query, eps)
+        return attn_res_backward_reference(grad_out, sources, query, eps)
     return kernels.attn_res_bwd(grad_out, sources, query, eps)
 
 
@@ -389,7 +265,7 @@ def attn_res(sources: Tensor, query: Tensor, eps: float = 1e-6) -> Tensor:
 @torch.library.custom_op("kimi::attn_res_phase1", mutates_args=())
 def _attn_res_phase1_op(sources: Tensor, queries: Tensor, eps: float = 1e-6) -> Tuple[Tensor, Tensor, Tensor]:
     _check_phase1(sources, queries, eps)
-    return _phase1_torch(sources, queries, eps)
+    return attn_res_phase1_reference(sources, queries, eps)
 
 
 @_attn_res_phase1_op.register_kernel("cuda")
@@ -397,7 +273,7 @@ def _attn_res_phase1_cuda(sources: Tensor, queries: Tensor, eps: float = 1e-6) -
     _check_phase1(sources, queries, eps)
     kernels = _triton_kernels(sources)
     if kernels is None:
-        return _phase1_torch(sources, queries, eps)
+        return attn_res_phase1_reference(sources, queries, eps)
     return kernels.attn_res_phase1_fwd(sources, queries, eps)
 
 
@@ -407,8 +283,8 @@ def _attn_res_phase1_fake(sources: Tensor, queries: Tensor, eps: float = 1e-6) -
     _, B, T, D = sources.shape
     S = queries.shape[0]
     out = sources.new_empty((S, B, T, D))
-    m = sources.new_empty((S, B, T), dtype=_acc_dtype(sources.dtype))
-    l = sources.new_empty((S, B, T), dtype=_acc_dtype(sources.dtype))
+    m = sources.new_empty((S, B, T), dtype=acc_dtype(sources.dtype))
+    l = sources.new_empty((S, B, T), dtype=acc_dtype(sources.dtype))
     return out, m, l
 
 
@@ -417,7 +293,7 @@ def _attn_res_merge_op(
     out: Tensor, lse_max: Tensor, lse_sum: Tensor, partial: Tensor, query: Tensor, eps: float = 1e-6
 ) -> Tensor:
     _check_merge(out, lse_max, lse_sum, partial, query, eps)
-    return _merge_torch(out, lse_max, lse_sum, partial, query, eps)
+    return attn_res_merge_reference(out, lse_max, lse_sum, partial, query, eps)
 
 
 @_attn_res_merge_op.register_kernel("cuda")
@@ -427,7 +303,7 @@ def _attn_res_merge_cuda(
     _check_merge(out, lse_max, lse_sum, partial, query, eps)
     kernels = _triton_kernels(partial)
     if kernels is None:
-        return _merge_torch(out, lse_max, lse_sum, partial, query, eps)
+        return attn_res_merge_reference(out, lse_max, lse_sum, partial, query, eps)
     return kernels.attn_res_merge_fwd(out, lse_max, lse_sum, partial, query, eps)
 
 
@@ -447,7 +323,7 @@ def _phase1_setup_context(ctx, inputs, output) -> None:
 
 def _phase1_autograd(ctx, g_out, g_max, g_sum):
     sources, queries = ctx.saved_tensors
-    dx, dq = _phase1_backward_torch(g_out, g_max, g_sum, sources, queries, ctx.eps)
+    dx, dq = attn_res_phase1_backward_reference(g_out, g_max, g_sum, sources, queries, ctx.eps)
     return dx, dq, None
 
 
@@ -462,7 +338,7 @@ def _merge_setup_context(ctx, inputs, output) -> None:
 
 def _merge_autograd(ctx, g):
     out, lse_max, lse_sum, partial, query = ctx.saved_tensors
-    return (*_merge_backward_torch(g, out, lse_max, lse_sum, partial, query, ctx.eps), None)
+    return (*attn_res_merge_backward_reference(g, out, lse_max, lse_sum, partial, query, ctx.eps), None)
 
 
 _attn_res_merge_op.register_autograd(_merge_autograd, setup_context=_merge_setup_context)

@@ -12,7 +12,7 @@ accumulating in float32.  Per source and row:
 so ``out = acc / l``, ``m`` is the running max and ``l = sum exp(score - m)``.
 
 The launchers (``attn_res_fwd``, ``attn_res_bwd``, ``attn_res_phase1_fwd``, ``attn_res_merge_fwd``)
-take plain tensors and do no validation; ``ops/attn_res.py`` validates and registers them as the
+take plain tensors and do no validation; ``ops/attn_res/__init__.py`` validates and registers them as the
 CUDA kernels of the custom ops.  They also run on CPU tensors under ``TRITON_INTERPRET=1`` (the
 interpreter is chosen when ``triton.jit`` decorates, i.e. when this module is imported), which is
 how the tests check the kernels without a GPU.
@@ -246,7 +246,7 @@ def kernel_config(D: int, block_r: int | None = None, num_warps: int | None = No
 
 
 # --------------------------------------------------------------------------------------------
-# launchers (no validation: ops/attn_res.py does it)
+# launchers (no validation: ops/attn_res/__init__.py does it)
 # --------------------------------------------------------------------------------------------
 
 

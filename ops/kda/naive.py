@@ -16,7 +16,6 @@ a NaN / inf at token t reaches outputs at t and later only, and g = -inf (a full
 from __future__ import annotations
 
 import torch
-from torch import Tensor
 
 __all__ = ["REFERENCE_CHUNK", "state_dtype", "kda_reference_loop", "kda_reference_chunked", "kda_reference_backward"]
 

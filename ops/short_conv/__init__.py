@@ -14,7 +14,8 @@ Contract::
     final_state    [B, C, W-1]: the last W-1 entries of xpad (state entries included when T < W-1)
 
 This is ONNX opset 27 CausalConvWithState up to layout ([B, C, T] there). Arithmetic runs in float32
-(float64 for float64 inputs).
+(float64 for float64 inputs). The PyTorch implementation (CPU kernel and reference) is ``naive.py``, the Triton
+kernel ``kernel.py``.
 """
 
 from __future__ import annotations
@@ -25,10 +26,10 @@ import importlib.util
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from .._checks import check_float, check_same_device, check_tensor
+from .naive import short_conv_backward_reference, short_conv_reference
 
 ACTIVATIONS = ("silu", "none")
 
@@ -58,36 +59,6 @@ def check_short_conv_args(x, weight, bias, initial_state, activation) -> None:
     if activation not in ACTIVATIONS:
         raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
     check_same_device(dict(x=x, weight=weight, bias=bias, initial_state=initial_state))
-
-
-def short_conv_reference(x, weight, bias=None, initial_state=None, activation="silu"):
-    """Depthwise causal conv1d over [state | x]; differentiable torch ops, no loop."""
-    B, T, C = x.shape
-    W = weight.shape[1]
-    cdt = torch.float64 if x.dtype == torch.float64 else torch.float32
-    if initial_state is None:
-        initial_state = x.new_zeros(B, C, W - 1)
-    xpad = torch.cat([initial_state.to(cdt), x.to(cdt).transpose(1, 2)], dim=2)  # [B, C, W-1+T]
-    y = F.conv1d(xpad, weight.to(cdt).unsqueeze(1), None if bias is None else bias.to(cdt), groups=C)
-    if activation == "silu":
-        y = F.silu(y)
-    final_state = xpad[:, :, xpad.shape[2] - (W - 1):]
-    # clone: a new tensor with storage offset 0 even for the empty W == 1 state
-    return y.transpose(1, 2).to(x.dtype).contiguous(), final_state.to(x.dtype).clone(memory_format=torch.contiguous_format)
-
-
-def _short_conv_reference_backward(x, weight, bias, initial_state, activation, dy, dstate):
-    has_bias, has_state = bias is not None, initial_state is not None
-    if not has_bias:
-        bias = x.new_zeros(x.shape[2], dtype=weight.dtype)
-    if not has_state:
-        initial_state = x.new_zeros(x.shape[0], x.shape[2], weight.shape[1] - 1)
-
-    def fwd(x_, w_, b_, s_):
-        return short_conv_reference(x_, w_, b_, s_, activation)
-
-    _, vjp = torch.func.vjp(fwd, x, weight, bias, initial_state)
-    return vjp((dy.to(x.dtype), dstate.to(x.dtype)))
 
 
 @functools.lru_cache(maxsize=None)
@@ -129,7 +100,7 @@ def _short_conv_fake(x, weight, bias=None, initial_state=None, activation="silu"
 def _short_conv_backward_op(x: Tensor, weight: Tensor, bias: Optional[Tensor], initial_state: Optional[Tensor],
                             activation: str, dy: Tensor, dstate: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Gradients of kimi::short_conv for (x, weight, bias, initial_state); zeros for absent bias/state."""
-    grads = _short_conv_reference_backward(x, weight, bias, initial_state, activation, dy, dstate)
+    grads = short_conv_backward_reference(x, weight, bias, initial_state, activation, dy, dstate)
     return tuple(t.contiguous() for t in grads)
 
 

@@ -14,7 +14,7 @@ final state (the last W-1 entries of xpad).  No host sync: every size the kernel
 Calling convention.  The kernel's runtime parameters are ordered (input pointers..., int32 scalars...,
 output pointers...), the argument order TensorRT's ahead-of-time plugins (``tensorrt.plugin.aot_impl``)
 use, so the very same kernel compiled to PTX serves the TensorRT plugin ``kimi::short_conv``
-(``lowering/tensorrt.py``).  :func:`short_conv_launch_config` is the one place that decides grid,
+(``lowering/tensorrt/``).  :func:`short_conv_launch_config` is the one place that decides grid,
 block sizes, warps and shared memory; the Python launcher below and the plugin's ``aot_impl`` both
 call it, so their launches cannot drift apart.  It only uses ``+``, ``-`` and ``//`` on ``B`` and ``T``,
 so it also evaluates on TensorRT's symbolic shape expressions; block sizes depend only on the static
@@ -172,7 +172,7 @@ def short_conv_signature(x_dtype: str, w_dtype: Optional[str] = None, b_dtype: O
 
 def short_conv_forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], initial_state: Optional[Tensor],
                        activation: str) -> tuple[Tensor, Tensor]:
-    """Launch :data:`short_conv_kernel`; inputs are already validated by ``ops/short_conv.py``.
+    """Launch :data:`short_conv_kernel`; inputs are already validated by ``ops/short_conv/__init__.py``.
 
     Returns ``(y [B, T, C], final_state [B, C, W-1])`` in x's dtype (new tensors)."""
     B, T, C = x.shape
