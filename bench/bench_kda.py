@@ -170,6 +170,30 @@ def intra_stage_rows(Ts=(4096, 16384, 65536)):
     return rows
 
 
+def nonfinite_rows(Ts=(4096, 16384, 65536), rounds=3):
+    """What the non-finite checks cost (KDATuning.nonfinite): the forward and its intra stage with and without
+    them, timed in alternating rounds in one process (ratio = unchecked / checked, so < 1 means a cost)."""
+    rows = []
+    scale = K ** -0.5
+    for T in Ts:
+        q, k, v, g, beta, h0 = make_inputs(1, T)
+        ms = {}
+        for _ in range(rounds):
+            for checked in (True, False):
+                with kda_tuning(nonfinite=checked):
+                    ms.setdefault(("fwd", checked), []).append(
+                        bench_ms(lambda: kt.kda_forward(q, k, v, g, beta, h0, scale, None)))
+                    ms.setdefault(("intra", checked), []).append(
+                        bench_ms(lambda: _forward_intermediates(q, k, v, g, beta, scale)))
+        med = {key: sorted(v)[len(v) // 2] for key, v in ms.items()}
+        for part in ("fwd", "intra"):
+            rows.append(_row(f"nonfinite checks {part} B=1 T={T}", med[(part, False)], med[(part, True)],
+                             "FLA ms column: unchecked (nonfinite=False)", ""))
+            print(_fmt(rows[-1]), flush=True)
+        del q, k, v, g, beta, h0
+    return rows
+
+
 def fwdbwd_row(T, fla, B=1):
     q, k, v, g, beta, h0 = make_inputs(B, T)
     scale = K ** -0.5
@@ -483,6 +507,7 @@ def run(sweep=False, checks=True, quick=False, extended=True, only=None):
         jobs.append((f"decode B={B}", decode_row, B, fla))
     jobs.append(("decode graph", decode_graph_row, fla))
     jobs.append(("intra stage", intra_stage_rows, (4096,) if quick else (4096, 16384, 65536)))
+    jobs.append(("nonfinite checks", nonfinite_rows, (4096,) if quick else (4096, 16384, 65536)))
     if sweep:
         jobs.append(("sweep", sweep_rows, fla))
         jobs.append(("bwd variants", bwd_variant_rows, fla))

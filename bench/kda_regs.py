@@ -108,13 +108,16 @@ def configs():
     t = _types(fz, dict(gam=F32, tinv="*bf16" if tx else F32, bsc=F32, flags="*i32", poison="*i32", cu=F32,
                         cseq=F32, cidx=F32))
     ci = dict(common, V=V, BK=min(128, cfg.intra_bk), BV=64, A_LOWP=True, PREC="tf32", STORE_T=False,
-              PREFETCH=cfg.intra_prefetch, WU=not tx, INV_LOWP_LEVELS=intra.forward_inverse_lowp(tx, True))
+              PREFETCH=cfg.intra_prefetch, WU=not tx, INV_LOWP_LEVELS=intra.forward_inverse_lowp(tx, True),
+              NONFINITE=cfg.nonfinite)
     for slow in (False, True):
         mx = None if slow else cfg.intra_maxnreg
         grp = cfg.intra_slow_group if slow else 1
         rows.append((f"fused _kda_intra_kernel {cfg.intra_form.upper()} form SLOW={slow} maxnreg={mx} "
                      f"prefetch={cfg.intra_prefetch}" + (f" group={grp}" if slow else ""), fz, t,
                      dict(ci, SLOW=slow, GROUP=grp), cfg.intra_warps, mx))
+    rows.append(("fused _kda_intra_kernel TX form SLOW=False, no non-finite checks (nonfinite=False)", fz, t,
+                 dict(ci, SLOW=False, GROUP=1, NONFINITE=False), cfg.intra_warps, cfg.intra_maxnreg))
     if tx:
         rows.append(("fused _kda_intra_kernel TX form SLOW=False, inverse on tf32 operands (float16 inputs)", fz, t,
                      dict(ci, SLOW=False, GROUP=1, INV_LOWP_LEVELS=0), cfg.intra_warps, None))
@@ -131,9 +134,12 @@ def configs():
     t = _types(fp, dict(gam=F32, poison="*i32", bsc=F32, h0=F32, ht=F32, hseg=F32, hs=F32, ubuf=F32, cu=F32,
                         cchunk=F32))
     ce = dict(H=H, HV=HV, K=K, V=V, BK=128, BV=cfg.pass_bv, C=C, NSEG=1, IS_VARLEN=False, USE_H0=True,
-              STORE_O=True, STORE_HT=True, STORE_H=False, STORE_U=False, LOWP=True, PREC="tf32", TX=tx)
+              STORE_O=True, STORE_HT=True, STORE_H=False, STORE_U=False, LOWP=True, PREC="tf32", TX=tx,
+              NONFINITE=cfg.nonfinite)
     rows.append((f"_kda_pass_kernel fwd {cfg.intra_form.upper()} form", fp, t, ce, cfg.pass_warps, None,
                  cfg.pass_stages))
+    rows.append((f"_kda_pass_kernel fwd {cfg.intra_form.upper()} form, no non-finite checks", fp, t,
+                 dict(ce, NONFINITE=False), cfg.pass_warps, None, cfg.pass_stages))
     rows.append(("_kda_pass_kernel fwd WU form", fp, t, dict(ce, TX=False), cfg.pass_warps, None,
                  cfg.pass_stages))
     # backward chunk kernel
@@ -160,12 +166,13 @@ def configs():
     # the forward pass as the backward runs it (h and U stored, no o)
     fp = chunk_pass._kda_pass_kernel
     ce = dict(H=H, HV=HV, K=K, V=V, BK=128, BV=cfg.bwd_fpass_bv, C=C, NSEG=1, IS_VARLEN=False, USE_H0=True,
-              STORE_O=False, STORE_HT=True, STORE_H=True, STORE_U=True, LOWP=False, PREC="tf32", TX=False)
-    t = _types(fp, dict(w=F32, u=F32, qg=F32, kg=F32, aqk=F32, gam=F32, h0=F32, ht=F32, hseg=F32, hs=F32,
-                        ubuf=F32, cu=F32, cchunk=F32))
+              STORE_O=False, STORE_HT=True, STORE_H=True, STORE_U=True, LOWP=False, PREC="tf32", TX=False,
+              NONFINITE=cfg.nonfinite)
+    t = _types(fp, dict(w=F32, u=F32, qg=F32, kg=F32, aqk=F32, gam=F32, poison="*i32", h0=F32, ht=F32, hseg=F32,
+                        hs=F32, ubuf=F32, cu=F32, cchunk=F32))
     rows.append(("_kda_pass_kernel in bwd, fp32 intermediates", fp, t, ce, cfg.pass_warps, None,
                  min(2, cfg.bwd_fpass_stages)))  # what fit_stages leaves of the depth on an H200
-    t = _types(fp, dict(gam=F32, h0=F32, ht=F32, hseg=F32, hs=F32, ubuf=F32, cu=F32, cchunk=F32))
+    t = _types(fp, dict(gam=F32, poison="*i32", h0=F32, ht=F32, hseg=F32, hs=F32, ubuf=F32, cu=F32, cchunk=F32))
     rows.append(("_kda_pass_kernel in bwd, bf16 intermediates", fp, t, dict(ce, LOWP=cfg.bwd_pass_lowp),
                  cfg.pass_warps, None, cfg.bwd_fpass_stages))
     fd = recurrent._kda_recurrent_kernel

@@ -82,6 +82,9 @@ def rel(a, b):
 FWD_CASES = {
     # name: (make kwargs, cu_seqlens, use h0, path, extra cfg)
     "chunk_B2_T70_KneV": (dict(B=2, T=70, H=2, HV=2, K=32, V=16), None, True, "chunk", {}),
+    # the kernels without the non-finite checks (KDATuning.nonfinite=False), GVA and varlen
+    "chunk_unchecked_GVA_varlen": (dict(B=1, T=150, H=1, HV=2, K=16, V=16, N=2), [0, 70, 150], True, "chunk",
+                                   dict(nonfinite=False)),
     "chunk_GVA_strong_decay": (dict(B=1, T=80, H=1, HV=2, K=16, V=32, gmin=-20.0), None, False, "chunk", {}),
     "chunk_mixed_decay": (dict(B=1, T=64, H=1, HV=1, K=16, V=16, gmin=-8.0, seed=3), None, True, "chunk", {}),
     # chunk decay ~96 nats, 16-block decay ~24: the 16-block anchors, no slow path
@@ -308,7 +311,7 @@ def test_chunk_table_no_sync_shapes():
 SM90_CONSTEXPRS = dict(H=4, HV=4, K=64, V=64, BK=32, BV=32, C=64, NSEG=1, USE_H0=True, STORE_O=True,
                        STORE_HT=True, STORE_H=False, STORE_U=False, LOWP=True, PREC="tf32", A_LOWP=True,
                        STORE_T=False, SLOW=False, USE_DHT=True, STORE_DH0=True, QK_PER_HV=False,
-                       PREFETCH=2, GROUP=1, WU=False, TX=True, INV_LOWP_LEVELS=5)
+                       PREFETCH=2, GROUP=1, WU=False, TX=True, INV_LOWP_LEVELS=5, NONFINITE=True)
 SM90_KERNELS = [("kda.intra", "_kda_intra_kernel"), ("kda.chunk_pass", "_kda_pass_kernel"),
                 ("kda.recurrent", "_kda_recurrent_kernel"), ("kda.backward", "_kda_pass_bwd_kernel"),
                 ("kda.backward", "_kda_chunk_bwd_kernel")]

@@ -26,11 +26,11 @@ def _kda_pass_kernel(w, u, tm, bsc, qg, kg, aqk, gam, poison, o, h0, ht, hseg, h
                      BK: tl.constexpr, BV: tl.constexpr, C: tl.constexpr, NSEG: tl.constexpr,
                      IS_VARLEN: tl.constexpr, USE_H0: tl.constexpr, STORE_O: tl.constexpr,
                      STORE_HT: tl.constexpr, STORE_H: tl.constexpr, STORE_U: tl.constexpr,
-                     LOWP: tl.constexpr, PREC: tl.constexpr, TX: tl.constexpr):
+                     LOWP: tl.constexpr, PREC: tl.constexpr, TX: tl.constexpr, NONFINITE: tl.constexpr):
     """TX=False: w, u are the intra kernel's T (beta k e^G) and T (beta v); U = u - w h. TX=True: w holds
     k e^G, u is the input v [B, T, HV, V], tm holds T [HV, TT, C] and bsc beta [HV, NS, C];
     U = T diag(beta) (v - k e^G h) (one dot more a step, two loops fewer in the intra kernel).
-    poison [HV, NS]: the intra kernel's first non-finite row per chunk slot (C if none); in the TX form this
+    NONFINITE: poison [HV, NS] holds the intra kernel's first non-finite row per chunk slot (C if none); in the TX form this
     program's v tile adds its own. From that row on, outputs are NaN, and so is the state after the chunk: a
     non-finite input reaches its own token and later ones only, and never through a 0 * NaN in a dot."""
     pv = tl.program_id(0)
@@ -69,10 +69,11 @@ def _kda_pass_kernel(w, u, tm, bsc, qg, kg, aqk, gam, poison, o, h0, ht, hseg, h
         else:
             ut = tl.load(u + ((hv64 * TT + tok) * V)[:, None] + cv[None, :], mask=mv, other=0.).to(tl.float32)
         gm = tl.load(gam + (hv64 * NS + slot0 + c) * K + rk, mask=km, other=0.)
-        first_bad = tl.load(poison + hv64 * NS + slot0 + c)
-        if TX:  # v is read here, not in the intra kernel
-            first_bad = tl.minimum(first_bad, _first_bad_row(_finite(ut), C))
-            ut = tl.where(_finite(ut), ut, 0.)
+        if NONFINITE:
+            first_bad = tl.load(poison + hv64 * NS + slot0 + c)
+            if TX:  # v is read here, not in the intra kernel
+                first_bad = tl.minimum(first_bad, _first_bad_row(_finite(ut), C))
+                ut = tl.where(_finite(ut), ut, 0.)
         if STORE_H:
             tl.store(hs + ((hv64 * NS + slot0 + c) * K * V) + hoff, h, mask=hm)
         hd = h.to(DT)
@@ -92,12 +93,14 @@ def _kda_pass_kernel(w, u, tm, bsc, qg, kg, aqk, gam, poison, o, h0, ht, hseg, h
             qgt = qgt.to(DT)
             At = At.to(DT)
             ot = tl.dot(qgt, hd, input_precision=PREC) + tl.dot(At, Ud, input_precision=PREC)
-            ot = tl.where(r[:, None] >= first_bad, NAN, ot)
+            if NONFINITE:
+                ot = tl.where(r[:, None] >= first_bad, NAN, ot)
             tl.store(o + ((tok * HV + hv) * V)[:, None] + cv[None, :], ot.to(o.dtype.element_ty), mask=mv)
         if STORE_U:
             tl.store(ubuf + ((hv64 * TT + tok) * V)[:, None] + cv[None, :], U, mask=mv)
         h = gm[:, None] * h + tl.dot(tl.trans(kgt), Ud, input_precision=PREC)
-        h = tl.where(first_bad < C, NAN, h)
+        if NONFINITE:
+            h = tl.where(first_bad < C, NAN, h)
     if STORE_HT:
         tl.store(ht + nh.to(tl.int64) * K * V + hoff, h, mask=hm)
 
@@ -147,7 +150,8 @@ def pass_forward(inter, initial_state, o, N, HV, H, K, V, T, cu_seqlens, *, lowp
     _launch(_kda_pass_kernel, (triton.cdiv(V, BV), N * HV),
             inter["w"], inter["v"] if tx else inter["u"], inter["tinv"] if tx else dummy,
             inter["bsc"] if tx else dummy,
-            inter["qg"], inter["kg"], inter["aqk"], inter["gam"], inter["poison"],
+            inter["qg"], inter["kg"], inter["aqk"], inter["gam"],
+            inter["poison"] if inter["poison"] is not None else dummy,
             o if o is not None else dummy,
             initial_state if initial_state is not None else dummy, ht,
             dummy,
@@ -157,5 +161,5 @@ def pass_forward(inter, initial_state, o, N, HV, H, K, V, T, cu_seqlens, *, lowp
             H=H, HV=HV, K=K, V=V, BK=BK, BV=BV, C=C, NSEG=1, IS_VARLEN=varlen,
             USE_H0=initial_state is not None, STORE_O=store_o, STORE_HT=True,
             STORE_H=hs is not None, STORE_U=ubuf is not None, LOWP=lowp, PREC=prec, TX=tx,
-            num_warps=warps, num_stages=stages)
+            NONFINITE=inter["poison"] is not None, num_warps=warps, num_stages=stages)
     return ht

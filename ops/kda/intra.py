@@ -152,7 +152,8 @@ def _kda_intra_kernel(q, k, v, g, beta, w, u, qg, kg, aqk, gam, tinv, bsc, flags
                       BK: tl.constexpr, BV: tl.constexpr, C: tl.constexpr,
                       IS_VARLEN: tl.constexpr, A_LOWP: tl.constexpr, PREC: tl.constexpr,
                       STORE_T: tl.constexpr, SLOW: tl.constexpr, PREFETCH: tl.constexpr,
-                      GROUP: tl.constexpr, WU: tl.constexpr, INV_LOWP_LEVELS: tl.constexpr):
+                      GROUP: tl.constexpr, WU: tl.constexpr, INV_LOWP_LEVELS: tl.constexpr,
+                      NONFINITE: tl.constexpr):
     """Fast launch (SLOW=False): grid (NS, HV), one chunk slot per program. SLOW relaunch: grid
     (cdiv(NS, GROUP), HV); a program reads the flags of its GROUP slots at once and recomputes the flagged
     ones (usually none: a program per slot cost one dependent flag load per slot and head)."""
@@ -167,11 +168,12 @@ def _kda_intra_kernel(q, k, v, g, beta, w, u, qg, kg, aqk, gam, tinv, bsc, flags
                     if tl.load(flags + hv.to(tl.int64) * NS + s0 + i) != 0:
                         _intra_chunk(s0 + i, hv, q, k, v, g, beta, w, u, qg, kg, aqk, gam, tinv, bsc, flags,
                                      poison, cu, cseq, cidx, T, TT, NS, scale, span_max, H, HV, K, V, BK, BV, C,
-                                     IS_VARLEN, A_LOWP, PREC, STORE_T, SLOW, PREFETCH, WU, INV_LOWP_LEVELS)
+                                     IS_VARLEN, A_LOWP, PREC, STORE_T, SLOW, PREFETCH, WU, INV_LOWP_LEVELS,
+                                     NONFINITE)
     else:
         _intra_chunk(tl.program_id(0), hv, q, k, v, g, beta, w, u, qg, kg, aqk, gam, tinv, bsc, flags, poison,
                      cu, cseq, cidx, T, TT, NS, scale, span_max, H, HV, K, V, BK, BV, C,
-                     IS_VARLEN, A_LOWP, PREC, STORE_T, SLOW, PREFETCH, WU, INV_LOWP_LEVELS)
+                     IS_VARLEN, A_LOWP, PREC, STORE_T, SLOW, PREFETCH, WU, INV_LOWP_LEVELS, NONFINITE)
 
 
 @triton.jit
@@ -181,9 +183,9 @@ def _intra_chunk(s, hv, q, k, v, g, beta, w, u, qg, kg, aqk, gam, tinv, bsc, fla
                  BK: tl.constexpr, BV: tl.constexpr, C: tl.constexpr,
                  IS_VARLEN: tl.constexpr, A_LOWP: tl.constexpr, PREC: tl.constexpr,
                  STORE_T: tl.constexpr, SLOW: tl.constexpr, PREFETCH: tl.constexpr, WU: tl.constexpr,
-                 INV_LOWP_LEVELS: tl.constexpr):
+                 INV_LOWP_LEVELS: tl.constexpr, NONFINITE: tl.constexpr):
     """One chunk slot s of value head hv (the fast path flags the chunk and stops where a 16-block's gate
-    span exceeds span_max). Non-finite inputs: k, g, beta (and v in the WU form) are made finite (NaN / inf -> 0, g below
+    span exceeds span_max). NONFINITE (the default): k, g, beta (and v in the WU form) are made finite (NaN / inf -> 0, g below
     GATE_FLOOR -> GATE_FLOOR), so that no product reaches across rows with a NaN, and poison[hv, slot] gets the first
     row where one was not (NaN / +inf for g), or C; the pass turns that row's outputs and all later ones into NaN.
     q needs neither: it only ever multiplies from the left, so a NaN in q_t reaches o_t alone, as in the recurrence. WU: w = T (beta k e^G) and u = T (beta v) formed here (two loops after the
@@ -198,8 +200,9 @@ def _intra_chunk(s, hv, q, k, v, g, beta, w, u, qg, kg, aqk, gam, tinv, bsc, fla
     rmask = tok < eos
 
     b = tl.load(beta + tok * HV + hv, mask=rmask, other=0.).to(tl.float32)
-    first_bad = tl.min(tl.where(_finite(b), C, r), 0)
-    b = tl.where(_finite(b), b, 0.)
+    if NONFINITE:
+        first_bad = tl.min(tl.where(_finite(b), C, r), 0)
+        b = tl.where(_finite(b), b, 0.)
 
     Akk = tl.zeros([C, C], tl.float32)
     Aqk = tl.zeros([C, C], tl.float32)
@@ -230,11 +233,12 @@ def _intra_chunk(s, hv, q, k, v, g, beta, w, u, qg, kg, aqk, gam, tinv, bsc, fla
             kt = tl.load(kp + cols[None, :], mask=m2, other=0.).to(tl.float32)
             qt = tl.load(qp + cols[None, :], mask=m2, other=0.).to(tl.float32)
             gt = tl.load(gp + cols[None, :], mask=m2, other=0.).to(tl.float32)
-        ok_k = _finite(kt)
-        ok_g = _gate_ok(gt)
-        first_bad = tl.minimum(first_bad, _first_bad_row(ok_k & ok_g, C))
-        kt = tl.where(ok_k, kt, 0.)
-        gt = tl.where(ok_g, _floor_gate(gt), 0.)
+        if NONFINITE:
+            ok_k = _finite(kt)
+            ok_g = _gate_ok(gt)
+            first_bad = tl.minimum(first_bad, _first_bad_row(ok_k & ok_g, C))
+            kt = tl.where(ok_k, kt, 0.)
+            gt = tl.where(ok_g, _floor_gate(gt), 0.)
         G = tl.cumsum(gt, 0)
         Gl = tl.sum(gt, 0)
         eG = tl.exp(G)
@@ -263,7 +267,7 @@ def _intra_chunk(s, hv, q, k, v, g, beta, w, u, qg, kg, aqk, gam, tinv, bsc, fla
             Akk, Aqk = _fast_A(kt, qt, G, E0, E1, E2, Akk, Aqk, C, BK, A_LOWP, PREC)
             sp = tl.maximum(tl.maximum(-E0, E0 - E1), tl.maximum(E1 - E2, E2 - E3))
             span = tl.maximum(span, tl.max(sp, 0))
-    if not WU:
+    if NONFINITE and not WU:
         tl.store(poison + hv64 * NS + slot, first_bad)
     if not SLOW:
         if tl.max(span, 0) > span_max:
@@ -302,8 +306,9 @@ def _intra_chunk(s, hv, q, k, v, g, beta, w, u, qg, kg, aqk, gam, tinv, bsc, fla
             else:
                 kt = tl.load(kp + cols[None, :], mask=m2, other=0.).to(tl.float32)
                 gt = tl.load(gp + cols[None, :], mask=m2, other=0.).to(tl.float32)
-            kt = tl.where(_finite(kt), kt, 0.)
-            gt = tl.where(_gate_ok(gt), _floor_gate(gt), 0.)
+            if NONFINITE:
+                kt = tl.where(_finite(kt), kt, 0.)
+                gt = tl.where(_gate_ok(gt), _floor_gate(gt), 0.)
             G = tl.cumsum(gt, 0)
             wt = tl.dot(Tm, kt * tl.exp(G) * b[:, None], input_precision=PREC)
             rowK = (hv64 * TT + tok) * K
@@ -320,11 +325,13 @@ def _intra_chunk(s, hv, q, k, v, g, beta, w, u, qg, kg, aqk, gam, tinv, bsc, fla
                 vn = tl.load(vp + (cv + BV)[None, :], mask=rmask[:, None] & ((cv + BV) < V)[None, :], other=0.)
             else:
                 vt = tl.load(vp + cv[None, :], mask=vm, other=0.).to(tl.float32)
-            first_bad = tl.minimum(first_bad, _first_bad_row(_finite(vt), C))
-            vt = tl.where(_finite(vt), vt, 0.)
+            if NONFINITE:
+                first_bad = tl.minimum(first_bad, _first_bad_row(_finite(vt), C))
+                vt = tl.where(_finite(vt), vt, 0.)
             ut = tl.dot(Tm, vt * b[:, None], input_precision=PREC)
             tl.store(u + ((hv64 * TT + tok) * V)[:, None] + cv[None, :], ut.to(u.dtype.element_ty), mask=vm)
-        tl.store(poison + hv64 * NS + slot, first_bad)
+        if NONFINITE:
+            tl.store(poison + hv64 * NS + slot, first_bad)
 
 
 def chunk_table(cu_seqlens, TT):
@@ -381,7 +388,8 @@ def intra_intermediates(q, k, v, g, beta, scale, cu_seqlens, *, store_dtype, a_l
     tinv = torch.empty(HV, TT, KERNEL_CHUNK, device=dev, dtype=store_dtype if tx else torch.float32) \
         if (store_t or tx) else None
     flags = torch.zeros(HV, NS, device=dev, dtype=torch.int32)
-    poison = torch.empty(HV, NS, device=dev, dtype=torch.int32)  # first non-finite row per chunk slot, or C
+    # first non-finite row per chunk slot (C if none), for the pass
+    poison = torch.empty(HV, NS, device=dev, dtype=torch.int32) if cfg.nonfinite else None
     BK = min(_np2(K), cfg.intra_bk)
     BV = min(_np2(V), 64)
     dummy = cu_seqlens if cu_seqlens is not None else gam
@@ -390,13 +398,13 @@ def intra_intermediates(q, k, v, g, beta, scale, cu_seqlens, *, store_dtype, a_l
     for slow in (False, True):
         _launch(_kda_intra_kernel, (triton.cdiv(NS, group) if slow else NS, HV),
                 q, k, v, g, beta, w, u if u is not None else w, qg, kg, aqk, gam,
-                tinv if tinv is not None else gam, bsc if bsc is not None else gam, flags, poison,
-                dummy, cseq if cseq is not None else dummy, cidx if cidx is not None else dummy,
+                tinv if tinv is not None else gam, bsc if bsc is not None else gam, flags,
+                poison if poison is not None else flags, dummy, cseq if cseq is not None else dummy, cidx if cidx is not None else dummy,
                 T, TT, NS, float(scale), float(cfg.span_max),
                 H=H, HV=HV, K=K, V=V, BK=BK, BV=BV, C=KERNEL_CHUNK,
                 IS_VARLEN=cu_seqlens is not None, A_LOWP=a_lowp, PREC=prec, STORE_T=store_t, SLOW=slow,
                 PREFETCH=int(cfg.intra_prefetch), GROUP=group if slow else 1, WU=not tx,
-                INV_LOWP_LEVELS=inv_lowp,
+                INV_LOWP_LEVELS=inv_lowp, NONFINITE=cfg.nonfinite,
                 num_warps=cfg.intra_warps, num_stages=1, **({} if slow else extra))
     return dict(w=w, qg=qg, kg=kg, u=u, aqk=aqk, gam=gam, tinv=tinv, flags=flags, poison=poison, NS=NS, cchunk=cchunk,
                 cseq=cseq, cidx=cidx, TT=TT, tx=tx, v=v, bsc=bsc)
