@@ -334,6 +334,12 @@ def test_decode_kernels_compile_for_sm90(kernel, dtype):
 
 # ------------------------------------------------------------------------------------------------ decode on the GPU
 
+@pytest.fixture(autouse=True)
+def decode_threshold(monkeypatch):
+    """The decode kernels are off by default until measured on a GPU; these tests check the planned threshold."""
+    monkeypatch.setattr(moe, "DECODE_MAX_SLOTS", moe.PLANNED_DECODE_MAX_SLOTS)
+
+
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs an NVIDIA GPU")
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
