@@ -580,11 +580,14 @@ class KimiModel(nn.Module):
 
     def _region(self, fn):
         """``fn`` as a nested compile region while Dynamo traces with ``compile_regions`` on, else ``fn`` itself
-        (eager, ``torch.export`` -- whose non-strict tracing is not Dynamo's -- and the opt-out). Not under
-        ``torch.compile(dynamic=True)`` either: it makes the modules' float attributes (norm eps, scales) graph
-        inputs, and a region takes tensors and ints only."""
+        (eager, ``torch.export`` -- whose non-strict tracing is not Dynamo's -- and the opt-out). Inference only
+        (no_grad, inference_mode or frozen weights): with autograd recording, Inductor (torch 2.13, CPU) gave wrong
+        gradients to the layers before the last call of a reused region (the forward exact), so training graphs
+        inline every layer. Not under ``torch.compile(dynamic=True)`` either: it makes the modules' float
+        attributes (norm eps, scales) graph inputs, and a region takes tensors and ints only."""
         config = torch._dynamo.config
-        if (self.compile_regions and torch.compiler.is_dynamo_compiling()
+        training = torch.is_grad_enabled() and self.embed_tokens.weight.requires_grad
+        if (self.compile_regions and torch.compiler.is_dynamo_compiling() and not training
                 and (config.specialize_float or config.assume_static_by_default)):
             return _REGIONS[fn.__name__]
         return fn
