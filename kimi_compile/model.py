@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 from typing import Optional
 
 import torch
@@ -539,8 +540,9 @@ class KimiModel(nn.Module):
         # per-layer activation checkpointing (kimi_compile.training.set_activation_checkpointing)
         self.activation_checkpointing = False
         # under torch.compile, every layer a nested compile region (one compiled subgraph per layer kind; see the
-        # layer regions above); False inlines every layer into the graph
-        self.compile_regions = True
+        # layer regions above); False inlines every layer into the graph (default from KIMI_COMPILE_REGIONS=0|1,
+        # so that a benchmark can compare both without code changes)
+        self.compile_regions = os.environ.get("KIMI_COMPILE_REGIONS", "1") != "0"
 
     def forward(self, input_ids: Tensor, state: Optional[dict[str, Tensor]], position_ids: Optional[Tensor],
                 cache_position: Optional[Tensor] = None) -> tuple[Tensor, dict[str, Tensor]]:
