@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 from typing import Optional
 
 import torch
@@ -225,6 +226,24 @@ def _rotate(x: Tensor, cos: Tensor, sin: Tensor, interleave: bool) -> Tensor:
     return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
 
 
+def mla_cache_update(past_key: Optional[Tensor], new: Tensor, cache_position: Optional[Tensor]) -> Tensor:
+    """The MLA cache after this call: ``new`` appended to ``past_key`` (a new tensor), or with ``cache_position``
+    written in place into the preallocated ``past_key`` at those rows (returned as is)."""
+    if cache_position is not None:
+        past_key[:, :, cache_position] = new  # index_put_: Inductor keeps it in place on the buffer
+        return past_key
+    return new if past_key is None else torch.cat([past_key, new], dim=2)
+
+
+def mla_causal(past_key: Optional[Tensor], cache_position: Optional[Tensor]) -> bool:
+    """True when the cache holds this call's tokens only (no past): attention is then plain causal, no mask. A
+    Python bool decided by a branch (a SymBool would reach the layer regions as a new symbolic input per layer and
+    defeat their reuse)."""
+    if past_key is None or (cache_position is None and past_key.shape[2] == 0):
+        return True
+    return False
+
+
 class MLAttention(nn.Module):
     """Multi-head latent attention in the absorbed form over the ``[latent | k_rope]`` MQA cache."""
 
@@ -256,25 +275,34 @@ class MLAttention(nn.Module):
         """``past_key`` is the ``[B, 1, S, r + rope]`` cache; with ``cache_position`` (positions ``[T]``) it is a
         preallocated buffer that this call writes in place (the static-cache decode of CUDA graphs), else the new
         entries are appended to a new tensor."""
+        cos, sin = rope if rope is not None else (None, None)
+        q, new = self.project(x, cos, sin)
+        key = mla_cache_update(past_key, new, cache_position)
+        return self.attend(q, key, mask, mla_causal(past_key, cache_position)), key
+
+    def project(self, x: Tensor, cos: Optional[Tensor], sin: Optional[Tensor]) -> tuple[Tensor, Tensor]:
+        """x ``[B, T, D]`` -> the queries ``[B, T, H, nope + rope]`` (rope part rotated) and the new cache entries
+        ``[B, 1, T, r + rope]``."""
         B, T, _ = x.shape
         H, r = self.num_heads, self.rank
         q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x))) if self.q_lora else self.q_proj(x)
         q = q.view(B, T, H, self.nope + self.rope)
-        q_nope, q_rope = q.split([self.nope, self.rope], dim=-1)
         latent, k_rope = self.kv_a_proj_with_mqa(x).split([r, self.rope], dim=-1)
         latent = self.kv_a_layernorm(latent)
         if self.use_rope:
-            cos, sin = rope
-            q_rope = _rotate(q_rope, cos.unsqueeze(2), sin.unsqueeze(2), self.interleave)
+            q_nope, q_rope = q.split([self.nope, self.rope], dim=-1)
+            q = torch.cat([q_nope, _rotate(q_rope, cos.unsqueeze(2), sin.unsqueeze(2), self.interleave)], dim=-1)
             k_rope = _rotate(k_rope, cos, sin, self.interleave)
         # built as [B, 1, T, r + rope] directly, not as a view: a cache returned as a view makes Dynamo guard on
         # its base and recompile when the next cache is not a view
-        new = torch.cat([latent.unsqueeze(1), k_rope.unsqueeze(1)], dim=-1)
-        if cache_position is not None:
-            past_key[:, :, cache_position] = new  # index_put_: Inductor keeps it in place on the buffer
-            key = past_key
-        else:
-            key = new if past_key is None else torch.cat([past_key, new], dim=2)
+        return q, torch.cat([latent.unsqueeze(1), k_rope.unsqueeze(1)], dim=-1)
+
+    def attend(self, q: Tensor, key: Tensor, mask: Optional[Tensor], causal: bool) -> Tensor:
+        """The attention output ``[B, T, D]`` (o_proj applied) of the queries ``q`` (from :meth:`project`) over the
+        whole cache ``key [B, 1, S, r + rope]`` (the new entries included); ``causal``: the cache holds this call's
+        tokens only (see :func:`mla_causal`)."""
+        T = q.shape[1]
+        q_nope, q_rope = q.split([self.nope, self.rope], dim=-1)
         cache = key.squeeze(1)  # [B, S, r + rope]
         # Prompts attend in the expanded form (per-head keys and values from the latent, flash attention: about
         # T*S*(192+128) per head instead of T*S*(576+512) and no [T*H, S] score tensor); single tokens and exported
@@ -282,11 +310,10 @@ class MLAttention(nn.Module):
         # latent cache. A module flag, not torch.compiler.is_exporting(): torch 2.11 folds that to True under
         # torch.compile too, which put compiled prompts on the absorbed path (64 GiB of scores at T = 32768).
         if T > 1 and self.expand_prompts:
-            causal = past_key is None or (cache_position is None and past_key.shape[2] == 0)
             o = self._attend_expanded(q_nope, q_rope, cache, None if causal else mask)
         else:
             o = self._attend_absorbed(q_nope, q_rope, cache, mask)
-        return self.o_proj(o), key
+        return self.o_proj(o)
 
     def _attend_absorbed(self, q_nope: Tensor, q_rope: Tensor, cache: Tensor, mask: Optional[Tensor]) -> Tensor:
         B, T, H, _ = q_nope.shape
@@ -439,30 +466,62 @@ class DecoderLayer(nn.Module):
             self.attn_res_query_mlp = nn.Parameter(torch.zeros(D))
             self.attn_res_norm_mlp = nn.Parameter(torch.ones(D))
 
-    def mixer(self, x: Tensor, state: Optional[dict[str, Tensor]], new_state: dict[str, Tensor],
-              rope, mask, cache_position: Optional[Tensor] = None) -> Tensor:
-        """The attention sublayer's raw output for ``x`` (the pre-norm applied here); records its new state."""
-        i = self.layer_idx
-        h = self.input_layernorm(x)
-        if self.kind == LINEAR:
-            conv = state[f"past_key_values.{i}.conv_state"] if state is not None else None
-            rec = state[f"past_key_values.{i}.recurrent_state"] if state is not None else None
-            out, conv, rec = self.self_attn(h, conv, rec)
-            new_state[f"past_key_values.{i}.conv_state"] = conv
-            new_state[f"past_key_values.{i}.recurrent_state"] = rec
-        else:
-            past = state[f"past_key_values.{i}.key"] if state is not None else None
-            out, key = self.self_attn(h, past, rope, mask, cache_position)
-            new_state[f"past_key_values.{i}.key"] = key
-        return out
-
     def state_names(self) -> list[str]:
-        """The names of this layer's state pieces, in the order ``mixer`` records them."""
+        """The names of this layer's state pieces, in the order the layer functions take and return them."""
         parts = ("conv_state", "recurrent_state") if self.kind == LINEAR else ("key",)
         return [f"past_key_values.{self.layer_idx}.{p}" for p in parts]
 
     def ffn(self, x: Tensor) -> Tensor:
         return self.mlp(self.post_attention_layernorm(x))
+
+
+# ------------------------------------------------------------------------------------------------ layer regions
+# A decoder layer as pure tensor functions of (layer, tensors): the state dict and the layer index stay outside, so
+# every layer of a kind traces to the same graph. Under torch.compile each is a nested compile region
+# (KimiModel.compile_regions): Dynamo emits one invoke_subgraph call per layer and Inductor compiles one subgraph
+# per distinct layer kind (KDA + dense, KDA + MoE, MLA + MoE, ...) instead of one inlined copy per layer. The MLA
+# cache update runs between two regions, outside both: the static cache is written in place, and a region does not
+# mutate its inputs.
+
+def kda_mixer(layer: DecoderLayer, x: Tensor, conv: Optional[Tensor], rec: Optional[Tensor]
+              ) -> tuple[Tensor, Tensor, Tensor]:
+    """The KDA sublayer's raw output for ``x`` (pre-norm applied) and its new conv and recurrent states."""
+    return layer.self_attn(layer.input_layernorm(x), conv, rec)
+
+
+def kda_layer(layer: DecoderLayer, h: Tensor, conv: Optional[Tensor], rec: Optional[Tensor]
+              ) -> tuple[Tensor, Tensor, Tensor]:
+    """A whole KDA layer, both residuals included: ``(h, conv, rec) -> (h', conv', rec')``."""
+    out, conv, rec = kda_mixer(layer, h, conv, rec)
+    h = h + out
+    return h + layer.ffn(h), conv, rec
+
+
+def mla_project(layer: DecoderLayer, x: Tensor, cos: Optional[Tensor], sin: Optional[Tensor]
+                ) -> tuple[Tensor, Tensor]:
+    """The MLA sublayer up to its cache: pre-norm, projections, RoPE -> ``(queries, new cache entries)``."""
+    return layer.self_attn.project(layer.input_layernorm(x), cos, sin)
+
+
+def mla_attend(layer: DecoderLayer, q: Tensor, key: Tensor, mask: Optional[Tensor], causal: bool) -> Tensor:
+    """The MLA sublayer's raw output over the updated cache ``key``."""
+    return layer.self_attn.attend(q, key, mask, causal)
+
+
+def mla_attend_ffn(layer: DecoderLayer, h: Tensor, q: Tensor, key: Tensor, mask: Optional[Tensor], causal: bool
+                   ) -> Tensor:
+    """The rest of a whole MLA layer after its cache update: attention residual, then the FFN residual."""
+    h = h + mla_attend(layer, q, key, mask, causal)
+    return h + layer.ffn(h)
+
+
+def ffn(layer: DecoderLayer, x: Tensor) -> Tensor:
+    """The FFN sublayer's raw output for ``x`` (pre-norm applied)."""
+    return layer.ffn(x)
+
+
+_REGIONS = {f.__name__: torch.compiler.nested_compile_region(f)
+            for f in (kda_mixer, kda_layer, mla_project, mla_attend, mla_attend_ffn, ffn)}
 
 
 class KimiModel(nn.Module):
@@ -480,6 +539,10 @@ class KimiModel(nn.Module):
             self.attn_res_norm_final = nn.Parameter(torch.ones(D))
         # per-layer activation checkpointing (kimi_compile.training.set_activation_checkpointing)
         self.activation_checkpointing = False
+        # under torch.compile, every layer a nested compile region (one compiled subgraph per layer kind; see the
+        # layer regions above); False inlines every layer into the graph (default from KIMI_COMPILE_REGIONS=0|1,
+        # so that a benchmark can compare both without code changes)
+        self.compile_regions = os.environ.get("KIMI_COMPILE_REGIONS", "1") != "0"
 
     def forward(self, input_ids: Tensor, state: Optional[dict[str, Tensor]], position_ids: Optional[Tensor],
                 cache_position: Optional[Tensor] = None) -> tuple[Tensor, dict[str, Tensor]]:
@@ -510,18 +573,46 @@ class KimiModel(nn.Module):
         new_state: dict[str, Tensor] = {}
         if self.attn_res_block is None:
             for layer in self.layers:
-                def block(h, layer=layer, local=None):
-                    h = h + layer.mixer(h, state, local, rope, mask, cache_position)
-                    return h + layer.ffn(h)
-                h = self._maybe_checkpoint(layer, block, new_state, h)
+                def block(h, *past, layer=layer):
+                    return self._sublayers(layer, h, past, rope, mask, cache_position, whole=True)
+                h = self._maybe_checkpoint(layer, block, new_state, h, state=state)
         else:
             h = self._attn_res_stack(h, state, new_state, rope, mask, cache_position)
         return self.norm(h), new_state
 
+    def _region(self, fn):
+        """``fn`` as a nested compile region while Dynamo traces with ``compile_regions`` on, else ``fn`` itself
+        (eager, ``torch.export`` -- whose non-strict tracing is not Dynamo's -- and the opt-out). Inference only
+        (no_grad, inference_mode or frozen weights): with autograd recording, Inductor (torch 2.13, CPU) gave wrong
+        gradients to the layers before the last call of a reused region (the forward exact), so training graphs
+        inline every layer. Not under ``torch.compile(dynamic=True)`` either: it makes the modules' float
+        attributes (norm eps, scales) graph inputs, and a region takes tensors and ints only."""
+        config = torch._dynamo.config
+        training = torch.is_grad_enabled() and self.embed_tokens.weight.requires_grad
+        if (self.compile_regions and torch.compiler.is_dynamo_compiling() and not training
+                and (config.specialize_float or config.assume_static_by_default)):
+            return _REGIONS[fn.__name__]
+        return fn
+
+    def _sublayers(self, layer: DecoderLayer, x: Tensor, past: tuple[Optional[Tensor], ...], rope, mask,
+                   cache_position: Optional[Tensor], whole: bool) -> tuple[Tensor, ...]:
+        """``whole``: the whole layer on the residual stream ``x``; else the attention sublayer's raw output for
+        ``x``. Returns it followed by the layer's new state pieces (in ``state_names`` order)."""
+        if layer.kind == LINEAR:
+            return self._region(kda_layer if whole else kda_mixer)(layer, x, *past)
+        cos, sin = rope if rope is not None else (None, None)
+        q, new = self._region(mla_project)(layer, x, cos, sin)
+        key = mla_cache_update(past[0], new, cache_position)
+        causal = mla_causal(past[0], cache_position)
+        if whole:
+            return self._region(mla_attend_ffn)(layer, x, q, key, mask, causal), key
+        return self._region(mla_attend)(layer, q, key, mask, causal), key
+
     def _attn_res_stack(self, emb: Tensor, state, new_state, rope, mask, cache_position) -> Tensor:
         """Block Attention Residuals: each sublayer reads softmax-over-depth of [embedding, completed blocks,
         partial sum]; its raw output is added to the partial sum; every ``attn_res_block`` sublayers the partial
-        sum becomes a completed block."""
+        sum becomes a completed block. The depth reads stay outside the layer regions (their number of sources
+        grows with depth)."""
         eps = self.config.attn_res_eps
         S = self.attn_res_block
         blocks: list[Tensor] = [emb]
@@ -534,36 +625,46 @@ class KimiModel(nn.Module):
             return _attn_res_op(torch.stack(sources), (query * norm_w).to(emb.dtype), eps)
 
         for layer in self.layers:
-            for which in ("attn", "mlp"):
-                def sublayer(*sources, layer=layer, which=which, local=None):
-                    x = read(getattr(layer, f"attn_res_query_{which}"), getattr(layer, f"attn_res_norm_{which}"),
-                             list(sources))
-                    return layer.mixer(x, state, local, rope, mask, cache_position) if which == "attn" else layer.ffn(x)
-                sources = blocks if partial is None else blocks + [partial]
-                out = self._maybe_checkpoint(layer if which == "attn" else None, sublayer, new_state, *sources)
-                partial = out if partial is None else partial + out
-                n_done += 1
-                if n_done % S == 0:
-                    blocks.append(partial)
-                    partial = None
+            n_sources = len(blocks) + (partial is not None)
+
+            def attn(*args, layer=layer, n_sources=n_sources):
+                sources, past = args[:n_sources], args[n_sources:]
+                x = read(layer.attn_res_query_attn, layer.attn_res_norm_attn, list(sources))
+                return self._sublayers(layer, x, past, rope, mask, cache_position, whole=False)
+
+            sources = blocks if partial is None else blocks + [partial]
+            out = self._maybe_checkpoint(layer, attn, new_state, *sources, state=state)
+            partial = out if partial is None else partial + out
+            n_done += 1
+            if n_done % S == 0:
+                blocks.append(partial)
+                partial = None
+
+            def mlp(*sources, layer=layer):
+                x = read(layer.attn_res_query_mlp, layer.attn_res_norm_mlp, list(sources))
+                return (self._region(ffn)(layer, x),)
+
+            sources = blocks if partial is None else blocks + [partial]
+            out = self._maybe_checkpoint(None, mlp, new_state, *sources)
+            partial = out if partial is None else partial + out
+            n_done += 1
+            if n_done % S == 0:
+                blocks.append(partial)
+                partial = None
         return read(self.attn_res_query_final, self.attn_res_norm_final)
 
-    def _maybe_checkpoint(self, layer: Optional[DecoderLayer], fn, new_state: dict[str, Tensor], *args: Tensor
-                          ) -> Tensor:
-        """``fn(*args, local=d)`` (which records ``layer``'s new state into ``d``), under
-        ``torch.utils.checkpoint`` when activation checkpointing is on and autograd records. The checkpointed
-        function must be pure (its recompute in the backward must not write the returned state dict), so it returns
-        the state pieces as outputs; ``layer`` None: ``fn`` records no state."""
-        if not (self.activation_checkpointing and torch.is_grad_enabled()):
-            return fn(*args, local=new_state)
+    def _maybe_checkpoint(self, layer: Optional[DecoderLayer], fn, new_state: dict[str, Tensor], *args: Tensor,
+                          state: Optional[dict[str, Tensor]] = None) -> Tensor:
+        """``fn(*args, *past)`` -> ``(out, *new state pieces)``, ``past`` being ``layer``'s pieces of ``state``
+        (None without a state; ``layer`` None: no state); the new pieces go into ``new_state``, ``out`` is
+        returned. Under ``torch.utils.checkpoint`` when activation checkpointing is on and autograd records
+        (``fn`` is pure, so its recompute in the backward writes nothing)."""
         names = [] if layer is None else layer.state_names()
-
-        def pure(*a):
-            local: dict[str, Tensor] = {}
-            out = fn(*a, local=local)
-            return (out, *[local[n] for n in names])
-
-        out, *parts = _checkpoint(pure, *args, use_reentrant=False)
+        past = [state[n] if state is not None else None for n in names]
+        if self.activation_checkpointing and torch.is_grad_enabled():
+            out, *parts = _checkpoint(fn, *args, *past, use_reentrant=False)
+        else:
+            out, *parts = fn(*args, *past)
         new_state.update(zip(names, parts))
         return out
 

@@ -113,7 +113,8 @@ def record_sublayers(model):
     handles.append(lm.embed_tokens.register_forward_hook(on("emb", lambda a, o: o[0])))
     for layer in lm.layers:
         handles.append(layer.input_layernorm.register_forward_pre_hook(on("in", lambda a, o: a[0])))
-        handles.append(layer.self_attn.register_forward_hook(on("out", lambda a, o: o[0][0])))
+        # the attention's raw output is its o_proj's (MLA runs as project / cache update / attend, not forward)
+        handles.append(layer.self_attn.o_proj.register_forward_hook(on("out", lambda a, o: o[0])))
         handles.append(layer.post_attention_layernorm.register_forward_pre_hook(on("in", lambda a, o: a[0])))
         handles.append(layer.mlp.register_forward_hook(on("out", lambda a, o: o[0])))
     handles.append(lm.norm.register_forward_pre_hook(on("final", lambda a, o: a[0])))

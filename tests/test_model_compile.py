@@ -167,3 +167,59 @@ def test_static_cache_decoder_rejects_bad_sizes():
         dec.generate(ids_of(2, 5, 0), 4)
     with pytest.raises(ValueError, match="batch_size"):
         dec.prefill(ids_of(3, 5, 0))
+
+
+def deep_kimi_linear(n=8, attn_res=None):
+    """Kimi-Linear-48B's layer pattern at tiny width: MLA every 4th layer, KDA elsewhere, the first layer dense."""
+    cfg = tiny_config("kimi_linear", attn_res_block_size=attn_res).replace(
+        num_hidden_layers=n, layer_types=[FULL if (i + 1) % 4 == 0 else LINEAR for i in range(n)],
+        mlp_layer_types=[DENSE] + [SPARSE] * (n - 1))
+    return KimiForCausalLM.from_config(cfg, 0).eval()
+
+
+def region_calls(gm):
+    """The subgraph identifier of every invoke_subgraph call in a Dynamo graph."""
+    return [node.args[1] for node in gm.graph.nodes
+            if node.op == "call_function" and node.target is torch.ops.higher_order.invoke_subgraph]
+
+
+@pytest.mark.parametrize("attn_res", [None, 2])
+def test_layer_regions_reused_across_layers(attn_res):
+    """Under torch.compile every decoder layer is a nested compile region: the 8 layers (2 MLA) trace to one
+    subgraph per layer kind (KDA + MoE; MLA's projection and its attention + MoE; the dense first layer at most
+    one more), called once per layer, prefill and decode, zero graph breaks; logits and state equal to eager.
+    Opting out (compile_regions = False) or recording autograd inlines every layer."""
+    model = deep_kimi_linear(8, attn_res)
+    graphs = []
+
+    def backend(gm, example_inputs):
+        graphs.append(region_calls(gm))
+        return gm.forward
+
+    compiled = torch.compile(model, backend=backend, fullgraph=True)
+    ids = ids_of(2, 7, 1)
+    with torch.no_grad():
+        got, got_state = compiled(ids)
+        want, want_state = model(ids)
+        for _ in range(2):
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+            for name in want_state:
+                torch.testing.assert_close(got_state[name], want_state[name], rtol=1e-5, atol=1e-5)
+            tok = want[:, -1:].argmax(-1)
+            got, got_state = compiled(tok, got_state)
+            want, want_state = model(tok, want_state)
+    assert len(graphs) == 2  # prefill, decode
+    # 6 KDA layers (1 call each), 2 MLA layers (2 calls: around the cache update); AttnRes: the FFN sublayers
+    # apart (8 more calls); less the dense layer's call, which may be inlined (single use)
+    n_calls = 6 + 2 * 2 + (8 if attn_res else 0) - 1
+    for calls in graphs:
+        assert len(calls) >= n_calls, calls  # the single-use dense layer may be inlined
+        assert len(set(calls)) <= (4 if attn_res is None else 5), calls
+    model.model.compile_regions = False
+    torch._dynamo.reset()
+    with torch.no_grad():
+        compiled(ids)
+    with torch.enable_grad():
+        model.model.compile_regions = True
+        compiled(ids)
+    assert graphs[2:] == [[], []]
