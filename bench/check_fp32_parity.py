@@ -155,7 +155,8 @@ class Capture:
         self.handles = []
         for i, layer in enumerate(model.model.layers):
             kind = getattr(layer, "kind", None) or getattr(layer, "block_type", None)
-            self._hook(layer.self_attn, f"L{i} {'KDA' if kind == LINEAR else 'MLA'}")
+            # the attention output is its o_proj output (ours runs MLA as project / cache update / attend)
+            self._hook(layer.self_attn.o_proj, f"L{i} {'KDA' if kind == LINEAR else 'MLA'}")
             gate = getattr(layer.mlp, "gate", None)
             self._hook(layer.mlp, f"L{i} {'MoE' if gate is not None else 'MLP'}")
             if gate is not None:
