@@ -22,6 +22,12 @@ copy bandwidth, and the fraction reached. Every row runs under its own time boun
 cut row prints its error and the rest go on. The table is printed last and written as JSON (``--json``).
 
     python bench/bench_full_model.py [--layers N] [--skip-hf] [--profile] [--attn-res S] [--json out.json]
+        [--compile-regions 0|1] [--moe-decode-slots N]
+
+``--compile-regions 1`` compiles every decoder layer as a nested compile region (KimiModel.compile_regions: one
+subgraph per layer kind, shorter first compiles); ``--moe-decode-slots 64`` lets ``kimi::moe_experts`` take its
+Triton decode kernels up to 64 (token, slot) pairs (ops/moe: DECODE_MAX_SLOTS). Both are off by default, as in
+the package; the ``ceilings`` row records the settings.
 """
 
 from __future__ import annotations
@@ -161,10 +167,17 @@ def prefill_flops(cfg, split: dict[str, int], T: int) -> float:
 
 # ------------------------------------------------------------------------------------------------ ours
 
+def build_ours(cfg, args) -> KimiForCausalLM:
+    model = KimiForCausalLM.from_config(cfg, seed=0, dtype=torch.bfloat16, device=torch.device("cuda"),
+                                        init_on_device=True).eval()
+    model.model.compile_regions = bool(args.compile_regions)
+    return model
+
+
 def ours(cfg, args, bw, mm) -> None:
     dev = torch.device("cuda")
     t = time.time()
-    model = KimiForCausalLM.from_config(cfg, seed=0, dtype=torch.bfloat16, device=dev, init_on_device=True).eval()
+    model = build_ours(cfg, args)
     split = param_split(model)
     add(dict(row="ours build", s=round(time.time() - t, 1), params_b=round(sum(split.values()) / 1e9, 2), **split))
     gen = torch.Generator(device=dev).manual_seed(0)
@@ -271,7 +284,7 @@ def attn_res_rows(cfg, args) -> None:
     """AttnRes against the plain stack on the same weights: prefill (compiled_step) and decode B=1 (CUDA graph)."""
     dev = torch.device("cuda")
     t = time.time()
-    model = KimiForCausalLM.from_config(cfg, seed=0, dtype=torch.bfloat16, device=dev, init_on_device=True).eval()
+    model = build_ours(cfg, args)
     block = model.model.attn_res_block
     add(dict(row=f"attn_res build (block {block})", s=round(time.time() - t, 1)))
     gen = torch.Generator(device=dev).manual_seed(0)
@@ -423,15 +436,23 @@ def main(argv=None) -> None:
     ap.add_argument("--profile", action="store_true", help="print the top CUDA kernels of a prefill and a decode step")
     ap.add_argument("--attn-res", type=int, default=None, metavar="S",
                     help="instead of the rows above: AttnRes (block of S sublayers) vs the plain stack, same weights")
+    ap.add_argument("--compile-regions", type=int, choices=(0, 1), default=0,
+                    help="1: decoder layers as nested compile regions (KimiModel.compile_regions)")
+    ap.add_argument("--moe-decode-slots", type=int, default=None, metavar="N",
+                    help="kimi::moe_experts takes its Triton decode kernels up to N (token, slot) pairs")
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
+    if args.moe_decode_slots is not None:
+        from kimi_compile.ops import moe
+        moe.DECODE_MAX_SLOTS = args.moe_decode_slots
     cfg = kimi_linear_48b_config()
     if args.layers:
         n = args.layers
         cfg = cfg.replace(num_hidden_layers=n, layer_types=cfg.layer_types[:n], mlp_layer_types=cfg.mlp_layer_types[:n])
     bw, mm = ceilings()
     add(dict(row="ceilings", copy_tb_s=round(bw / 1e12, 2), bf16_tflop_s=round(mm / 1e12), gpu=torch.cuda.get_device_name(),
-             torch=torch.__version__, layers=cfg.num_hidden_layers))
+             torch=torch.__version__, layers=cfg.num_hidden_layers,
+             compile_regions=args.compile_regions, moe_decode_slots=args.moe_decode_slots))
     if args.attn_res is not None:
         attn_res_rows(cfg.replace(attn_res_block_size=args.attn_res), args)
     elif not args.skip_ours:
