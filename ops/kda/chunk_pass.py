@@ -15,7 +15,7 @@ import triton
 import triton.language as tl
 
 from .._device import device_properties
-from .common import KERNEL_CHUNK, _finite, _first_bad_row, _launch, _load_state, _np2, _seq_span, _state_tile
+from .common import KERNEL_CHUNK, _finite, _launch, _load_state, _np2, _seq_span, _state_tile
 from .tuning import current_tuning
 
 
@@ -30,9 +30,10 @@ def _kda_pass_kernel(w, u, tm, bsc, qg, kg, aqk, gam, poison, o, h0, ht, hseg, h
     """TX=False: w, u are the intra kernel's T (beta k e^G) and T (beta v); U = u - w h. TX=True: w holds
     k e^G, u is the input v [B, T, HV, V], tm holds T [HV, TT, C] and bsc beta [HV, NS, C];
     U = T diag(beta) (v - k e^G h) (one dot more a step, two loops fewer in the intra kernel).
-    NONFINITE: poison [HV, NS] holds the intra kernel's first non-finite row per chunk slot (C if none); in the TX form this
-    program's v tile adds its own. From that row on, outputs are NaN, and so is the state after the chunk: a
-    non-finite input reaches its own token and later ones only, and never through a 0 * NaN in a dot."""
+    NONFINITE: poison [HV, NS] holds the intra kernel's first non-finite row per chunk slot (C if none; v's rows
+    included). From that row on, outputs are NaN, and so is the state after the chunk: a non-finite input reaches
+    its own token and later ones only, and never through a 0 * NaN in a dot (the v tile is zeroed where not
+    finite)."""
     pv = tl.program_id(0)
     pid = tl.program_id(1)
     nh = pid // NSEG
@@ -71,8 +72,7 @@ def _kda_pass_kernel(w, u, tm, bsc, qg, kg, aqk, gam, poison, o, h0, ht, hseg, h
         gm = tl.load(gam + (hv64 * NS + slot0 + c) * K + rk, mask=km, other=0.)
         if NONFINITE:
             first_bad = tl.load(poison + hv64 * NS + slot0 + c)
-            if TX:  # v is read here, not in the intra kernel
-                first_bad = tl.minimum(first_bad, _first_bad_row(_finite(ut), C))
+            if TX:  # the intra kernel checked v's rows; zeroed here so that no dot meets a NaN
                 ut = tl.where(_finite(ut), ut, 0.)
         if STORE_H:
             tl.store(hs + ((hv64 * NS + slot0 + c) * K * V) + hoff, h, mask=hm)

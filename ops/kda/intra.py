@@ -203,6 +203,15 @@ def _intra_chunk(s, hv, q, k, v, g, beta, w, u, qg, kg, aqk, gam, tinv, bsc, fla
     if NONFINITE:
         first_bad = tl.min(tl.where(_finite(b), C, r), 0)
         b = tl.where(_finite(b), b, 0.)
+        if not WU:
+            # the TX form reads v in the pass; its rows are checked here, before the A tiles take their registers
+            # (in the pass, latency-bound per chunk step, a reduction a step cost ~20 % of the forward)
+            VCHK: tl.constexpr = 32
+            vrow = v + (tok[:, None] * HV + hv) * V
+            for vb in range(0, (V + VCHK - 1) // VCHK):
+                cv = vb * VCHK + tl.arange(0, VCHK)
+                vt = tl.load(vrow + cv[None, :], mask=rmask[:, None] & (cv < V)[None, :], other=0.).to(tl.float32)
+                first_bad = tl.minimum(first_bad, _first_bad_row(_finite(vt), C))
 
     Akk = tl.zeros([C, C], tl.float32)
     Aqk = tl.zeros([C, C], tl.float32)
