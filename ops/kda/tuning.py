@@ -34,8 +34,8 @@ class KDATuning:
     pass_bv: int = 32             # value block of the forward pass (128 programs at B=1, H=32)
     pass_warps: int = 4
     pass_stages: int = 3          # next two chunks' loads in flight; fit_stages lowers it where shared memory is smaller
-    nonfinite: bool = True        # chunked forward: NaN / inf inputs stay causal and g = -inf is exact (the checks
-                                  # cost ~0.2 ms at T=16384: docs/kda_kernels.md); False: the unchecked kernels
+    nonfinite: bool = True        # chunked forward: NaN / inf inputs stay causal and g = -inf is exact (their cost
+                                  # on the H200: docs/kda_kernels.md); False: the kernels without the checks
     decode_bv: int = 64
     decode_warps: int = 4
     # ---- backward
