@@ -26,14 +26,16 @@ INT64 = ir.DataType.INT64
 _names = itertools.count()
 
 
-def static_dim(x: ir.Value, axis: int, what: str) -> int:
-    """The static size of ``x.shape[axis]``; the lowering needs it as an attribute."""
-    shape = x.shape
-    if shape is None:
-        raise ValueError(f"ONNX lowering needs the static {what} but the input has no known shape")
+def static_dim(x: Optional[ir.Value], axis: int, what: str, context: str = "ONNX lowering", hint: str = "") -> int:
+    """The static size of ``x.shape[axis]`` (a lowering needs it as an attribute); ValueError naming ``what`` when
+    the shape is unknown, too short or symbolic. ``context`` names the lowering, ``hint`` says how to fix it."""
+    shape = None if x is None else x.shape
+    name = getattr(x, "name", None)
+    if shape is None or len(shape) <= (axis if axis >= 0 else -axis - 1):
+        raise ValueError(f"{context} needs the static {what}, but {name!r} has no known shape{hint}")
     d = shape[axis]
     if not isinstance(d, int):
-        raise ValueError(f"ONNX lowering needs a static {what}, got a symbolic dimension {d!r}")
+        raise ValueError(f"{context} needs a static {what}, got the symbolic dimension {d!r} on {name!r}")
     return d
 
 

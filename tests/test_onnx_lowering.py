@@ -241,3 +241,19 @@ def test_lowering_rejects_varlen():
 
     with pytest.raises(NotImplementedError, match="cu_seqlens"):
         kda_linear_attention(V(), V(), V(), V(), V(), None, None, cu_seqlens=V())
+
+
+@pytest.mark.parametrize("shape,axis,problem", [(None, 0, "no known shape"), ((2, 3), 2, "no known shape"),
+                                                ((2, "T"), 1, "symbolic dimension SymbolicDim('T')"), ((2, 3), -3, "no known shape")])
+@pytest.mark.parametrize("lowering", ["onnx", "tensorrt"])
+def test_static_dim_errors_name_the_dimension_and_the_value(shape, axis, problem, lowering):
+    import onnx_ir as ir
+    from kimi_compile.lowering import onnx_builder
+    from kimi_compile.lowering.tensorrt import ir_helpers
+    value = ir.Value(name="q_in", shape=None if shape is None else ir.Shape(list(shape)))
+    fn = onnx_builder.static_dim if lowering == "onnx" else ir_helpers.static_dim
+    with pytest.raises(ValueError, match="head dim") as e:
+        fn(value, axis, "head dim")
+    msg = str(e.value)
+    assert problem in msg and "'q_in'" in msg and ("TensorRT" in msg) == (lowering == "tensorrt"), msg
+    assert onnx_builder.static_dim(ir.Value(name="k", shape=ir.Shape([2, 5])), -1, "x") == 5

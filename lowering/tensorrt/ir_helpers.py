@@ -8,6 +8,8 @@ from typing import Any, Optional, Union
 import onnx
 import onnx_ir as ir
 
+from .. import onnx_builder
+
 __all__ = ["ONNX_TO_NAME", "NAME_TO_ONNX", "as_ir", "like_input", "attr", "static_dim", "dtype_name", "shape_tuple"]
 
 ONNX_TO_NAME = {ir.DataType.FLOAT: "float32", ir.DataType.FLOAT16: "float16", ir.DataType.BFLOAT16: "bfloat16"}
@@ -38,14 +40,8 @@ def attr(node: ir.Node, name: str, default: Any = None) -> Any:
 
 
 def static_dim(value: Optional[ir.Value], axis: int, what: str) -> int:
-    shape = None if value is None else value.shape
-    if shape is None or len(shape) <= abs(axis) - (axis < 0):
-        raise ValueError(f"TensorRT lowering needs the static {what}, but {getattr(value, 'name', None)!r} has "
-                         f"no known shape (run onnx shape inference first)")
-    d = shape[axis]
-    if not isinstance(d, int):
-        raise ValueError(f"TensorRT lowering needs a static {what}, got {d!r} on {value.name!r}")
-    return d
+    """onnx_builder.static_dim with the TensorRT rewrite's wording."""
+    return onnx_builder.static_dim(value, axis, what, "TensorRT lowering", " (run onnx shape inference first)")
 
 
 def dtype_name(value: ir.Value, what: str) -> str:
