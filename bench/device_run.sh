@@ -9,6 +9,7 @@
 # compiling on the CPU). On the H200 the bench parts take about 5 minutes (train up to 3 on a cold machine: FLA's
 # backward autotunes) and the CUDA tests about 8 on one worker, so the whole does not fit one 10-minute
 # call: run ORDER=bench and ORDER=tests as two calls. MODEL_LAYERS=0 benchmarks the full 27-layer model.
+# ORDER=unmeasured runs what no GPU has run yet (see the function).
 set -u
 REPO=$(cd "$(dirname "$0")/.." && pwd)
 OUTDIR=${1:-${OUT:-/tmp/kimi_out}}
@@ -47,5 +48,19 @@ ncu_profile() {
     ncu -i "$rep.ncu-rep" --page source --csv --print-source sass > "$OUTDIR/ncu_sass.csv" 2>&1
     ncu -i "$rep.ncu-rep" --page source --csv --print-source cuda,sass > "$OUTDIR/ncu_src_sass.csv" 2>&1
     tail -3 "$OUTDIR/ncu_run.log"; grep -E "Duration|Registers Per|Achieved Occupancy|Issue Slots Busy|Compute \(SM\) Throughput|Memory Throughput" "$OUTDIR/ncu_details.txt"
+}
+unmeasured() {
+    # the checks that no GPU has run yet (each bounded; ~7 minutes in all): the MoE decode kernels' CUDA tests and
+    # their benchmark, the fp32 parity tests, the cost of the KDA non-finite checks, and the training step
+    # after the MoE backward fix against transformers + FLA
+    export PYTHONPATH=$PYTHONPATH:$REPO/tests
+    timeout -k 5 120 python3 -m pytest -q -rfE -m cuda -n "${TEST_WORKERS:-4}" -p no:cacheprovider --rootdir "$REPO" \
+        -c "$REPO/pyproject.toml" "$REPO/tests/test_moe.py" 2>&1 | tail -5
+    timeout -k 5 60 python3 "$REPO/bench/bench_moe.py" --json "$OUTDIR/bench_moe.json" 2>&1 | tail -8
+    timeout -k 5 60 python3 "$REPO/bench/bench_kda.py" --no-checks --only "nonfinite checks" 2>&1 | grep nonfinite
+    timeout -k 5 200 python3 -m pytest -q -s -rA -m cuda -p no:cacheprovider --rootdir "$REPO" \
+        -c "$REPO/pyproject.toml" "$REPO/tests/test_fp32_parity_cuda.py" 2>&1 | grep -E "rel|passed|failed"
+    timeout -k 5 240 python3 "$REPO/bench/bench_train.py" --rows ours_compiled transformers_fla --in-process \
+        --warmup 1 --iters 3 --json "$OUTDIR/train.json" 2>&1 | tail -6
 }
 for step in ${ORDER:-bench tests}; do "$step"; done
