@@ -66,23 +66,11 @@ def model_config(args):
 def hf_model(cfg, dtype, device):
     """transformers' KimiLinearForCausalLM with the widths of ``cfg`` (its own random init)."""
     import torch
-    from transformers import KimiLinearConfig, KimiLinearForCausalLM
+    from check_fp32_parity import hf_config  # the one KimiConfig -> KimiLinearConfig mapping of the benches
+    from transformers import KimiLinearForCausalLM
 
-    hf_cfg = KimiLinearConfig(
-        vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size,
-        moe_intermediate_size=cfg.moe_intermediate_size, num_hidden_layers=cfg.num_hidden_layers,
-        num_attention_heads=cfg.num_attention_heads, num_key_value_heads=cfg.num_attention_heads,
-        kv_lora_rank=cfg.kv_lora_rank, q_lora_rank=cfg.q_lora_rank, qk_rope_head_dim=cfg.qk_rope_head_dim,
-        qk_nope_head_dim=cfg.qk_nope_head_dim, v_head_dim=cfg.v_head_dim, num_experts=cfg.num_experts,
-        num_experts_per_token=cfg.num_experts_per_token, num_shared_experts=cfg.num_shared_experts,
-        routed_scaling_factor=cfg.routed_scaling_factor, moe_renormalize=cfg.moe_renormalize,
-        linear_num_heads=cfg.linear_num_heads, linear_head_dim=cfg.linear_head_dim,
-        linear_conv_kernel_dim=cfg.linear_conv_kernel_dim, layer_types=list(cfg.layer_types),
-        mlp_layer_types=list(cfg.mlp_layer_types), rms_norm_eps=cfg.rms_norm_eps, pad_token_id=cfg.pad_token_id,
-        bos_token_id=cfg.bos_token_id, eos_token_id=cfg.eos_token_id, initializer_range=0.02)
-    hf_cfg._attn_implementation = "sdpa"
     with torch.device(device):
-        model = KimiLinearForCausalLM(hf_cfg)
+        model = KimiLinearForCausalLM(hf_config(cfg))
     return model.to(dtype).train()
 
 
