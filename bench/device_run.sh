@@ -50,17 +50,20 @@ ncu_profile() {
     tail -3 "$OUTDIR/ncu_run.log"; grep -E "Duration|Registers Per|Achieved Occupancy|Issue Slots Busy|Compute \(SM\) Throughput|Memory Throughput" "$OUTDIR/ncu_details.txt"
 }
 unmeasured() {
-    # the checks that no GPU has run yet (each bounded; ~7 minutes in all): the MoE decode kernels' CUDA tests and
+    # the checks that no GPU has run yet (each bounded; ~8 minutes in all): the MoE decode kernels' CUDA tests and
     # their benchmark, the fp32 parity tests, the cost of the KDA non-finite checks, and the training step
-    # after the MoE backward fix against transformers + FLA
+    # after the MoE backward fix against transformers + FLA. Each part logs to its own file as it goes.
     export PYTHONPATH=$PYTHONPATH:$REPO/tests
     timeout -k 5 120 python3 -m pytest -q -rfE -m cuda -n "${TEST_WORKERS:-4}" -p no:cacheprovider --rootdir "$REPO" \
-        -c "$REPO/pyproject.toml" "$REPO/tests/test_moe.py" 2>&1 | tail -5
-    timeout -k 5 60 python3 "$REPO/bench/bench_moe.py" --json "$OUTDIR/bench_moe.json" 2>&1 | tail -8
-    timeout -k 5 60 python3 "$REPO/bench/bench_kda.py" --no-checks --only "nonfinite checks" 2>&1 | grep nonfinite
-    timeout -k 5 200 python3 -m pytest -q -s -rA -m cuda -p no:cacheprovider --rootdir "$REPO" \
-        -c "$REPO/pyproject.toml" "$REPO/tests/test_fp32_parity_cuda.py" 2>&1 | grep -E "rel|passed|failed"
-    timeout -k 5 240 python3 "$REPO/bench/bench_train.py" --rows ours_compiled transformers_fla --in-process \
-        --warmup 1 --iters 3 --json "$OUTDIR/train.json" 2>&1 | tail -6
+        -c "$REPO/pyproject.toml" "$REPO/tests/test_moe.py" > "$OUTDIR/moe_tests.log" 2>&1; tail -5 "$OUTDIR/moe_tests.log"
+    timeout -k 5 60 python3 "$REPO/bench/bench_moe.py" --json "$OUTDIR/bench_moe.json" > "$OUTDIR/bench_moe.log" 2>&1
+    tail -8 "$OUTDIR/bench_moe.log"
+    timeout -k 5 60 python3 "$REPO/bench/bench_kda.py" --no-checks --only "nonfinite checks" > "$OUTDIR/nonfinite.log" 2>&1
+    grep nonfinite "$OUTDIR/nonfinite.log"
+    timeout -k 5 170 python3 -m pytest -q -s -rA -m cuda -p no:cacheprovider --rootdir "$REPO" \
+        -c "$REPO/pyproject.toml" "$REPO/tests/test_fp32_parity_cuda.py" > "$OUTDIR/fp32.log" 2>&1
+    grep -E "rel|passed|failed" "$OUTDIR/fp32.log"
+    timeout -k 5 200 python3 "$REPO/bench/bench_train.py" --rows ours_compiled transformers_fla --in-process \
+        --warmup 1 --iters 3 --json "$OUTDIR/train.json" > "$OUTDIR/train.log" 2>&1; tail -6 "$OUTDIR/train.log"
 }
 for step in ${ORDER:-bench tests}; do "$step"; done

@@ -334,10 +334,9 @@ def test_decode_kernels_compile_for_sm90(kernel, dtype):
 
 # ------------------------------------------------------------------------------------------------ decode on the GPU
 
-@pytest.fixture(autouse=True)
-def decode_threshold(monkeypatch):
-    """The decode kernels are off by default until measured on a GPU; these tests check the planned threshold."""
-    monkeypatch.setattr(moe, "DECODE_MAX_SLOTS", moe.PLANNED_DECODE_MAX_SLOTS)
+def test_decode_threshold_default():
+    """The decode kernels are on by default up to 64 (token, slot) pairs: top-8 decode up to 8 tokens."""
+    assert moe.DECODE_MAX_SLOTS == 64
 
 
 @pytest.mark.cuda

@@ -199,19 +199,17 @@ def _intra_chunk(s, hv, q, k, v, g, beta, w, u, qg, kg, aqk, gam, tinv, bsc, fla
     tok = bos + c * C + r
     rmask = tok < eos
 
+    # the TX form reads v in the pass; its rows are checked here, before the A tiles take their registers (in
+    # the pass, latency-bound per chunk step, a reduction a step cost ~20 % of the forward), with the first
+    # VCHK columns loaded at once, in flight together with beta and the first key block (checking in four
+    # dependent 32-column loads cost the intra kernel +53 % at T=16384)
+    VCHK: tl.constexpr = 128
+    CHECK_V: tl.constexpr = NONFINITE and not WU
+    vrow = v + (tok[:, None] * HV + hv) * V
+    if CHECK_V:
+        cv = tl.arange(0, VCHK)
+        v0 = tl.load(vrow + cv[None, :], mask=rmask[:, None] & (cv < V)[None, :], other=0.)
     b = tl.load(beta + tok * HV + hv, mask=rmask, other=0.).to(tl.float32)
-    if NONFINITE:
-        first_bad = tl.min(tl.where(_finite(b), C, r), 0)
-        b = tl.where(_finite(b), b, 0.)
-        if not WU:
-            # the TX form reads v in the pass; its rows are checked here, before the A tiles take their registers
-            # (in the pass, latency-bound per chunk step, a reduction a step cost ~20 % of the forward)
-            VCHK: tl.constexpr = 32
-            vrow = v + (tok[:, None] * HV + hv) * V
-            for vb in range(0, (V + VCHK - 1) // VCHK):
-                cv = vb * VCHK + tl.arange(0, VCHK)
-                vt = tl.load(vrow + cv[None, :], mask=rmask[:, None] & (cv < V)[None, :], other=0.).to(tl.float32)
-                first_bad = tl.minimum(first_bad, _first_bad_row(_finite(vt), C))
 
     Akk = tl.zeros([C, C], tl.float32)
     Aqk = tl.zeros([C, C], tl.float32)
@@ -225,6 +223,15 @@ def _intra_chunk(s, hv, q, k, v, g, beta, w, u, qg, kg, aqk, gam, tinv, bsc, fla
         kn = tl.load(kp + c0[None, :], mask=m0, other=0.)
         qn = tl.load(qp + c0[None, :], mask=m0, other=0.)
         gn = tl.load(gp + c0[None, :], mask=m0, other=0.)
+    if NONFINITE:
+        first_bad = tl.min(tl.where(_finite(b), C, r), 0)
+        b = tl.where(_finite(b), b, 0.)
+    if CHECK_V:
+        first_bad = tl.minimum(first_bad, _first_bad_row(_finite(v0.to(tl.float32)), C))
+        for vb in range(1, (V + VCHK - 1) // VCHK):  # V > 128 only
+            cv = vb * VCHK + tl.arange(0, VCHK)
+            vt = tl.load(vrow + cv[None, :], mask=rmask[:, None] & (cv < V)[None, :], other=0.).to(tl.float32)
+            first_bad = tl.minimum(first_bad, _first_bad_row(_finite(vt), C))
     for kb in range(0, (K + BK - 1) // BK):
         cols, cmask, m2 = _key_block(kb, rmask, K, BK)
         if PREFETCH:
