@@ -24,8 +24,8 @@ cut row prints its error and the rest go on. The table is printed last and writt
     python bench/bench_full_model.py [--layers N] [--skip-hf] [--profile] [--attn-res S] [--json out.json]
         [--compile-regions 0|1] [--moe-decode-slots N]
 
-``--compile-regions 1`` compiles every decoder layer as a nested compile region (KimiModel.compile_regions: one
-subgraph per layer kind, shorter first compiles); ``--moe-decode-slots N`` moves the threshold below which
+``--compile-regions 0`` inlines every decoder layer instead of compiling each as a nested compile region
+(KimiModel.compile_regions, on by default: one subgraph per layer kind, shorter first compiles); ``--moe-decode-slots N`` moves the threshold below which
 ``kimi::moe_experts`` takes its Triton decode kernels (ops/moe: DECODE_MAX_SLOTS; 0 turns them off). Without the
 flags the package defaults hold; the ``ceilings`` row records the settings. The prefill row also gives the
 compiled last-position logits' distance from an eager forward of the same prompt (``rel_err_vs_eager``).
@@ -171,7 +171,8 @@ def prefill_flops(cfg, split: dict[str, int], T: int) -> float:
 def build_ours(cfg, args) -> KimiForCausalLM:
     model = KimiForCausalLM.from_config(cfg, seed=0, dtype=torch.bfloat16, device=torch.device("cuda"),
                                         init_on_device=True).eval()
-    model.model.compile_regions = bool(args.compile_regions)
+    if args.compile_regions is not None:
+        model.model.compile_regions = bool(args.compile_regions)
     return model
 
 
@@ -441,8 +442,9 @@ def main(argv=None) -> None:
     ap.add_argument("--profile", action="store_true", help="print the top CUDA kernels of a prefill and a decode step")
     ap.add_argument("--attn-res", type=int, default=None, metavar="S",
                     help="instead of the rows above: AttnRes (block of S sublayers) vs the plain stack, same weights")
-    ap.add_argument("--compile-regions", type=int, choices=(0, 1), default=0,
-                    help="1: decoder layers as nested compile regions (KimiModel.compile_regions)")
+    ap.add_argument("--compile-regions", type=int, choices=(0, 1), default=None,
+                    help="0: every layer inlined; 1: decoder layers as nested compile regions (KimiModel."
+                         "compile_regions; default: the package's, 1)")
     ap.add_argument("--moe-decode-slots", type=int, default=None, metavar="N",
                     help="kimi::moe_experts takes its Triton decode kernels up to N (token, slot) pairs")
     ap.add_argument("--json", default=None)

@@ -540,9 +540,9 @@ class KimiModel(nn.Module):
         # per-layer activation checkpointing (kimi_compile.training.set_activation_checkpointing)
         self.activation_checkpointing = False
         # under torch.compile, every layer a nested compile region (one compiled subgraph per layer kind; see the
-        # layer regions above); False inlines every layer into the graph (default: off unless KIMI_COMPILE_REGIONS=1,
-        # opt-in until measured on a GPU; the env var lets a benchmark compare both without code changes)
-        self.compile_regions = os.environ.get("KIMI_COMPILE_REGIONS", "0") == "1"
+        # layer regions above): the full-depth 48B prefill compiles in 38 s instead of 68 (H200, torch 2.11).
+        # False inlines every layer into the graph (KIMI_COMPILE_REGIONS=0 sets that before the model is built)
+        self.compile_regions = os.environ.get("KIMI_COMPILE_REGIONS", "1") != "0"
 
     def forward(self, input_ids: Tensor, state: Optional[dict[str, Tensor]], position_ids: Optional[Tensor],
                 cache_position: Optional[Tensor] = None) -> tuple[Tensor, dict[str, Tensor]]:

@@ -190,7 +190,7 @@ def test_layer_regions_reused_across_layers(attn_res):
     one more), called once per layer, prefill and decode, zero graph breaks; logits and state equal to eager.
     Opting out (compile_regions = False) or recording autograd inlines every layer."""
     model = deep_kimi_linear(8, attn_res)
-    model.model.compile_regions = True  # opt-in until measured on a GPU and on torch 2.11
+    assert model.model.compile_regions  # the default
     graphs = []
 
     def backend(gm, example_inputs):
