@@ -227,6 +227,33 @@ def run(report=None, *, N=10, B=2, T=2048, D=2304, dtype=torch.bfloat16, S=6, sw
     return rows
 
 
+def sublayer_read(report=None, *, Ns=(2, 4, 6, 11), B=1, T=4096, D=2304, dtype=torch.bfloat16, device="cuda"):
+    """What one AttnRes sublayer of the model pays to read its sources (the model stacks the embedding, completed
+    blocks and partial sum into a new [N, B, T, D] tensor, then calls the op): the stack alone, the op alone on
+    the stacked tensor, both, and the plain residual add they replace (bytes: stack 2 N BTD, op (N + 1) BTD, add
+    3 BTD, 2 bytes each)."""
+    bench = _bench_cuda_do_bench if device == "cuda" else _bench_wall
+    from kimi_compile.ops.attn_res import attn_res
+
+    g = torch.Generator(device=device).manual_seed(0)
+    q = torch.randn(D, device=device, dtype=dtype, generator=g)
+    rows = []
+    for N in Ns:
+        srcs = [torch.randn(B, T, D, device=device, dtype=dtype, generator=g) for _ in range(N)]
+        stacked = torch.stack(srcs)
+        btd = B * T * D * stacked.element_size()
+        for name, fn, nbytes in (
+                (f"sublayer N={N}: torch.stack of the sources", lambda: torch.stack(srcs), 2 * N * btd),
+                (f"sublayer N={N}: kimi::attn_res on the stacked sources", lambda: attn_res(stacked, q), (N + 1) * btd),
+                (f"sublayer N={N}: stack + attn_res (the model's read)", lambda: attn_res(torch.stack(srcs), q),
+                 (3 * N + 1) * btd),
+                (f"sublayer N={N}: plain residual add", lambda: srcs[0] + srcs[1], 3 * btd)):
+            row = _row(name, bench(fn), nbytes)
+            rows.append(row)
+            _emit(report, row)
+    return rows
+
+
 def cpu_smoke(report=None, *, N=4, B=2, T=33, D=72, dtype=torch.float32):
     """Small CPU run: the PyTorch implementations (and the interpreted Triton kernels when
     TRITON_INTERPRET=1), checked against float64, timed by wall clock."""
@@ -266,9 +293,17 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cpu-smoke", action="store_true", help="small CPU run, no GPU needed")
     parser.add_argument("--no-sweep", action="store_true", help="skip the block_r / num_warps sweep")
+    parser.add_argument("--sublayer-read", action="store_true",
+                        help="only the model's per-sublayer read at T=4096 (stack + op vs op alone)")
     args = parser.parse_args(argv)
     if args.cpu_smoke:
         cpu_smoke()
+        if args.sublayer_read:
+            sublayer_read(Ns=(2, 3), T=17, D=72, dtype=torch.float32, device="cpu")
+    elif args.sublayer_read:
+        if not torch.cuda.is_available():
+            raise SystemExit("no CUDA device: use --cpu-smoke --sublayer-read")
+        sublayer_read()
     else:
         if not torch.cuda.is_available():
             raise SystemExit("no CUDA device: use --cpu-smoke")
