@@ -25,10 +25,11 @@ cut row prints its error and the rest go on. The table is printed last and writt
         [--compile-regions 0|1] [--moe-decode-slots N]
 
 ``--compile-regions 0`` inlines every decoder layer instead of compiling each as a nested compile region
-(KimiModel.compile_regions, on by default: one subgraph per layer kind, shorter first compiles); ``--moe-decode-slots N`` moves the threshold below which
-``kimi::moe_experts`` takes its Triton decode kernels (ops/moe: DECODE_MAX_SLOTS; 0 turns them off). Without the
-flags the package defaults hold; the ``ceilings`` row records the settings. The prefill row also gives the
-compiled last-position logits' distance from an eager forward of the same prompt (``rel_err_vs_eager``).
+(KimiModel.compile_regions, on by default: one subgraph per layer kind, shorter first compiles);
+``--moe-decode-slots N`` moves the threshold below which ``kimi::moe_experts`` takes its Triton decode kernels
+(ops/moe: DECODE_MAX_SLOTS; 0 turns them off). Without the flags the package defaults hold; the ``ceilings`` row
+records the settings. The prefill row also gives the compiled last-position logits' distance from an eager
+forward of the same prompt (``rel_err_vs_eager``).
 """
 
 from __future__ import annotations

@@ -334,11 +334,6 @@ def test_decode_kernels_compile_for_sm90(kernel, dtype):
 
 # ------------------------------------------------------------------------------------------------ decode on the GPU
 
-def test_decode_threshold_default():
-    """The decode kernels are on by default up to 64 (token, slot) pairs: top-8 decode up to 8 tokens."""
-    assert moe.DECODE_MAX_SLOTS == 64
-
-
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs an NVIDIA GPU")
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
