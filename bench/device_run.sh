@@ -9,7 +9,7 @@
 # compiling on the CPU). On the H200 the bench parts take about 5 minutes (train up to 3 on a cold machine: FLA's
 # backward autotunes) and the CUDA tests about 8 on one worker, so the whole does not fit one 10-minute
 # call: run ORDER=bench and ORDER=tests as two calls. MODEL_LAYERS=0 benchmarks the full 27-layer model.
-# ORDER=unmeasured runs what no GPU has run to completion yet (see the function).
+# ORDER=unmeasured and ORDER=unmeasured_bench (one call each) run what no GPU has run to completion yet.
 set -u
 REPO=$(cd "$(dirname "$0")/.." && pwd)
 OUTDIR=${1:-${OUT:-/tmp/kimi_out}}
@@ -50,20 +50,31 @@ ncu_profile() {
     tail -3 "$OUTDIR/ncu_run.log"; grep -E "Duration|Registers Per|Achieved Occupancy|Issue Slots Busy|Compute \(SM\) Throughput|Memory Throughput" "$OUTDIR/ncu_details.txt"
 }
 unmeasured() {
-    # the checks that no GPU has run to completion yet (each bounded; ~9 minutes in all), each logged to its own
-    # file as it goes: the GPU non-finite KDA test on the current intra kernel (97 s alone before it changed),
-    # the AttnRes per-sublayer read split into stack and op, where the compiled training step's time goes
-    # (ours 218 ms vs transformers + FLA 99.7 ms, cause unknown), and transformers' own fp32 error (FLA
-    # autotunes its fp32 kernels for minutes)
+    # the checks that no GPU has run to completion yet (each bounded; ~6 minutes), each logged to its own file as
+    # it goes: the GPU non-finite KDA test on the current intra kernel (97 s alone before it changed), the
+    # in-place decode op (kimi::kda_decode_) and generate(backend="compile") that now uses it, the AttnRes
+    # per-sublayer read split into stack and op
     export PYTHONPATH=$PYTHONPATH:$REPO/tests
     timeout -k 5 150 python3 -m pytest -q -rfE -m cuda -p no:cacheprovider --rootdir "$REPO" -c "$REPO/pyproject.toml" \
-        "$REPO/tests/test_kda_triton.py" -k gpu_chunked_nonfinite > "$OUTDIR/nonfinite_test.log" 2>&1
-    tail -2 "$OUTDIR/nonfinite_test.log"
+        "$REPO/tests/test_kda_triton.py" -k "gpu_chunked_nonfinite or gpu_decode_in_place" > "$OUTDIR/kda_tests.log" 2>&1
+    tail -3 "$OUTDIR/kda_tests.log"
+    timeout -k 5 120 python3 -m pytest -q -rfE -m cuda -p no:cacheprovider --rootdir "$REPO" -c "$REPO/pyproject.toml" \
+        "$REPO/tests/test_model_cuda.py" > "$OUTDIR/model_cuda.log" 2>&1; tail -3 "$OUTDIR/model_cuda.log"
     timeout -k 5 60 python3 "$REPO/bench/bench_attn_res.py" --sublayer-read > "$OUTDIR/attn_res_read.log" 2>&1
     grep sublayer "$OUTDIR/attn_res_read.log"
-    timeout -k 5 180 python3 "$REPO/bench/bench_train.py" --rows ours_compiled --in-process --warmup 1 --iters 2 \
+}
+unmeasured_bench() {
+    # the rows no GPU has measured yet (~9 minutes): full-depth decode B=32 / 256 with the in-place KDA state and
+    # the MoE decode kernels up to 256 slots, where the compiled training step's time goes (ours 218 ms vs
+    # transformers + FLA 99.7 ms, cause unknown), and transformers' own fp32 error (FLA autotunes its fp32
+    # kernels for minutes)
+    export PYTHONPATH=$PYTHONPATH:$REPO/tests
+    timeout -k 10 240 python3 "$REPO/bench/bench_full_model.py" --skip-hf --skip-generate --prefill 4096 \
+        --decode-batch 32 256 --json "$OUTDIR/full_decode.json" > "$OUTDIR/full_decode.log" 2>&1
+    tail -8 "$OUTDIR/full_decode.log"
+    timeout -k 5 170 python3 "$REPO/bench/bench_train.py" --rows ours_compiled --in-process --warmup 1 --iters 2 \
         --profile 30 --json "$OUTDIR/train.json" > "$OUTDIR/train_profile.log" 2>&1; tail -45 "$OUTDIR/train_profile.log"
-    timeout -k 5 160 python3 -m pytest -q -s -rA -m cuda -p no:cacheprovider --rootdir "$REPO" \
+    timeout -k 5 150 python3 -m pytest -q -s -rA -m cuda -p no:cacheprovider --rootdir "$REPO" \
         -c "$REPO/pyproject.toml" "$REPO/tests/test_fp32_parity_cuda.py" > "$OUTDIR/fp32.log" 2>&1
     grep -E "rel|passed|failed" "$OUTDIR/fp32.log"
 }

@@ -51,10 +51,10 @@ class CUDAGraphDecoder:
 
     The state lives in static buffers: the KDA conv / recurrent states in their usual shapes, the MLA caches
     preallocated to ``max_len`` tokens and written in place at ``cache_position`` (see
-    :meth:`KimiForCausalLM.forward`). One replay runs the compiled step on the token buffer, writes the new state
-    back into the buffers, takes the argmax into the token buffer and advances the position, so nothing runs on
-    the host between tokens. The prompt itself runs through :func:`compiled_step` (dynamic shapes) and is copied
-    into the buffers.
+    :meth:`KimiForCausalLM.forward`), the KDA recurrent states updated in place there too. One replay runs the
+    compiled step on the token buffer, copies the new conv states back into their buffers, takes the argmax into
+    the token buffer and advances the position, so nothing runs on the host between tokens. The prompt itself
+    runs through :func:`compiled_step` (dynamic shapes) and is copied into the buffers.
 
     On other devices the same compiled static-shape step runs without a graph. Use :func:`cuda_graph_decoder` to
     get one cached per model.
@@ -85,7 +85,7 @@ class CUDAGraphDecoder:
     def _step(self) -> None:
         logits, new = self.model(self.token, self.state, logits_to_keep=1, cache_position=self.position)
         for name, t in new.items():
-            if not name.endswith(".key"):  # MLA caches were written in place
+            if t is not self.state[name]:  # MLA caches and KDA recurrent states were updated in place
                 self.state[name].copy_(t)
         nxt = logits[:, -1].argmax(dim=-1, keepdim=True)
         if self.eos_token_id is not None:  # finished rows keep producing eos (no early exit, no sync)

@@ -33,6 +33,7 @@ from .checks import check_forward_inputs
 from .config import LINEAR, SPARSE, KimiConfig
 from .ops.attn_res import attn_res as _attn_res_op
 from .ops.kda import kda as _kda_op
+from .ops.kda import kda_decode_ as _kda_decode_op
 from .ops.moe import moe_experts as _moe_experts
 from .ops.short_conv import short_conv as _short_conv_op
 from .state import empty_state, state_specs
@@ -140,6 +141,16 @@ class KDAAttention(nn.Module):
 
     def forward(self, x: Tensor, conv_state: Optional[Tensor], recurrent_state: Optional[Tensor]
                 ) -> tuple[Tensor, Tensor, Tensor]:
+        q, k, v, g, beta, new_conv_state = self.project(x, conv_state)
+        o, new_recurrent_state = _kda_op(q, k, v, g, beta, initial_state=recurrent_state, scale=self.scale)
+        return self.finish(x, o), new_conv_state, new_recurrent_state
+
+    @property
+    def scale(self) -> float:
+        return self.head_dim ** -0.5
+
+    def project(self, x: Tensor, conv_state: Optional[Tensor]) -> tuple[Tensor, ...]:
+        """Up to the recurrence: ``(q, k, v, g, beta, new_conv_state)`` in kimi::kda's layouts."""
         B, T, _ = x.shape
         H, K = self.num_heads, self.head_dim
         qkv = torch.cat([self.q_proj(x), self.k_proj(x), self.v_proj(x)], dim=-1)
@@ -153,11 +164,13 @@ class KDAAttention(nn.Module):
         raw = raw + self.dt_bias.to(raw.dtype)
         g = -torch.exp(self.A_log.to(raw.dtype)).view(H, 1) * F.softplus(raw.view(B, T, H, K))
         beta = torch.sigmoid(_acc(self.b_proj(x)))
+        return q, k, v, g, beta, new_conv_state
 
-        o, new_recurrent_state = _kda_op(q, k, v, g, beta, initial_state=recurrent_state, scale=K ** -0.5)
+    def finish(self, x: Tensor, o: Tensor) -> Tensor:
+        """After the recurrence: the gated output norm and the output projection of ``o [B, T, H, K]``."""
+        B, T, H, K = o.shape
         gate = self.g_b_proj(self.g_a_proj(x)).view(B, T, H, K)
-        o = self.o_norm(o, gate).reshape(B, T, H * K)
-        return self.o_proj(o), new_conv_state, new_recurrent_state
+        return self.o_proj(self.o_norm(o, gate).reshape(B, T, H * K))
 
 
 # ------------------------------------------------------------------------------------------------ MLA
@@ -481,7 +494,8 @@ class DecoderLayer(nn.Module):
 # (KimiModel.compile_regions): Dynamo emits one invoke_subgraph call per layer and Inductor compiles one subgraph
 # per distinct layer kind (KDA + dense, KDA + MoE, MLA + MoE, ...) instead of one inlined copy per layer. The MLA
 # cache update runs between two regions, outside both: the static cache is written in place, and a region does not
-# mutate its inputs.
+# mutate its inputs. So does the KDA recurrence on static buffers (kimi::kda_decode_, between kda_project and
+# kda_finish / kda_finish_ffn).
 
 def kda_mixer(layer: DecoderLayer, x: Tensor, conv: Optional[Tensor], rec: Optional[Tensor]
               ) -> tuple[Tensor, Tensor, Tensor]:
@@ -495,6 +509,24 @@ def kda_layer(layer: DecoderLayer, h: Tensor, conv: Optional[Tensor], rec: Optio
     out, conv, rec = kda_mixer(layer, h, conv, rec)
     h = h + out
     return h + layer.ffn(h), conv, rec
+
+
+def kda_project(layer: DecoderLayer, h: Tensor, conv: Optional[Tensor]) -> tuple[Tensor, ...]:
+    """The KDA sublayer up to its recurrence: ``(x, q, k, v, g, beta, new conv state)``, ``x`` the pre-normed
+    input (the output gate reads it)."""
+    x = layer.input_layernorm(h)
+    return (x, *layer.self_attn.project(x, conv))
+
+
+def kda_finish(layer: DecoderLayer, x: Tensor, o: Tensor) -> Tensor:
+    """The KDA sublayer's raw output from the recurrence's ``o``."""
+    return layer.self_attn.finish(x, o)
+
+
+def kda_finish_ffn(layer: DecoderLayer, h: Tensor, x: Tensor, o: Tensor) -> Tensor:
+    """The rest of a whole KDA layer after its recurrence: attention residual, then the FFN residual."""
+    h = h + kda_finish(layer, x, o)
+    return h + layer.ffn(h)
 
 
 def mla_project(layer: DecoderLayer, x: Tensor, cos: Optional[Tensor], sin: Optional[Tensor]
@@ -521,7 +553,8 @@ def ffn(layer: DecoderLayer, x: Tensor) -> Tensor:
 
 
 _REGIONS = {f.__name__: torch.compiler.nested_compile_region(f)
-            for f in (kda_mixer, kda_layer, mla_project, mla_attend, mla_attend_ffn, ffn)}
+            for f in (kda_mixer, kda_layer, kda_project, kda_finish, kda_finish_ffn, mla_project, mla_attend,
+                      mla_attend_ffn, ffn)}
 
 
 class KimiModel(nn.Module):
@@ -600,7 +633,14 @@ class KimiModel(nn.Module):
         """``whole``: the whole layer on the residual stream ``x``; else the attention sublayer's raw output for
         ``x``. Returns it followed by the layer's new state pieces (in ``state_names`` order)."""
         if layer.kind == LINEAR:
-            return self._region(kda_layer if whole else kda_mixer)(layer, x, *past)
+            conv, rec = past
+            if cache_position is None or rec is None or torch.is_grad_enabled():
+                return self._region(kda_layer if whole else kda_mixer)(layer, x, conv, rec)
+            # static buffers: the recurrence updates the state buffer in place (no copy of the new state into it)
+            xn, q, k, v, g, beta, conv = self._region(kda_project)(layer, x, conv)
+            o = _kda_decode_op(q, k, v, g, beta, rec, scale=layer.self_attn.scale)
+            out = self._region(kda_finish_ffn)(layer, x, xn, o) if whole else self._region(kda_finish)(layer, xn, o)
+            return out, conv, rec
         cos, sin = rope if rope is not None else (None, None)
         q, new = self._region(mla_project)(layer, x, cos, sin)
         key = mla_cache_update(past[0], new, cache_position)
@@ -686,7 +726,9 @@ class KimiForCausalLM(nn.Module):
         cache_position: None (default), or int64 ``[T]`` row indices for *static* MLA caches: each
             ``past_key_values.{i}.key`` is then a preallocated ``[B, 1, max_len, ...]`` buffer that the call
             writes in place at these rows and attends over up to them (what a CUDA graph replays,
-            :class:`kimi_compile.compiled.CUDAGraphDecoder`). The other state pieces are returned new as usual.
+            :class:`kimi_compile.compiled.CUDAGraphDecoder`). Without autograd the KDA recurrent states are then
+            updated in place too (``kimi::kda_decode_``; ``new_state`` holds the same tensors); the conv states
+            are returned new as usual.
 
         labels: optional int64 ``[B, T]`` training targets, transformers' convention: shifted inside (position t
             is scored against ``labels[:, t + 1]``), -100 ignored. See :func:`kimi_compile.training.causal_lm_loss`.

@@ -12,8 +12,9 @@ reading the table imports nothing heavy) or ``None`` where the op has no such pi
 * ``tensorrt_plugin`` the TensorRT plugin id (lowering/plugin_spec.py). kimi::attn_res, attn_res_phase1,
   attn_res_merge and moe_experts have NO TensorRT plugin: TensorRT runs their standard-op ONNX lowerings.
 
-Backward ops exist for training only: no lowering, no plugin. tests/test_op_registry.py checks that every
-registered op has a row and every name resolves. lowering/onnx.py builds its translation table from here.
+Backward ops exist for training only and kimi::kda_decode_ for decoding out of static buffers only: no lowering,
+no plugin. tests/test_op_registry.py checks that every registered op has a row and every name resolves.
+lowering/onnx.py builds its translation table from here.
 """
 from __future__ import annotations
 
@@ -52,6 +53,10 @@ OPS: tuple[OpRow, ...] = (
           onnx_fallback=f"{_FALLBACK}:kda_chunked", tensorrt_plugin="kimi::kda"),
     OpRow("kimi::kda_backward", reference=f"{_KDA}.naive:kda_reference_backward", fake=f"{_KDA}:_kda_backward_fake",
           cuda=f"{_KDA}.backward:kda_backward", onnx=None, onnx_fallback=None, tensorrt_plugin=None),
+    # the in-place decode form (static state buffers of CUDA-graph decoding); exported graphs carry the state as
+    # an input and an output, so they use kimi::kda: no lowering, no plugin
+    OpRow("kimi::kda_decode_", reference=f"{_KDA}.naive:kda_reference_chunked", fake=f"{_KDA}:_kda_decode_fake",
+          cuda=f"{_KDA}.recurrent:kda_forward_recurrent", onnx=None, onnx_fallback=None, tensorrt_plugin=None),
     OpRow("kimi::short_conv", reference=f"{_CONV}.naive:short_conv_reference", fake=f"{_CONV}:_short_conv_fake",
           cuda=f"{_CONV}.kernel:short_conv_forward", onnx=f"{_ONNX}:short_conv_causal_conv",
           onnx_fallback=f"{_FALLBACK}:short_conv_standard", tensorrt_plugin="kimi::short_conv"),

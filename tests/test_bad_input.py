@@ -149,7 +149,12 @@ def _moe_args(T=6, D=8, E=4, I=6, k=2):
                 w_up=_rand(E, I, D), w_down=_rand(E, D, I))
 
 
-OPS = {"kda": (ops.kda, _kda_args), "short_conv": (ops.short_conv, _conv_args),
+def _kda_decode_args(B=1, T=1, H=2, HV=2, K=16, V=16):
+    return dict(**_kda_args(B, T, H, HV, K, V), state=_rand(B, HV, K, V))
+
+
+OPS = {"kda": (ops.kda, _kda_args), "kda_decode_": (ops.kda_decode_, _kda_decode_args),
+       "short_conv": (ops.short_conv, _conv_args),
        "attn_res": (ops.attn_res, _attn_res_args), "moe_experts": (ops.moe_experts, _moe_args)}
 
 
@@ -209,6 +214,17 @@ OP_CASES = [
                                                     initial_state=_rand(1, 2, 16, 16)), ValueError,
            ("initial_state",)),
     OpCase("kda", "device", _edit("g", lambda t: t.to("meta")), ValueError, ("g", "meta")),
+    # kda_decode_ (kda's checks, the state named "state", and what the in-place form adds)
+    OpCase("kda_decode_", "state-none", _set(state=None), TypeError, ("state",)),
+    OpCase("kda_decode_", "state-shape", _edit("state", lambda t: t[..., :8]), ValueError, ("state",), compiled=True),
+    OpCase("kda_decode_", "state-dtype", _edit("state", lambda t: t.bfloat16()), TypeError, ("state",),
+           compiled=True),
+    OpCase("kda_decode_", "state-not-contiguous",
+           _edit("state", lambda t: t.transpose(2, 3).contiguous().transpose(2, 3)), ValueError, ("state", "contiguous")),
+    OpCase("kda_decode_", "state-device", _edit("state", lambda t: t.to("meta")), ValueError, ("state", "meta")),
+    OpCase("kda_decode_", "v-length", _edit("v", lambda t: t.expand(-1, 2, -1, -1)), ValueError, ("v",)),
+    OpCase("kda_decode_", "requires-grad", _edit("q", lambda t: t.detach().requires_grad_()), RuntimeError,
+           ("state", "no_grad")),
     # short_conv
     OpCase("short_conv", "x-rank2", _edit("x", lambda t: t[0]), ValueError, ("x",), compiled=True),
     OpCase("short_conv", "x-int", _edit("x", lambda t: t.to(torch.int64)), TypeError, ("x",)),

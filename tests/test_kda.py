@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kimi_compile.ops import kda
+from kimi_compile.ops import kda, kda_decode_
 
 
 def kda_loop(q, k, v, g, beta, initial_state=None, scale=None):
@@ -119,6 +119,55 @@ def test_final_state_is_new_tensor():
     before = s0.clone()
     _, s = kda(q, k, v, g, beta, s0)
     assert s.data_ptr() != s0.data_ptr() and torch.equal(s0, before)
+
+
+# ------------------------------------------------------------------------ kda_decode_ (the state updated in place)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("B,T,H,HV,K,V", [(1, 1, 1, 1, 8, 8), (3, 1, 2, 4, 8, 6), (2, 7, 2, 2, 4, 12),
+                                          (2, 65, 1, 2, 8, 8)])
+def test_decode_in_place_matches_loop(dtype, B, T, H, HV, K, V):
+    """o against the float64 loop and the state buffer overwritten with the loop's final state, in place (same
+    storage); T=1 (decode), a short piece, GVA, K != V, and T past one 64-token chunk."""
+    q, k, v, g, beta, s0 = make_inputs(B, T, H, K, V, HV=HV, dtype=dtype, decay=2.0)
+    ro, rs = kda_loop(q, k, v, g, beta, s0)
+    state = s0.clone()
+    ptr = state.data_ptr()
+    with torch.no_grad():
+        o = kda_decode_(q, k, v, g, beta, state)
+    tol = 1e-10 if dtype == torch.float64 else 1e-5
+    assert o.dtype == dtype and o.shape == v.shape and state.data_ptr() == ptr and state.dtype == s0.dtype
+    assert rel(o, ro) < tol and rel(state, rs) < tol
+
+
+def test_decode_in_place_token_by_token_is_the_whole_sequence():
+    """State continuity through one buffer: kda_decode_ a token at a time == kda over the whole sequence."""
+    q, k, v, g, beta, s0 = make_inputs(2, 30, 2, 8, 8, HV=4, decay=2.0)
+    o_all, s_all = kda(q, k, v, g, beta, s0)
+    state = s0.clone()
+    with torch.no_grad():
+        outs = [kda_decode_(q[:, t:t + 1], k[:, t:t + 1], v[:, t:t + 1], g[:, t:t + 1], beta[:, t:t + 1], state)
+                for t in range(30)]
+    assert rel(torch.cat(outs, 1), o_all) < 1e-12 and rel(state, s_all) < 1e-12
+
+
+def test_decode_in_place_compiles_without_breaks_and_mutates_the_buffer():
+    from torch._dynamo.testing import CompileCounterWithBackend
+    torch._dynamo.reset()
+    q, k, v, g, beta, s0 = make_inputs(2, 1, 2, 8, 8, dtype=torch.float32)
+    want_o, want_s = kda(q, k, v, g, beta, s0)
+    counter = CompileCounterWithBackend("inductor")
+    state = s0.clone()
+    with torch.no_grad():
+        o = torch.compile(lambda *a: kda_decode_(*a) * 1.0, backend=counter, fullgraph=True)(q, k, v, g, beta, state)
+    assert counter.frame_count == 1
+    torch.testing.assert_close(o, want_o, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(state, want_s, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_decode_in_place_opcheck(dtype):
+    q, k, v, g, beta, s0 = make_inputs(2, 3, 1, 4, 4, HV=2, dtype=dtype)
+    torch.library.opcheck(torch.ops.kimi.kda_decode_.default, (q, k, v, g, beta, s0, 0.5))
 
 
 @pytest.mark.parametrize("with_state,varlen", [(True, False), (False, False), (True, True)])

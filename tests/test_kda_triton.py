@@ -145,12 +145,26 @@ BWD_CASES = {
 }
 
 
+# the token-loop kernel writing its final state over the initial one (kimi::kda_decode_'s CUDA path)
+IN_PLACE_CASES = {
+    "in_place_decode_GVA": dict(B=3, T=1, H=1, HV=2, K=16, V=32, seed=11),
+    "in_place_piece_fp16": dict(B=2, T=5, H=2, HV=2, K=32, V=16, dtype=torch.float16, seed=12),
+}
+
+
 def _interp_main():
     """Body of the interpreter subprocess: prints one JSON line of relative errors."""
     assert os.environ.get("TRITON_INTERPRET") == "1"
-    from kimi_compile.ops.kda import backward, forward
+    from kimi_compile.ops.kda import backward, forward, recurrent
     from kimi_compile.ops.kda.tuning import current_tuning, kda_tuning
     res = {}
+    for name, kw in IN_PLACE_CASES.items():
+        q, k, v, g, beta, h0 = make(**kw)
+        state = h0.clone()
+        scale = kw["K"] ** -0.5
+        o, ht = recurrent.kda_forward_recurrent(q, k, v, g, beta, state, scale, None, out_state=state)
+        ro, rh = kda_loop_fp64(q, k, v, g, beta, h0, scale, None)
+        res[name] = [rel(o, ro), rel(state, rh), ht.data_ptr() == state.data_ptr()]
     for name, (kw, cu, use_h0, path, cfg) in FWD_CASES.items():
         q, k, v, g, beta, h0 = make(**kw)
         cut = torch.tensor(cu, dtype=torch.int64) if cu else None
@@ -244,6 +258,13 @@ def interp_results():
     line = [ln for ln in p.stdout.splitlines() if ln.startswith("RESULT ")]
     assert p.returncode == 0 and line, f"interpreter run failed:\n{p.stdout[-3000:]}\n{p.stderr[-5000:]}"
     return json.loads(line[0][len("RESULT "):])
+
+
+@pytest.mark.parametrize("name", list(IN_PLACE_CASES))
+def test_interpreter_token_loop_in_place(interp_results, name):
+    """out_state = the initial state: the output and the overwritten state match the float64 loop."""
+    e_o, e_s, same = interp_results[name]
+    assert same and e_o < _out_tol(IN_PLACE_CASES[name]) and e_s < 1e-4, (name, e_o, e_s)
 
 
 def _out_tol(kw):
@@ -424,6 +445,23 @@ def test_gpu_forward_vs_fp64(name, kw, cu, dtype, tol):
     assert o.dtype == v.dtype and ht.dtype == torch.float32
     ro, rh = kda_loop_fp64(q, k, v, g, beta, h0, scale, cut)
     assert rel(o, ro) <= tol and rel(ht, rh) <= tol, (rel(o, ro), rel(ht, rh))
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("T", [1, 40])  # the token loop in place; the chunked form and a copy
+@pytest.mark.parametrize("dtype,tol", [(torch.bfloat16, 5e-3), (torch.float32, 1e-4)])
+def test_gpu_decode_in_place_vs_fp64(T, dtype, tol):
+    """kimi::kda_decode_ on the GPU: o and the overwritten state buffer (same storage) against the float64 loop."""
+    from kimi_compile.ops import kda_decode_
+    torch.backends.cuda.matmul.allow_tf32 = False
+    q, k, v, g, beta, h0 = make(B=4, T=T, H=2, HV=4, K=64, V=64, dtype=dtype, device="cuda", seed=T)
+    state = h0.clone()
+    ptr = state.data_ptr()
+    with torch.no_grad():
+        o = kda_decode_(q, k, v, g, beta, state)
+    ro, rh = kda_loop_fp64(q, k, v, g, beta, h0, 64 ** -0.5)
+    assert state.data_ptr() == ptr and o.dtype == dtype
+    assert rel(o, ro) <= tol and rel(state, rh) <= tol, (rel(o, ro), rel(state, rh))
 
 
 GPU_FWD_WU = [c for c in GPU_FWD if c[0] in ("B4_T1000_bf16", "strong_decay_fp32", "varlen_bf16")]

@@ -155,6 +155,36 @@ def test_static_cache_decoder_matches_generate(kind):
         assert torch.equal(got, want)
 
 
+def test_static_cache_step_updates_kda_states_in_place():
+    """With cache_position and no autograd the KDA recurrent states are overwritten in place (kimi::kda_decode_:
+    new_state holds the buffers themselves), the same values as the functional step that autograd gets; the MLA
+    caches are written in place either way."""
+    from kimi_compile.compiled import CUDAGraphDecoder
+
+    model = KimiForCausalLM.from_config(tiny_config("kimi_linear"), 0).eval()
+    dec = CUDAGraphDecoder(model, 2, 16, compile=False)
+    with torch.no_grad():
+        dec.prefill(ids_of(2, 7, 3))
+    pos = torch.tensor([7])
+    tok = ids_of(2, 1, 4)
+    functional = {n: t.clone() for n, t in dec.state.items()}
+    with torch.enable_grad():
+        want, want_state = model(tok, functional, cache_position=pos)
+    in_place = {n: t.clone() for n, t in dec.state.items()}
+    with torch.no_grad():
+        got, got_state = model(tok, in_place, cache_position=pos)
+    torch.testing.assert_close(got, want.detach(), rtol=1e-6, atol=1e-6)
+    rec = [n for n in in_place if n.endswith("recurrent_state")]
+    assert rec and all(got_state[n] is in_place[n] for n in rec)
+    assert all(want_state[n] is not functional[n] for n in rec)
+    for name in in_place:
+        torch.testing.assert_close(got_state[name], want_state[name].detach(), rtol=1e-6, atol=1e-6)
+        # the buffers updated in place moved on; the conv states came back as new tensors
+        moved = name.endswith(("recurrent_state", ".key"))
+        assert torch.equal(in_place[name], dec.state[name]) != moved, name
+        assert (got_state[name] is in_place[name]) == moved, name
+
+
 def test_static_cache_decoder_rejects_bad_sizes():
     from kimi_compile.compiled import CUDAGraphDecoder
 

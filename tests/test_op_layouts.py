@@ -109,7 +109,8 @@ def _noncontiguous(args):
 
 
 def test_opcheck_noncontiguous_samples():
-    """Every forward op with permuted-storage float inputs (requires_grad: the backward ops run too)."""
+    """Every forward op with permuted-storage float inputs (requires_grad: the backward ops run too), and
+    kimi::kda_decode_ with permuted inputs beside its contiguous state."""
     _, kda_in = kda_case(10)
     _, conv_in = conv_case(11)
     _, attn_in = attn_res_case(12)
@@ -132,3 +133,7 @@ def test_opcheck_noncontiguous_samples():
                      for a in _noncontiguous(args))
         assert any(isinstance(a, torch.Tensor) and not a.is_contiguous() for a in args)
         torch.library.opcheck(op, args)
+    # the in-place decode form: permuted q, k, v, g, beta; its state must be contiguous (it is overwritten whole);
+    # no autograd
+    q, k, v, gate, beta, s0 = kda_in
+    torch.library.opcheck(torch.ops.kimi.kda_decode_.default, (*_noncontiguous((q, k, v, gate, beta)), s0.clone(), 0.5))

@@ -18,6 +18,16 @@ lowerings all follow it)::
 Per head and token: S <- diag(exp(g_t)) S;  S <- S + beta_t k_t (v_t - k_t^T S)^T;  o_t = scale q_t^T S.
 This is ONNX opset 27 LinearAttention, update_rule "gated_delta", with per-key-channel decay.
 
+The in-place form, for decoding out of static state buffers (a CUDA graph replays the same addresses)::
+
+    kda_decode_(q, k, v, g, beta, state, scale=None) -> o
+
+    state          [B, HV, K, V]  float32 (float64 for float64 inputs), contiguous: read as the initial
+                   state and overwritten with the final one (kimi::kda_decode_ mutates it)
+
+Same math and shapes as kda without cu_seqlens, no autograd. It saves kda's copy of the new state into the
+buffer: at decode B=256 of Kimi-Linear-48B that copy reads and writes 10.7 GB a step.
+
 The chunked float64 form and a plain token loop are in ``naive.py`` (the oracle).
 
 Precision (CUDA): the state and every accumulation are float32. bf16 inputs keep the chunk intermediates and
@@ -40,14 +50,14 @@ from .._checks import check_dim, check_float, check_same_device, check_tensor
 from .naive import REFERENCE_CHUNK, kda_reference_backward, kda_reference_chunked, kda_reference_loop, state_dtype
 from .tuning import KDATuning, current_tuning, kda_tuning
 
-__all__ = ["kda", "kda_reference_chunked", "kda_reference_loop", "check_kda_args", "state_dtype", "KDATuning",
-           "current_tuning", "kda_tuning", "MAX_HEAD_DIM", "REFERENCE_CHUNK"]
+__all__ = ["kda", "kda_decode_", "kda_reference_chunked", "kda_reference_loop", "check_kda_args", "state_dtype",
+           "KDATuning", "current_tuning", "kda_tuning", "MAX_HEAD_DIM", "REFERENCE_CHUNK"]
 
 MAX_HEAD_DIM = 256  # the largest K or V the Triton kernels accept
 
 
-def check_kda_args(q, k, v, g, beta, initial_state, scale, cu_seqlens) -> None:
-    """Shape, dtype and device checks (no data reads, so no host sync)."""
+def check_kda_args(q, k, v, g, beta, initial_state, scale, cu_seqlens, state_name: str = "initial_state") -> None:
+    """Shape, dtype and device checks (no data reads, so no host sync); messages call the state ``state_name``."""
     for name, t in (("q", q), ("k", k), ("v", v), ("g", g)):
         check_tensor(name, t, 4)
         check_float(name, t)
@@ -82,13 +92,15 @@ def check_kda_args(q, k, v, g, beta, initial_state, scale, cu_seqlens) -> None:
             raise ValueError("cu_seqlens must hold at least 2 offsets [0, ..., T]")
         N = cu_seqlens.shape[0] - 1
     if initial_state is not None:
-        check_tensor("initial_state", initial_state, 4)
+        check_tensor(state_name, initial_state, 4)
         want = (N, HV, K, V)
         if tuple(initial_state.shape) != want:
-            raise ValueError(f"initial_state must have shape [N, HV, K, V] = {want}, got {tuple(initial_state.shape)}")
+            raise ValueError(f"{state_name} must have shape [N, HV, K, V] = {want}, got {tuple(initial_state.shape)}")
         if initial_state.dtype != state_dtype(v.dtype):
-            raise TypeError(f"initial_state must be {state_dtype(v.dtype)} (the KDA state dtype), got {initial_state.dtype}")
-    check_same_device(dict(q=q, k=k, v=v, g=g, beta=beta, initial_state=initial_state, cu_seqlens=cu_seqlens))
+            raise TypeError(f"{state_name} must be {state_dtype(v.dtype)} (the KDA state dtype), got "
+                            f"{initial_state.dtype}")
+    check_same_device({"q": q, "k": k, "v": v, "g": g, "beta": beta, state_name: initial_state,
+                       "cu_seqlens": cu_seqlens})
 
 
 def check_cu_seqlens_values(cu_seqlens: Tensor, T: int) -> None:
@@ -197,6 +209,63 @@ def _kda_autograd_backward(ctx, do, dstate):
 
 
 _kda_op.register_autograd(_kda_autograd_backward, setup_context=_kda_setup_context)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The in-place op (decode out of static buffers)
+# ---------------------------------------------------------------------------------------------------------------
+
+def check_kda_decode_args(q, k, v, g, beta, state, scale) -> None:
+    """kda's checks with ``state`` as the initial state, plus: present, contiguous (the kernel writes it whole)."""
+    if state is None:
+        raise TypeError("state must be a tensor [B, HV, K, V] (kda_decode_ updates it in place), got None")
+    check_kda_args(q, k, v, g, beta, state, scale, None, state_name="state")
+    if not state.is_contiguous():
+        raise ValueError(f"state must be contiguous (it is overwritten in place), got strides {tuple(state.stride())}")
+
+
+@torch.library.custom_op("kimi::kda_decode_", mutates_args=("state",))
+def _kda_decode_op(q: Tensor, k: Tensor, v: Tensor, g: Tensor, beta: Tensor, state: Tensor,
+                   scale: Optional[float] = None) -> Tensor:
+    check_kda_decode_args(q, k, v, g, beta, state, scale)
+    o, final_state = kda_reference_chunked(q, k, v, g, beta, state, scale, None)
+    state.copy_(final_state)
+    return o
+
+
+@_kda_decode_op.register_kernel("cuda")
+def _kda_decode_cuda(q, k, v, g, beta, state, scale=None):
+    check_kda_decode_args(q, k, v, g, beta, state, scale)
+    if not _use_triton(q, v):
+        o, final_state = kda_reference_chunked(q, k, v, g, beta, state, scale, None)
+        state.copy_(final_state)
+        return o
+    forward, _ = _triton_modules()
+    q, k, v, g, beta, _ = forward.contiguous_inputs(q, k, v, g, beta, None)
+    B, T = q.shape[0], q.shape[1]
+    if forward.use_recurrent(B, T, B, False):  # the token loop writes the final state over the initial one
+        return forward.kda_forward_recurrent(q, k, v, g, beta, state, _default_scale(q, scale), None,
+                                             out_state=state)[0]
+    o, final_state = forward.kda_forward_chunked(q, k, v, g, beta, state, _default_scale(q, scale), None)
+    state.copy_(final_state)
+    return o
+
+
+@_kda_decode_op.register_fake
+def _kda_decode_fake(q, k, v, g, beta, state, scale=None):
+    check_kda_decode_args(q, k, v, g, beta, state, scale)
+    return v.new_empty(v.shape)
+
+
+def kda_decode_(q: Tensor, k: Tensor, v: Tensor, g: Tensor, beta: Tensor, state: Tensor,
+                scale: Optional[float] = None) -> Tensor:
+    """KDA over ``[B, T]`` tokens on top of ``state``, which is overwritten with the final state; returns ``o``.
+    See the module docstring. No autograd: with gradients recorded for any input it raises (use :func:`kda`)."""
+    check_kda_decode_args(q, k, v, g, beta, state, scale)
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v, g, beta, state)):
+        raise RuntimeError("kda_decode_ updates state in place and has no backward: call it under torch.no_grad() "
+                           "or use kda")
+    return torch.ops.kimi.kda_decode_(q, k, v, g, beta, state, _default_scale(q, scale))
 
 
 def kda(q: Tensor, k: Tensor, v: Tensor, g: Tensor, beta: Tensor, initial_state: Optional[Tensor] = None,

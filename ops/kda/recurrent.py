@@ -80,13 +80,16 @@ def kda_plugin_constexprs(HV: int, K: int, V: int, scale: float, decode_bv: int 
     return dict(HV=int(HV), K=int(K), V=int(V), BK=cfg["BK"], BV=cfg["BV"], SCALE=float(scale))
 
 
-def kda_forward_recurrent(q, k, v, g, beta, initial_state, scale, cu_seqlens):
-    """The token loop for q, k [B, T, H, K], v [B, T, HV, V] (contiguous); returns (o, final_state float32)."""
+def kda_forward_recurrent(q, k, v, g, beta, initial_state, scale, cu_seqlens, out_state=None):
+    """The token loop for q, k [B, T, H, K], v [B, T, HV, V] (contiguous); returns (o, final_state float32).
+    ``out_state`` (contiguous float32 [N, HV, K, V]) receives the final state instead of a new tensor; it may be
+    ``initial_state`` itself: each program loads its state tile whole before the token loop and stores it after,
+    and no two programs share a tile, so the update in place is safe."""
     B, T, H, K = q.shape
     HV, V = v.shape[2], v.shape[3]
     N = B if cu_seqlens is None else cu_seqlens.numel() - 1
     o = torch.empty_like(v)
-    ht = torch.empty(N, HV, K, V, device=v.device, dtype=torch.float32)
+    ht = torch.empty(N, HV, K, V, device=v.device, dtype=torch.float32) if out_state is None else out_state
     cfg = current_tuning()
     launch = kda_recurrent_launch_config(N, T, HV, K, V, cfg.decode_bv, cfg.decode_warps)
     dummy = ht
