@@ -228,10 +228,10 @@ def run(report=None, *, N=10, B=2, T=2048, D=2304, dtype=torch.bfloat16, S=6, sw
 
 
 def sublayer_read(report=None, *, Ns=(2, 4, 6, 11), B=1, T=4096, D=2304, dtype=torch.bfloat16, device="cuda"):
-    """What one AttnRes sublayer of the model pays to read its sources (the model stacks the embedding, completed
-    blocks and partial sum into a new [N, B, T, D] tensor, then calls the op): the stack alone, the op alone on
-    the stacked tensor, both, and the plain residual add they replace (bytes: stack 2 N BTD, op (N + 1) BTD, add
-    3 BTD, 2 bytes each)."""
+    """What one AttnRes sublayer pays to read its N sources: the stack of all N into a new [N, B, T, D] tensor
+    alone, the op alone on it, both (the model's read before the op took the partial sum apart), the op on the
+    N - 1 completed sources stacked once a block with the partial sum passed apart (the model's read now), and the
+    plain residual add they replace (bytes: stack 2 N BTD, op (N + 1) BTD, add 3 BTD, 2 bytes each)."""
     bench = _bench_cuda_do_bench if device == "cuda" else _bench_wall
     from kimi_compile.ops.attn_res import attn_res
 
@@ -245,8 +245,10 @@ def sublayer_read(report=None, *, Ns=(2, 4, 6, 11), B=1, T=4096, D=2304, dtype=t
         for name, fn, nbytes in (
                 (f"sublayer N={N}: torch.stack of the sources", lambda: torch.stack(srcs), 2 * N * btd),
                 (f"sublayer N={N}: kimi::attn_res on the stacked sources", lambda: attn_res(stacked, q), (N + 1) * btd),
-                (f"sublayer N={N}: stack + attn_res (the model's read)", lambda: attn_res(torch.stack(srcs), q),
+                (f"sublayer N={N}: stack + attn_res (the stacked read)", lambda: attn_res(torch.stack(srcs), q),
                  (3 * N + 1) * btd),
+                (f"sublayer N={N}: attn_res, partial apart (the model's read)",
+                 lambda: attn_res(stacked[:-1], q, partial=srcs[-1]), (N + 1) * btd),
                 (f"sublayer N={N}: plain residual add", lambda: srcs[0] + srcs[1], 3 * btd)):
             row = _row(name, bench(fn), nbytes)
             rows.append(row)

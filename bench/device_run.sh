@@ -50,18 +50,24 @@ ncu_profile() {
     tail -3 "$OUTDIR/ncu_run.log"; grep -E "Duration|Registers Per|Achieved Occupancy|Issue Slots Busy|Compute \(SM\) Throughput|Memory Throughput" "$OUTDIR/ncu_details.txt"
 }
 unmeasured() {
-    # the checks that no GPU has run to completion yet (each bounded; ~6 minutes), each logged to its own file as
+    # the checks that no GPU has run to completion yet (each bounded; ~9 minutes), each logged to its own file as
     # it goes: the GPU non-finite KDA test on the current intra kernel (97 s alone before it changed), the
     # in-place decode op (kimi::kda_decode_) and generate(backend="compile") that now uses it, the AttnRes
-    # per-sublayer read split into stack and op
+    # attn_res tests with the partial source, the per-sublayer read (stacked vs partial apart) and the AttnRes
+    # overhead of the 9-layer model
     export PYTHONPATH=$PYTHONPATH:$REPO/tests
     timeout -k 5 150 python3 -m pytest -q -rfE -m cuda -p no:cacheprovider --rootdir "$REPO" -c "$REPO/pyproject.toml" \
         "$REPO/tests/test_kda_triton.py" -k "gpu_chunked_nonfinite or gpu_decode_in_place" > "$OUTDIR/kda_tests.log" 2>&1
     tail -3 "$OUTDIR/kda_tests.log"
     timeout -k 5 120 python3 -m pytest -q -rfE -m cuda -p no:cacheprovider --rootdir "$REPO" -c "$REPO/pyproject.toml" \
         "$REPO/tests/test_model_cuda.py" > "$OUTDIR/model_cuda.log" 2>&1; tail -3 "$OUTDIR/model_cuda.log"
+    timeout -k 5 60 python3 -m pytest -q -rfE -m cuda -p no:cacheprovider --rootdir "$REPO" -c "$REPO/pyproject.toml" \
+        "$REPO/tests/test_attn_res.py" > "$OUTDIR/attn_res_tests.log" 2>&1; tail -3 "$OUTDIR/attn_res_tests.log"
     timeout -k 5 60 python3 "$REPO/bench/bench_attn_res.py" --sublayer-read > "$OUTDIR/attn_res_read.log" 2>&1
     grep sublayer "$OUTDIR/attn_res_read.log"
+    timeout -k 10 170 python3 "$REPO/bench/bench_full_model.py" --skip-hf --attn-res 6 --layers 9 --prefill 4096 \
+        --decode-batch 1 --row-seconds 120 --json "$OUTDIR/attn_res.json" > "$OUTDIR/attn_res.log" 2>&1
+    tail -4 "$OUTDIR/attn_res.log"
 }
 unmeasured_bench() {
     # the rows no GPU has measured yet (~9 minutes): full-depth decode B=32 / 256 with the in-place KDA state and

@@ -652,47 +652,38 @@ class KimiModel(nn.Module):
     def _attn_res_stack(self, emb: Tensor, state, new_state, rope, mask, cache_position) -> Tensor:
         """Block Attention Residuals: each sublayer reads softmax-over-depth of [embedding, completed blocks,
         partial sum]; its raw output is added to the partial sum; every ``attn_res_block`` sublayers the partial
-        sum becomes a completed block. The depth reads stay outside the layer regions (their number of sources
+        sum becomes a completed block. The embedding and the completed blocks are stacked once a block (``done``),
+        the partial sum goes to the op apart: stacking every source for every read moved ~3x the bytes the read
+        needs (docs/benchmarks.md). The depth reads stay outside the layer regions (their number of sources
         grows with depth)."""
         eps = self.config.attn_res_eps
         S = self.attn_res_block
-        blocks: list[Tensor] = [emb]
+        done = emb.unsqueeze(0)  # [n, B, T, D]: the embedding and the completed blocks
         partial: Optional[Tensor] = None
-        n_done = 0
+        n_sublayers = 0
 
-        def read(query: Tensor, norm_w: Tensor, sources=None) -> Tensor:
-            if sources is None:
-                sources = blocks if partial is None else blocks + [partial]
-            return _attn_res_op(torch.stack(sources), (query * norm_w).to(emb.dtype), eps)
+        def read(query: Tensor, norm_w: Tensor, done: Tensor, partial: Optional[Tensor] = None) -> Tensor:
+            return _attn_res_op(done, (query * norm_w).to(emb.dtype), eps, partial)
+
+        def sources() -> tuple[Tensor, ...]:
+            return (done,) if partial is None else (done, partial)
 
         for layer in self.layers:
-            n_sources = len(blocks) + (partial is not None)
-
-            def attn(*args, layer=layer, n_sources=n_sources):
-                sources, past = args[:n_sources], args[n_sources:]
-                x = read(layer.attn_res_query_attn, layer.attn_res_norm_attn, list(sources))
+            def attn(*args, layer=layer, n=len(sources())):
+                srcs, past = args[:n], args[n:]
+                x = read(layer.attn_res_query_attn, layer.attn_res_norm_attn, *srcs)
                 return self._sublayers(layer, x, past, rope, mask, cache_position, whole=False)
 
-            sources = blocks if partial is None else blocks + [partial]
-            out = self._maybe_checkpoint(layer, attn, new_state, *sources, state=state)
-            partial = out if partial is None else partial + out
-            n_done += 1
-            if n_done % S == 0:
-                blocks.append(partial)
-                partial = None
+            def mlp(*srcs, layer=layer):
+                return (self._region(ffn)(layer, read(layer.attn_res_query_mlp, layer.attn_res_norm_mlp, *srcs)),)
 
-            def mlp(*sources, layer=layer):
-                x = read(layer.attn_res_query_mlp, layer.attn_res_norm_mlp, list(sources))
-                return (self._region(ffn)(layer, x),)
-
-            sources = blocks if partial is None else blocks + [partial]
-            out = self._maybe_checkpoint(None, mlp, new_state, *sources)
-            partial = out if partial is None else partial + out
-            n_done += 1
-            if n_done % S == 0:
-                blocks.append(partial)
-                partial = None
-        return read(self.attn_res_query_final, self.attn_res_norm_final)
+            for fn, owner in ((attn, layer), (mlp, None)):
+                out = self._maybe_checkpoint(owner, fn, new_state, *sources(), state=state if owner else None)
+                partial = out if partial is None else partial + out
+                n_sublayers += 1
+                if n_sublayers % S == 0:
+                    done, partial = torch.cat([done, partial.unsqueeze(0)]), None
+        return read(self.attn_res_query_final, self.attn_res_norm_final, *sources())
 
     def _maybe_checkpoint(self, layer: Optional[DecoderLayer], fn, new_state: dict[str, Tensor], *args: Tensor,
                           state: Optional[dict[str, Tensor]] = None) -> Tensor:

@@ -140,8 +140,11 @@ def _attn_scores(xf, qf, eps):
     return op.Mul(op.MatMul(xf, qf), rstd)
 
 
-def attn_res_onnx(sources, query, eps=1e-6):
-    """``kimi::attn_res``: out = sum_n softmax_n(query . rmsnorm(sources[n])) * sources[n]."""
+def attn_res_onnx(sources, query, eps=1e-6, partial=None):
+    """``kimi::attn_res``: out = sum_n softmax_n(query . rmsnorm(sources[n])) * sources[n] (``partial``: one more
+    source, concatenated behind)."""
+    if partial is not None:
+        sources = op.Concat(sources, op.Unsqueeze(partial, ints(0)), axis=0)
     dtype = sources.dtype
     xf = cast(sources, FLOAT)
     score = _attn_scores(xf, cast(query, FLOAT), float(eps))  # [N, B, T]

@@ -98,6 +98,26 @@ def test_forward_matches_float64(N, D, BT):
         assert (w.max(0).values - w.min(0).values).max() > 0.3
 
 
+@pytest.mark.parametrize("N", [1, 2, 6])
+@pytest.mark.parametrize("BT", [(2, 37), (1, 1)])
+def test_partial_is_one_more_source(N, BT):
+    """attn_res(s, q, partial=p) == the float64 formula over cat([s, p]); gradients reach s, q and p."""
+    B, T = BT
+    x, q = _inputs(N + 1, B, T, 72, dtype=torch.float64, seed=N * 7 + T)
+    sources = x[:-1].clone().requires_grad_(True)
+    partial = x[-1].clone().requires_grad_(True)
+    query = q.clone().requires_grad_(True)
+    out = attn_res(sources, query, partial=partial)
+    torch.testing.assert_close(out, ref64(x, q), rtol=1e-12, atol=1e-12)
+    grad = torch.randn(B, T, 72, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    out.backward(grad)
+    x64, q64 = x.clone().requires_grad_(True), q.clone().requires_grad_(True)
+    ref64(x64, q64).backward(grad)
+    torch.testing.assert_close(sources.grad, x64.grad[:-1], rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(partial.grad, x64.grad[-1], rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(query.grad, q64.grad, rtol=1e-10, atol=1e-10)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_dtypes(dtype):
     sources, query = _inputs(5, 2, 9, 100, dtype=dtype, seed=3)
@@ -383,6 +403,9 @@ def _bad_cases():
         ((x.tolist(), q), TypeError, "sources"),  # not a tensor
         ((x, q, -1.0), ValueError, "eps"),
         ((x, q, "1e-6"), TypeError, "eps"),
+        ((x, q, 1e-6, x[0, :1]), ValueError, "partial"),  # not one source [B, T, D]
+        ((x, q, 1e-6, x[0].double()), TypeError, "partial"),  # dtype mismatch
+        ((x, q, 1e-6, x[0].long()), TypeError, "partial"),  # not floating point
     ]
 
 
@@ -391,7 +414,7 @@ def test_bad_input_names_the_argument(case):
     args, exc, name = _bad_cases()[case]
     with pytest.raises(exc, match=name):
         attn_res(*args)
-    if isinstance(args[0], torch.Tensor) and len(args) == 2:
+    if isinstance(args[0], torch.Tensor) and (len(args) == 2 or len(args) == 4):
         # the op itself (not only the wrapper) validates
         with pytest.raises(exc, match=name):
             torch.ops.kimi.attn_res(*args)
@@ -453,6 +476,9 @@ def _interpreter_main():
         err("fwd", K.attn_res_fwd(x, q, EPS), ref64(x, q), _tol(torch.float32))
         # a tiny tile (2 rows) so that several programs and a partial last block run
         err("fwd_block2", K.attn_res_fwd(x, q, EPS, block_r=2), ref64(x, q), _tol(torch.float32))
+        if N > 1:  # the last source passed apart, read where it lies
+            err("fwd_partial", K.attn_res_fwd(x[:-1], q, EPS, x[-1].clone(), block_r=2), ref64(x, q),
+                _tol(torch.float32))
         grad = torch.randn(B, T, D, generator=torch.Generator().manual_seed(D))
         x64 = x.double().requires_grad_(True)
         q64 = q.double().requires_grad_(True)
@@ -491,7 +517,7 @@ def test_triton_kernels_under_interpreter():
     proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-4000:]
     errors = json.loads(proc.stdout.strip().splitlines()[-1])
-    expected = {"fwd", "fwd_block2", "bwd_dx", "bwd_dq", "phase1_out", "phase1_m", "phase1_l", "merge",
+    expected = {"fwd", "fwd_block2", "fwd_partial", "bwd_dx", "bwd_dq", "phase1_out", "phase1_m", "phase1_l", "merge",
                 "fwd_torch.bfloat16", "fwd_torch.float16"}
     assert set(errors) == expected
     bad = {k: v for k, v in errors.items() if v > 0}
@@ -512,8 +538,13 @@ def test_triton_kernels_compile_for_sm90():
               "BLOCK_R": "constexpr", "BLOCK_D": "constexpr", "NUM_STAGES": "constexpr"}
     kernels = [
         (K._attn_res_fwd_kernel,
-         {"X": "*bf16", "Q": "*bf16", "O": "*bf16", "M": "*fp32", "L": "*fp32", "S": "i32", "STORE_STATS": "constexpr", **common},
-         {"STORE_STATS": True}),
+         {"X": "*bf16", "P": "*bf16", "Q": "*bf16", "O": "*bf16", "M": "*fp32", "L": "*fp32", "S": "i32",
+          "STORE_STATS": "constexpr", "HAS_PARTIAL": "constexpr", **common},
+         {"STORE_STATS": True, "HAS_PARTIAL": False}),
+        (K._attn_res_fwd_kernel,
+         {"X": "*bf16", "P": "*bf16", "Q": "*bf16", "O": "*bf16", "M": "*fp32", "L": "*fp32", "S": "i32",
+          "STORE_STATS": "constexpr", "HAS_PARTIAL": "constexpr", **common},
+         {"STORE_STATS": False, "HAS_PARTIAL": True}),
         (K._attn_res_bwd_kernel,
          {"X": "*bf16", "Q": "*bf16", "G": "*bf16", "DX": "*bf16", "DQP": "*fp32", "num_rb": "i32", **common}, {}),
     ]
@@ -556,6 +587,8 @@ def test_cuda_matches_float64(dtype):
         assert (qg.grad.cpu().double() - q64.grad).abs().max().item() <= gtol["atol"] * scale * 10
 
         if N > 1:
+            out_p = attn_res(x[:-1], q, partial=x[-1].clone())
+            torch.testing.assert_close(out_p.double().cpu(), ref64(x.cpu(), q.cpu()), **_tol(dtype))
             Q = (torch.randn(4, D, device="cuda") * 0.3).to(dtype)
             o, m, l = attn_res_phase1(x[:-1], Q)
             for s in range(4):

@@ -112,14 +112,15 @@ class AllOps(torch.nn.Module):
         y1, c1 = kops.short_conv(x, self.conv_w, self.conv_b, cs0, "silu")
         y2, c2 = kops.short_conv(x, self.conv_w, None, None, "none")
         ar = attn_res_op(src, self.query)
+        ar_partial = attn_res_op(src[:-1], self.query, partial=src[-1] * 1.5)  # the last source passed apart
         out1, m1, l1 = attn_res_phase1(src[:-1], self.queries)
         merged = attn_res_merge(out1[1], m1[1], l1[1], src[-1], self.queries[1])
         moe = kmoe.moe_experts(mx, ids, wts, self.wg, self.wu, self.wd)
-        return o1, s1, o2, s2, y1, c1, y2, c2, ar, merged, moe
+        return o1, s1, o2, s2, y1, c1, y2, c2, ar, ar_partial, merged, moe
 
 
 NAMES_IN = ["q", "k", "v", "g", "beta", "s0", "x", "cs0", "src", "mx", "ids", "wts"]
-NAMES_OUT = ["o1", "s1", "o2", "s2", "y1", "c1", "y2", "c2", "ar", "merged", "moe"]
+NAMES_OUT = ["o1", "s1", "o2", "s2", "y1", "c1", "y2", "c2", "ar", "ar_partial", "merged", "moe"]
 
 
 def make_inputs(B: int, T: int, M: int, seed: int):
@@ -206,9 +207,11 @@ def test_ops_match_float64_loops(exported, B, T, M):
     y1, c1 = ref_conv(x, mod.conv_w.detach(), mod.conv_b.detach(), cs0, "silu")
     y2, c2 = ref_conv(x, mod.conv_w.detach(), None, None, "none")
     ar = ref_attn_res(src, mod.query.detach())
+    ar_partial = ref_attn_res(torch.cat([src[:-1], src[-1:] * 1.5]), mod.query.detach())
     merged = ref_attn_res(src, mod.queries.detach()[1])
     moe = ref_moe(mx, ids, wts, mod.wg.detach(), mod.wu.detach(), mod.wd.detach())
-    expected = dict(o1=o1, s1=s1, o2=o2, s2=s2, y1=y1, c1=c1, y2=y2, c2=c2, ar=ar, merged=merged, moe=moe)
+    expected = dict(o1=o1, s1=s1, o2=o2, s2=s2, y1=y1, c1=c1, y2=y2, c2=c2, ar=ar, ar_partial=ar_partial,
+                    merged=merged, moe=moe)
     for name, ref in expected.items():
         np.testing.assert_allclose(got[name], ref.numpy(), rtol=1e-4, atol=2e-5, err_msg=name)
 

@@ -124,6 +124,7 @@ def test_opcheck_noncontiguous_samples():
         (torch.ops.kimi.kda.default, (*kda_in, 0.5, None)),
         (torch.ops.kimi.short_conv.default, (*conv_in, "silu")),
         (torch.ops.kimi.attn_res.default, (*attn_in, 1e-6)),
+        (torch.ops.kimi.attn_res.default, (attn_in[0][:-1], attn_in[1], 1e-6, attn_in[0][-1])),  # partial apart
         (torch.ops.kimi.attn_res_phase1.default, (attn_in[0], queries, 1e-6)),
         (torch.ops.kimi.attn_res_merge.default, (out[0], m[0], l[0], partial, queries[1], 1e-6)),
         (torch.ops.kimi.moe_experts.default, (moe_in[0], ids, *moe_in[1:])),

@@ -2,16 +2,21 @@
 
 Ops (torch.library namespace ``kimi``)
 -------------------------------------
-``kimi::attn_res(Tensor sources, Tensor query, float eps=1e-6) -> Tensor``
+``kimi::attn_res(Tensor sources, Tensor query, float eps=1e-6, Tensor? partial=None) -> Tensor``
     ``sources`` ``[N, B, T, D]`` (embedding, completed blocks, partial sum), ``query`` ``[D]`` (the
-    pseudo-query with the key RMSNorm weight folded in)::
+    pseudo-query with the key RMSNorm weight folded in); ``partial`` ``[B, T, D]``, when given, is one
+    more source after the N, read where it lies (the model passes the completed blocks stacked once a
+    block and the running partial sum apart, instead of stacking all of them for every read)::
 
         score[n, b, t] = query . rmsnorm(sources[n, b, t])      rmsnorm(x) = x / sqrt(mean(x^2) + eps)
         out[b, t]      = sum_n softmax_n(score[:, b, t]) * sources[n, b, t]
 
+    (with ``partial``: the same over ``cat([sources, partial[None]])``).
+
     Scores, softmax and the weighted sum are computed in float32 (float64 for float64 inputs);
-    ``out`` has the sources' dtype.  Differentiable in ``sources`` and ``query``; the backward is
-    the single op ``kimi::attn_res_backward`` so it stays one node under compile.
+    ``out`` has the sources' dtype.  Differentiable in ``sources``, ``query`` and ``partial``; the
+    backward is the single op ``kimi::attn_res_backward`` (over the sources with ``partial`` stacked
+    behind) so it stays one node under compile.
 
 ``kimi::attn_res_backward(Tensor grad_out, Tensor sources, Tensor query, float eps) -> (Tensor, Tensor)``
     ``(grad_sources, grad_query)``.
@@ -48,7 +53,7 @@ from __future__ import annotations
 import functools
 import importlib
 import importlib.util
-from typing import Tuple
+from typing import Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -62,6 +67,7 @@ from .naive import (
     attn_res_phase1_backward_reference,
     attn_res_phase1_reference,
     attn_res_reference,
+    with_partial,
 )
 
 __all__ = [
@@ -104,13 +110,19 @@ def _check_sources(sources) -> None:
         raise ValueError("attn_res: sources must hold at least one source (N == 0)")
 
 
-def _check_attn_res(sources, query, eps) -> None:
+def _check_attn_res(sources, query, eps, partial=None) -> None:
     _check_sources(sources)
     _check_tensor(query, "query")
     D = sources.shape[-1]
     if query.dim() != 1 or query.shape[0] != D:
         raise ValueError(f"attn_res: query must have shape [D] = [{D}] (D = sources.shape[-1]), got {tuple(query.shape)}")
     _check_same(query, "query", sources, "sources")
+    if partial is not None:
+        _check_tensor(partial, "partial")
+        if partial.shape != sources.shape[1:]:
+            raise ValueError(f"attn_res: partial must have shape [B, T, D] = {tuple(sources.shape[1:])} (one source), "
+                             f"got {tuple(partial.shape)}")
+        _check_same(partial, "partial", sources, "sources")
     _check_eps(eps)
 
 
@@ -173,23 +185,23 @@ def _triton_kernel_module():
 
 
 @torch.library.custom_op("kimi::attn_res", mutates_args=())
-def _attn_res_op(sources: Tensor, query: Tensor, eps: float = 1e-6) -> Tensor:
-    _check_attn_res(sources, query, eps)
-    return attn_res_reference(sources, query, eps)
+def _attn_res_op(sources: Tensor, query: Tensor, eps: float = 1e-6, partial: Optional[Tensor] = None) -> Tensor:
+    _check_attn_res(sources, query, eps, partial)
+    return attn_res_reference(sources, query, eps, partial)
 
 
 @_attn_res_op.register_kernel("cuda")
-def _attn_res_cuda(sources: Tensor, query: Tensor, eps: float = 1e-6) -> Tensor:
-    _check_attn_res(sources, query, eps)
+def _attn_res_cuda(sources: Tensor, query: Tensor, eps: float = 1e-6, partial: Optional[Tensor] = None) -> Tensor:
+    _check_attn_res(sources, query, eps, partial)
     kernels = _triton_kernels(sources)
     if kernels is None:
-        return attn_res_reference(sources, query, eps)
-    return kernels.attn_res_fwd(sources, query, eps)
+        return attn_res_reference(sources, query, eps, partial)
+    return kernels.attn_res_fwd(sources, query, eps, partial)
 
 
 @_attn_res_op.register_fake
-def _attn_res_fake(sources: Tensor, query: Tensor, eps: float = 1e-6) -> Tensor:
-    _check_attn_res(sources, query, eps)
+def _attn_res_fake(sources: Tensor, query: Tensor, eps: float = 1e-6, partial: Optional[Tensor] = None) -> Tensor:
+    _check_attn_res(sources, query, eps, partial)
     return sources.new_empty(sources.shape[1:])
 
 
@@ -212,25 +224,28 @@ def _attn_res_backward_fake(grad_out: Tensor, sources: Tensor, query: Tensor, ep
 
 
 def _attn_res_setup_context(ctx, inputs, output) -> None:
-    sources, query, eps = inputs
-    ctx.save_for_backward(sources, query)
+    sources, query, eps, partial = inputs
+    ctx.save_for_backward(sources, query, partial)
     ctx.eps = eps
 
 
 def _attn_res_autograd(ctx, grad_out: Tensor):
-    sources, query = ctx.saved_tensors
-    grad_sources, grad_query = torch.ops.kimi.attn_res_backward(grad_out, sources, query, ctx.eps)
+    sources, query, partial = ctx.saved_tensors
+    # with a partial source: the backward of the stacked sources, split (a copy in the backward only)
+    grad_all, grad_query = torch.ops.kimi.attn_res_backward(grad_out, with_partial(sources, partial), query, ctx.eps)
+    N = sources.shape[0]
     return (
-        grad_sources if ctx.needs_input_grad[0] else None,
+        grad_all[:N] if ctx.needs_input_grad[0] else None,
         grad_query if ctx.needs_input_grad[1] else None,
         None,
+        grad_all[N] if partial is not None and ctx.needs_input_grad[3] else None,
     )
 
 
 _attn_res_op.register_autograd(_attn_res_autograd, setup_context=_attn_res_setup_context)
 
 
-def attn_res(sources: Tensor, query: Tensor, eps: float = 1e-6) -> Tensor:
+def attn_res(sources: Tensor, query: Tensor, eps: float = 1e-6, partial: Optional[Tensor] = None) -> Tensor:
     """Attention Residuals: softmax attention over depth.
 
     Args:
@@ -239,6 +254,9 @@ def attn_res(sources: Tensor, query: Tensor, eps: float = 1e-6) -> Tensor:
         query: ``[D]`` — the sublayer's pseudo-query with the key RMSNorm weight folded in; same
             dtype and device as ``sources``.
         eps: RMSNorm epsilon (inside the square root).
+        partial: optional ``[B, T, D]``, one more source after ``sources`` (same dtype and device),
+            read in place: ``attn_res(s, q, partial=p) == attn_res(cat([s, p[None]]), q)`` without
+            the copy.
 
     Returns:
         ``out`` ``[B, T, D]`` in the sources' dtype::
@@ -246,15 +264,15 @@ def attn_res(sources: Tensor, query: Tensor, eps: float = 1e-6) -> Tensor:
             out[b, t] = sum_n softmax_n(query . rmsnorm(sources[n, b, t])) * sources[n, b, t]
 
         with rmsnorm without weight and scores / softmax / sum in float32 (float64 for float64
-        sources).  A zero query gives the
-        uniform average of the sources.  Differentiable in ``sources`` and ``query``.
+        sources).  A zero query gives the uniform average of the sources.  Differentiable in
+        ``sources``, ``query`` and ``partial``.
 
     Raises:
         TypeError / ValueError naming the bad argument (``sources`` not 4-D or empty, ``query`` not
-        ``[D]``, dtype or device mismatch, bad ``eps``).
+        ``[D]``, ``partial`` not ``[B, T, D]``, dtype or device mismatch, bad ``eps``).
     """
-    _check_attn_res(sources, query, eps)
-    return torch.ops.kimi.attn_res(sources, query, float(eps))
+    _check_attn_res(sources, query, eps, partial)
+    return torch.ops.kimi.attn_res(sources, query, float(eps), partial)
 
 
 # --------------------------------------------------------------------------------------------

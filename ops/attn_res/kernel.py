@@ -43,6 +43,7 @@ __all__ = [
 @triton.jit
 def _attn_res_fwd_kernel(
     X,  # [N, R, D] sources, contiguous
+    P,  # [R, D] the partial-sum source after the N (read when HAS_PARTIAL), contiguous
     Q,  # [S, D] queries, contiguous
     O,  # [S, R, D] outputs (normalised), sources' dtype
     M,  # [S, R] float32 running max (written when STORE_STATS)
@@ -57,6 +58,7 @@ def _attn_res_fwd_kernel(
     BLOCK_D: tl.constexpr,
     STORE_STATS: tl.constexpr,
     NUM_STAGES: tl.constexpr,
+    HAS_PARTIAL: tl.constexpr,
 ):
     # One program per (block of rows, query); the query index varies fastest so that the S
     # programs reading the same rows run next to each other and share them through L2.
@@ -90,6 +92,15 @@ def _attn_res_fwd_kernel(
         acc = acc * alpha[:, None] + p[:, None] * x
         m = m_new
         x_ptrs += stride_xn
+    if HAS_PARTIAL:  # one more source, read where it lies (the caller need not stack it behind the others)
+        x = tl.load(P + offs, mask=mask, other=0.0).to(tl.float32)
+        score = tl.sum(x * q[None, :], axis=1) / tl.sqrt(tl.sum(x * x, axis=1) * inv_d + eps)
+        m_new = tl.maximum(m, score)
+        alpha = tl.exp(m - m_new)
+        p = tl.exp(score - m_new)
+        l = l * alpha + p
+        acc = acc * alpha[:, None] + p[:, None] * x
+        m = m_new
 
     out = acc / l[:, None]
     o_base = s_idx.to(tl.int64) * R * D
@@ -250,7 +261,8 @@ def kernel_config(D: int, block_r: int | None = None, num_warps: int | None = No
 # --------------------------------------------------------------------------------------------
 
 
-def _phase1_launch(sources, queries, eps, store_stats, block_r=None, num_warps=None, num_stages=None):
+def _phase1_launch(sources, queries, eps, store_stats, block_r=None, num_warps=None, num_stages=None,
+                   partial=None):
     N, B, T, D = sources.shape
     S = queries.shape[0]
     R = B * T
@@ -271,18 +283,18 @@ def _phase1_launch(sources, queries, eps, store_stats, block_r=None, num_warps=N
     grid = (triton.cdiv(R, BLOCK_R) * S,)
     with device_guard(x):
         _attn_res_fwd_kernel[grid](
-            x, q, out, m, l,
+            x, x if partial is None else partial.contiguous(), q, out, m, l,
             R, D, N, S, R * D, float(eps),
             BLOCK_R=BLOCK_R, BLOCK_D=BLOCK_D, STORE_STATS=bool(store_stats), NUM_STAGES=stages,
-            num_warps=warps,
+            HAS_PARTIAL=partial is not None, num_warps=warps,
         )
     return out, m, l
 
 
-def attn_res_fwd(sources: torch.Tensor, query: torch.Tensor, eps: float, *, block_r=None, num_warps=None,
-                 num_stages=None):
-    """Forward of ``kimi::attn_res`` with the Triton kernel: ``[N,B,T,D], [D] -> [B,T,D]``."""
-    out, _, _ = _phase1_launch(sources, query.reshape(1, -1), eps, False, block_r, num_warps, num_stages)
+def attn_res_fwd(sources: torch.Tensor, query: torch.Tensor, eps: float, partial: torch.Tensor | None = None, *,
+                 block_r=None, num_warps=None, num_stages=None):
+    """Forward of ``kimi::attn_res`` with the Triton kernel: ``[N,B,T,D], [D] (, partial [B,T,D]) -> [B,T,D]``."""
+    out, _, _ = _phase1_launch(sources, query.reshape(1, -1), eps, False, block_r, num_warps, num_stages, partial)
     return out[0]
 
 

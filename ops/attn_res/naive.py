@@ -5,13 +5,14 @@ in float32 (float64 for float64 inputs)."""
 
 from __future__ import annotations
 
-from typing import Tuple
+from typing import Optional, Tuple
 
 import torch
 from torch import Tensor
 
 __all__ = [
     "acc_dtype",
+    "with_partial",
     "attn_res_reference",
     "attn_res_backward_reference",
     "attn_res_phase1_reference",
@@ -35,8 +36,14 @@ def _scores(xf: Tensor, qf: Tensor, eps: float) -> Tuple[Tensor, Tensor]:
     return dot * rstd, rstd
 
 
-def attn_res_reference(sources: Tensor, query: Tensor, eps: float = 1e-6) -> Tensor:
+def with_partial(sources: Tensor, partial: Optional[Tensor]) -> Tensor:
+    """``sources`` with ``partial`` (``[B, T, D]``) stacked behind as one more source (a copy), or as is."""
+    return sources if partial is None else torch.cat([sources, partial.unsqueeze(0)])
+
+
+def attn_res_reference(sources: Tensor, query: Tensor, eps: float = 1e-6, partial: Optional[Tensor] = None) -> Tensor:
     """Plain-PyTorch AttnRes (the CPU kernel of ``kimi::attn_res``); not an op, no validation."""
+    sources = with_partial(sources, partial)
     acc = acc_dtype(sources.dtype)
     xf = sources.to(acc)
     score, _ = _scores(xf, query.to(acc), eps)  # [N, B, T]
