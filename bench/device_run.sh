@@ -52,15 +52,16 @@ ncu_profile() {
 unmeasured() {
     # the checks that no GPU has run to completion yet (each bounded; ~9 minutes), each logged to its own file as
     # it goes: the GPU non-finite KDA test on the current intra kernel (97 s alone before it changed), the
-    # in-place decode op (kimi::kda_decode_) and generate(backend="compile") that now uses it, the AttnRes
-    # attn_res tests with the partial source, the per-sublayer read (stacked vs partial apart) and the AttnRes
-    # overhead of the 9-layer model
+    # in-place decode op (kimi::kda_decode_) and generate(backend="compile") that now uses it, the MoE op with its
+    # combine kernel, the attn_res tests with the partial source, the per-sublayer read (stacked vs partial
+    # apart) and the AttnRes overhead of the 9-layer model
     export PYTHONPATH=$PYTHONPATH:$REPO/tests
     timeout -k 5 150 python3 -m pytest -q -rfE -m cuda -p no:cacheprovider --rootdir "$REPO" -c "$REPO/pyproject.toml" \
         "$REPO/tests/test_kda_triton.py" -k "gpu_chunked_nonfinite or gpu_decode_in_place" > "$OUTDIR/kda_tests.log" 2>&1
     tail -3 "$OUTDIR/kda_tests.log"
     timeout -k 5 120 python3 -m pytest -q -rfE -m cuda -p no:cacheprovider --rootdir "$REPO" -c "$REPO/pyproject.toml" \
-        "$REPO/tests/test_model_cuda.py" > "$OUTDIR/model_cuda.log" 2>&1; tail -3 "$OUTDIR/model_cuda.log"
+        "$REPO/tests/test_model_cuda.py" "$REPO/tests/test_moe.py" > "$OUTDIR/model_moe_cuda.log" 2>&1
+    tail -3 "$OUTDIR/model_moe_cuda.log"
     timeout -k 5 60 python3 -m pytest -q -rfE -m cuda -p no:cacheprovider --rootdir "$REPO" -c "$REPO/pyproject.toml" \
         "$REPO/tests/test_attn_res.py" > "$OUTDIR/attn_res_tests.log" 2>&1; tail -3 "$OUTDIR/attn_res_tests.log"
     timeout -k 5 60 python3 "$REPO/bench/bench_attn_res.py" --sublayer-read > "$OUTDIR/attn_res_read.log" 2>&1
@@ -70,10 +71,10 @@ unmeasured() {
     tail -4 "$OUTDIR/attn_res.log"
 }
 unmeasured_bench() {
-    # the rows no GPU has measured yet (~9 minutes): full-depth decode B=32 / 256 with the in-place KDA state and
-    # the MoE decode kernels up to 256 slots, where the compiled training step's time goes (ours 218 ms vs
-    # transformers + FLA 99.7 ms, cause unknown), and transformers' own fp32 error (FLA autotunes its fp32
-    # kernels for minutes)
+    # the rows no GPU has measured yet (~9 minutes): full-depth prefill with the MoE combine kernel, decode
+    # B=32 / 256 with the in-place KDA state and the MoE decode kernels up to 256 slots, where the compiled
+    # training step's time goes (ours 218 ms vs transformers + FLA 99.7 ms, cause unknown), and transformers' own
+    # fp32 error (FLA autotunes its fp32 kernels for minutes)
     export PYTHONPATH=$PYTHONPATH:$REPO/tests
     timeout -k 10 240 python3 "$REPO/bench/bench_full_model.py" --skip-hf --skip-generate --prefill 4096 \
         --decode-batch 32 256 --json "$OUTDIR/full_decode.json" > "$OUTDIR/full_decode.log" 2>&1

@@ -6,7 +6,8 @@ two-phase ``attn_res_phase1`` / ``attn_res_merge``), ``moe_experts`` and their b
 than one file has a folder laid out like FLA's ``fla/ops/<op>/``: ``__init__.py`` holds the contract
 (docstring), checks, registration, fake and autograd; ``naive.py`` the plain-PyTorch reference (the CPU kernel;
 for KDA the float64 oracle); the Triton kernels sit beside them (``kda/`` splits them by stage, ``kda/tuning.py``
-holds the kernels' tuning; ``moe/decode.py`` the MoE decode kernels).
+holds the kernels' tuning; ``moe/decode.py`` the MoE decode kernels, ``moe/combine.py`` the grouped path's
+weighted sum).
 lowering/registry.py lists, per op, where its reference, fake, kernels and lowerings live.
 """
 

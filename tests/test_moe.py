@@ -231,15 +231,49 @@ def _decode_case_inputs(name):
     return make_decode(T, k, E, D, I, getattr(torch, dtype), seed=len(name) + T * 7 + k), blocks
 
 
+# the grouped-matmul path's weighted sum (ops/moe/combine.py): (T, k, E, D, dtype of the expert outputs, block_d)
+COMBINE_CASES = {
+    "T1_k8_bf16": (1, 8, 16, 72, "bfloat16", 512),
+    "T5_k2_bf16_partial_block": (5, 2, 4, 600, "bfloat16", 256),  # 600 = 2 blocks of 256 + 88
+    "T7_k3_fp32_small_block": (7, 3, 5, 130, "float32", 64),
+}
+
+
+def _combine_case_inputs(name):
+    """Expert outputs in the expert-sorted order of random top-k ids (repeats across tokens), router weights of
+    both signs."""
+    T, k, E, D, dtype, block_d = COMBINE_CASES[name]
+    g = torch.Generator().manual_seed(len(name) * 13 + T)
+    ids = torch.stack([torch.randperm(E, generator=g)[:k] for _ in range(T)])
+    y_sorted = torch.randn(T * k, D, generator=g).to(getattr(torch, dtype))
+    return y_sorted, ids, torch.randn(T, k, generator=g), block_d
+
+
+def combine_loop(y_sorted, ids, weights):
+    """float64, one sorted row at a time: row r holds slot order[r] = t*k + j."""
+    T, k = ids.shape
+    order = torch.argsort(ids.reshape(-1), stable=True)
+    out = torch.zeros(T, y_sorted.shape[1], dtype=torch.float64)
+    for r, slot in enumerate(order.tolist()):
+        t, j = divmod(slot, k)
+        out[t] += weights[t, j].double() * y_sorted[r].double()
+    return out
+
+
 def _decode_interp_main():
     """Body of the interpreter subprocess: prints one JSON line, each case's output as float64 lists."""
     assert os.environ.get("TRITON_INTERPRET") == "1"
-    from kimi_compile.ops.moe import decode
+    from kimi_compile.ops.moe import combine, decode
     res = {}
     for name in DECODE_CASES:
         args, blocks = _decode_case_inputs(name)
         out = decode.moe_experts_decode(*args, blocks=None if blocks is None else decode.DecodeBlocks(*blocks))
         res[name] = [str(out.dtype), out.double().tolist()]
+    for name in COMBINE_CASES:
+        y_sorted, ids, weights, block_d = _combine_case_inputs(name)
+        _, order, _ = moe._slots_by_expert(ids)
+        out = combine.moe_combine(y_sorted, order, weights, y_sorted.dtype, block_d=block_d)
+        res["combine " + name] = [str(out.dtype), out.double().tolist()]
     print("RESULT " + json.dumps(res))
 
 
@@ -275,6 +309,32 @@ def test_decode_kernels_interpreter(decode_interp_results, name):
     out = torch.tensor(values, dtype=torch.float64)
     assert dtype_name == str(args[0].dtype) and out.shape == args[0].shape
     assert_decode_close(out, loop_reference(*args), args[0].dtype, bf16_truncated=True)
+
+
+@pytest.mark.parametrize("name", list(COMBINE_CASES))
+def test_combine_kernel_interpreter(decode_interp_results, name):
+    """The grouped path's weighted sum read from the expert-sorted rows: against the float64 loop, one rounding."""
+    y_sorted, ids, weights, _ = _combine_case_inputs(name)
+    dtype_name, values = decode_interp_results["combine " + name]
+    out = torch.tensor(values, dtype=torch.float64)
+    assert dtype_name == str(y_sorted.dtype) and out.shape == (ids.shape[0], y_sorted.shape[1])
+    assert_decode_close(out, combine_loop(y_sorted, ids, weights), y_sorted.dtype, bf16_truncated=True)
+
+
+def test_combine_kernel_compiles_for_sm90():
+    triton = pytest.importorskip("triton")
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from kimi_compile.ops.moe import combine
+
+    fn = combine._moe_combine_kernel
+    sig = dict(Y="*bf16", Pos="*i64", W="*fp32", Out="*bf16", D="i32", K="constexpr", BLOCK_D="constexpr")
+    hints = {(i,): [["tt.divisibility", 16]] for i, p in enumerate(fn.params) if sig[p.name] != "constexpr"}
+    compiled = triton.compile(ASTSource(fn, sig, dict(K=8, BLOCK_D=combine.COMBINE_BLOCK_D), hints),
+                              target=GPUTarget("cuda", 90, 32), options={"num_warps": combine.COMBINE_WARPS})
+    ptx = compiled.asm["ptx"]
+    assert ".entry _moe_combine_kernel" in ptx and "ld.global.v4" in ptx  # 16-byte row loads
 
 
 def test_decode_launcher_rejects_float64():

@@ -24,8 +24,9 @@ whatever runs fastest on the device:
   of D) applies the down projections and the weighted sum. Each slot streams its expert's weights; no sort, no
   host sync, fixed shapes (capturable in a CUDA graph).
 * CUDA, bfloat16, sm90+, D and I multiples of 8, more slots: ``torch._grouped_mm`` over the token-slots sorted by
-  expert; group offsets are a device-side ``cumsum`` of per-expert counts. No host sync, so the op can be captured
-  in a CUDA graph (``mode="reduce-overhead"``).
+  expert; group offsets are a device-side ``cumsum`` of per-expert counts; the weighted sum over each token's
+  slots is one Triton kernel reading the sorted rows where they lie (``combine.py``). No host sync, so the op can
+  be captured in a CUDA graph (``mode="reduce-overhead"``).
 * CUDA otherwise (float64, or float16 / float32 above the decode path), few slots (``T * k <= max(E, 64)``):
   each slot gathers its expert's weights and runs a batched matmul; no host sync.
 * Otherwise (CPU always): slots sorted by expert, host-side offsets (a sync, harmless on CPU), one matmul per
@@ -177,6 +178,9 @@ def _experts_grouped_mm(x, topk_ids, topk_weights, w_gate, w_up, w_down) -> Tens
     a = torch._grouped_mm(xs, w_gate.transpose(1, 2), offs=offs)
     b = torch._grouped_mm(xs, w_up.transpose(1, 2), offs=offs)
     y_sorted = torch._grouped_mm(F.silu(a) * b, w_down.transpose(1, 2), offs=offs)
+    combine = _combine_module() if y_sorted.is_cuda else None
+    if combine is not None:  # the weighted sum straight from the sorted rows, one pass (combine.py)
+        return combine.moe_combine(y_sorted, order, topk_weights, x.dtype)
     y_slots = torch.empty_like(y_sorted).index_copy_(0, order, y_sorted)  # back to (token, slot) order
     return _combine(y_slots, topk_weights, x.dtype)
 
@@ -196,6 +200,14 @@ def _decode_module():
     if importlib.util.find_spec("triton") is None:
         return None
     return importlib.import_module(f"{__name__}.decode")
+
+
+@functools.lru_cache(maxsize=None)
+def _combine_module():
+    """ops/moe/combine.py (imports triton), or None where triton is not installed."""
+    if importlib.util.find_spec("triton") is None:
+        return None
+    return importlib.import_module(f"{__name__}.combine")
 
 
 def _forward_path(x: Tensor, topk_ids: Tensor, w_gate: Tensor) -> str:
