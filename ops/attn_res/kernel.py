@@ -41,6 +41,18 @@ __all__ = [
 
 
 @triton.jit
+def _online_softmax_step(x, q, m, l, acc, inv_d, eps):
+    """One source ``x`` [BLOCK_R, BLOCK_D] into the running max ``m``, sum ``l`` and weighted sum ``acc``."""
+    ss = tl.sum(x * x, axis=1)
+    dot = tl.sum(x * q[None, :], axis=1)
+    score = dot / tl.sqrt(ss * inv_d + eps)
+    m_new = tl.maximum(m, score)
+    alpha = tl.exp(m - m_new)
+    p = tl.exp(score - m_new)
+    return m_new, l * alpha + p, acc * alpha[:, None] + p[:, None] * x
+
+
+@triton.jit
 def _attn_res_fwd_kernel(
     X,  # [N, R, D] sources, contiguous
     P,  # [R, D] the partial-sum source after the N (read when HAS_PARTIAL), contiguous
@@ -82,25 +94,11 @@ def _attn_res_fwd_kernel(
     x_ptrs = X + offs
     for _n in tl.range(0, N, num_stages=NUM_STAGES):
         x = tl.load(x_ptrs, mask=mask, other=0.0).to(tl.float32)
-        ss = tl.sum(x * x, axis=1)
-        dot = tl.sum(x * q[None, :], axis=1)
-        score = dot / tl.sqrt(ss * inv_d + eps)
-        m_new = tl.maximum(m, score)
-        alpha = tl.exp(m - m_new)
-        p = tl.exp(score - m_new)
-        l = l * alpha + p
-        acc = acc * alpha[:, None] + p[:, None] * x
-        m = m_new
+        m, l, acc = _online_softmax_step(x, q, m, l, acc, inv_d, eps)
         x_ptrs += stride_xn
     if HAS_PARTIAL:  # one more source, read where it lies (the caller need not stack it behind the others)
         x = tl.load(P + offs, mask=mask, other=0.0).to(tl.float32)
-        score = tl.sum(x * q[None, :], axis=1) / tl.sqrt(tl.sum(x * x, axis=1) * inv_d + eps)
-        m_new = tl.maximum(m, score)
-        alpha = tl.exp(m - m_new)
-        p = tl.exp(score - m_new)
-        l = l * alpha + p
-        acc = acc * alpha[:, None] + p[:, None] * x
-        m = m_new
+        m, l, acc = _online_softmax_step(x, q, m, l, acc, inv_d, eps)
 
     out = acc / l[:, None]
     o_base = s_idx.to(tl.int64) * R * D

@@ -50,8 +50,9 @@ __all__ = ["moe_experts", "moe_experts_reference"]
 
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
-# With few (token, slot) pairs the slots are nearly all distinct experts (E=256, top-8: 57 of 64 expected), so
-# streaming each slot's expert costs about the grouped GEMM's bytes without its sort, gather and ~25 launches.
+# With few (token, slot) pairs the slots are mostly distinct experts (E=256, top-8: 57 of 64 expected, 164 of
+# 256), so streaming each slot's expert costs about the grouped GEMM's bytes without its sort, gather and ~25
+# launches.
 # H200, Kimi widths, in CUDA graphs (bench/bench_moe.py): T=1 61 us vs 122 us grouped GEMM, T=4 151 vs 246,
 # T=32 (256 slots, 164 distinct experts) 795 vs 884. The threshold stops at the largest measured size (decode
 # B=32 with top-8); 0 turns the decode kernels off.
