@@ -634,7 +634,7 @@ class KimiModel(nn.Module):
         ``x``. Returns it followed by the layer's new state pieces (in ``state_names`` order)."""
         if layer.kind == LINEAR:
             conv, rec = past
-            if cache_position is None or rec is None or torch.is_grad_enabled():
+            if cache_position is None or rec is None or torch.is_grad_enabled() or not rec.is_contiguous():
                 return self._region(kda_layer if whole else kda_mixer)(layer, x, conv, rec)
             # static buffers: the recurrence updates the state buffer in place (no copy of the new state into it)
             xn, q, k, v, g, beta, conv = self._region(kda_project)(layer, x, conv)
@@ -717,9 +717,9 @@ class KimiForCausalLM(nn.Module):
         cache_position: None (default), or int64 ``[T]`` row indices for *static* MLA caches: each
             ``past_key_values.{i}.key`` is then a preallocated ``[B, 1, max_len, ...]`` buffer that the call
             writes in place at these rows and attends over up to them (what a CUDA graph replays,
-            :class:`kimi_compile.compiled.CUDAGraphDecoder`). Without autograd the KDA recurrent states are then
-            updated in place too (``kimi::kda_decode_``; ``new_state`` holds the same tensors); the conv states
-            are returned new as usual.
+            :class:`kimi_compile.compiled.CUDAGraphDecoder`). Without autograd the (contiguous) KDA recurrent
+            states are then updated in place too (``kimi::kda_decode_``; ``new_state`` holds the same tensors);
+            the conv states are returned new as usual.
 
         labels: optional int64 ``[B, T]`` training targets, transformers' convention: shifted inside (position t
             is scored against ``labels[:, t + 1]``), -100 ignored. See :func:`kimi_compile.training.causal_lm_loss`.

@@ -185,6 +185,30 @@ def test_static_cache_step_updates_kda_states_in_place():
         assert (got_state[name] is in_place[name]) == moved, name
 
 
+def test_static_cache_step_with_a_strided_kda_state_returns_a_new_one():
+    """A recurrent state that is not contiguous (a view of a larger buffer) cannot be overwritten in place as one
+    block: the step returns a new state, the same values as the in-place step."""
+    from kimi_compile.compiled import CUDAGraphDecoder
+
+    model = KimiForCausalLM.from_config(tiny_config("kimi_linear"), 0).eval()
+    dec = CUDAGraphDecoder(model, 2, 16, compile=False)
+    with torch.no_grad():
+        dec.prefill(ids_of(2, 7, 3))
+    pos, tok = torch.tensor([7]), ids_of(2, 1, 4)
+    in_place = {n: t.clone() for n, t in dec.state.items()}
+    strided = {n: (t.transpose(2, 3).contiguous().transpose(2, 3) if n.endswith("recurrent_state") else t.clone())
+               for n, t in dec.state.items()}
+    with torch.no_grad():
+        want, want_state = model(tok, in_place, cache_position=pos)
+        got, got_state = model(tok, strided, cache_position=pos)
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+    for name in strided:
+        if name.endswith("recurrent_state"):
+            assert not strided[name].is_contiguous() and got_state[name] is not strided[name]
+            assert torch.equal(strided[name], dec.state[name])  # left as it was
+        torch.testing.assert_close(got_state[name], want_state[name], rtol=1e-6, atol=1e-6)
+
+
 def test_static_cache_decoder_rejects_bad_sizes():
     from kimi_compile.compiled import CUDAGraphDecoder
 
