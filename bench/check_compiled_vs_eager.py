@@ -25,10 +25,7 @@ from kimi_compile import KimiForCausalLM  # noqa: E402
 from kimi_compile.compiled import CompiledStep  # noqa: E402
 from kimi_compile.config import kimi_linear_48b_config  # noqa: E402
 
-
-def rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    a, b = a.double(), b.double()
-    return ((a - b).norm() / b.norm()).item()
+from check_fp32_parity import rel  # noqa: E402  (bench/, this script's folder)
 
 
 def one_depth(layers: int, T: int, dtype: torch.dtype, dev: torch.device, make_config=kimi_linear_48b_config) -> None:

@@ -224,31 +224,32 @@ def check_kda_decode_args(q, k, v, g, beta, state, scale) -> None:
         raise ValueError(f"state must be contiguous (it is overwritten in place), got strides {tuple(state.stride())}")
 
 
+def _into_state(state: Tensor, o_and_final_state: tuple[Tensor, Tensor]) -> Tensor:
+    """``o``, with the final state of a functional forward copied into ``state``."""
+    o, final_state = o_and_final_state
+    state.copy_(final_state)
+    return o
+
+
 @torch.library.custom_op("kimi::kda_decode_", mutates_args=("state",))
 def _kda_decode_op(q: Tensor, k: Tensor, v: Tensor, g: Tensor, beta: Tensor, state: Tensor,
                    scale: Optional[float] = None) -> Tensor:
     check_kda_decode_args(q, k, v, g, beta, state, scale)
-    o, final_state = kda_reference_chunked(q, k, v, g, beta, state, scale, None)
-    state.copy_(final_state)
-    return o
+    return _into_state(state, kda_reference_chunked(q, k, v, g, beta, state, scale, None))
 
 
 @_kda_decode_op.register_kernel("cuda")
 def _kda_decode_cuda(q, k, v, g, beta, state, scale=None):
     check_kda_decode_args(q, k, v, g, beta, state, scale)
     if not _use_triton(q, v):
-        o, final_state = kda_reference_chunked(q, k, v, g, beta, state, scale, None)
-        state.copy_(final_state)
-        return o
+        return _into_state(state, kda_reference_chunked(q, k, v, g, beta, state, scale, None))
     forward, _ = _triton_modules()
     q, k, v, g, beta, _ = forward.contiguous_inputs(q, k, v, g, beta, None)
     B, T = q.shape[0], q.shape[1]
     if forward.use_recurrent(B, T, B, False):  # the token loop writes the final state over the initial one
         return forward.kda_forward_recurrent(q, k, v, g, beta, state, _default_scale(q, scale), None,
                                              out_state=state)[0]
-    o, final_state = forward.kda_forward_chunked(q, k, v, g, beta, state, _default_scale(q, scale), None)
-    state.copy_(final_state)
-    return o
+    return _into_state(state, forward.kda_forward_chunked(q, k, v, g, beta, state, _default_scale(q, scale), None))
 
 
 @_kda_decode_op.register_fake
