@@ -21,8 +21,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
-import time
 
 import torch
 
@@ -78,13 +76,9 @@ def _bench_cuda_do_bench(fn, warmup=25, rep=100):
 
 
 def _bench_wall(fn, iters=20):
-    fn()
-    times = []
-    for _ in range(iters):
-        t0 = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
+    from kimi_compile.export.ort_benchmark import median_ms
+
+    return median_ms(fn, iters)
 
 
 def _err_row(name, got, want, rtol, atol):

@@ -103,13 +103,9 @@ def _time_ms(fn, device, cpu_iters=5):
             torch.cuda.synchronize(device)
             times.append(start.elapsed_time(end))
         return statistics.median(times)
-    fn()
-    times = []
-    for _ in range(cpu_iters):
-        t0 = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
+    from kimi_compile.export.ort_benchmark import median_ms
+
+    return median_ms(fn, cpu_iters)
 
 
 def _random_decode_state(model, batch, ctx, seed):
