@@ -136,16 +136,102 @@ def run(report=None, tokens=TOKENS, sweep=False):
     return rows
 
 
+PREFILL_TOKENS = (1024, 4096)
+PREFILL_SWEEP = [  # PrefillBlocks(block_m, gate_up_n, gate_up_k, gate_up_warps, gate_up_stages, down_n, down_k,
+    #                            down_warps, down_stages)
+    (64, 128, 64, 8, 3, 128, 64, 8, 3),
+    (64, 128, 64, 4, 4, 128, 64, 4, 4),
+    (128, 128, 64, 8, 3, 128, 64, 8, 3),
+    (128, 64, 64, 4, 3, 128, 64, 4, 3),
+    (64, 64, 64, 4, 4, 128, 128, 4, 3),
+    (64, 256, 64, 8, 3, 256, 64, 8, 3),
+    (32, 128, 64, 4, 4, 128, 64, 4, 4),
+    (64, 128, 128, 8, 2, 128, 128, 8, 2),
+]
+
+
+def prefill(report=None, tokens=PREFILL_TOKENS, sweep=False):
+    """Prefill sizes: the op through ``torch._grouped_mm`` against the Triton prefill kernels (``grouped.py``), in
+    CUDA graphs, with TFLOP/s (2 x slots x 3 x D x I) and the weight bytes read (distinct experts x 3 x D x I x 2:
+    at ~128 rows an expert the kernels are bound by these); ``sweep`` also times T=4096 with other tiles."""
+    from kimi_compile.ops.moe import grouped
+    rows = []
+
+    def emit(row):
+        rows.append(row)
+        if report is None:
+            print(f"| {row['workload']} | {row.get('metric', '')} | {row.get('check', '')} |", flush=True)
+        else:
+            report.append(row)
+
+    if report is None:
+        print("| workload | time, rate | check |\n|---|---|---|")
+    g = torch.Generator(device="cuda").manual_seed(0)
+    weights = tuple(torch.randn(shape, generator=g, device="cuda", dtype=DTYPE) * scale
+                    for shape, scale in (((E, I, D), D ** -0.5), ((E, I, D), D ** -0.5), ((E, D, I), I ** -0.5)))
+    copy = _copy_gbps()
+    emit(dict(workload="copy 1 GiB (device to device), read + write", metric=f"{copy:.0f} GB/s"))
+    saved = moe.PREFILL_KERNEL
+
+    def rates(T, distinct, us):
+        tflops = 2 * T * K * 3 * D * I / us / 1e6
+        gbps = distinct * 3 * D * I * DTYPE.itemsize / us / 1e3
+        return tflops, gbps, f"{us:.0f} us, {tflops:.0f} TFLOP/s, weights {gbps:.0f} GB/s"
+
+    try:
+        for T in tokens:
+            args = _inputs(T, weights, seed=T)
+            distinct = int(torch.unique(args[1]).numel())
+            ref = moe.moe_experts_reference(*args)
+            timing = {}
+            for path, kernel in (("grouped_mm", "grouped_mm"), ("prefill", "triton")):
+                moe.PREFILL_KERNEL = kernel
+                assert moe._forward_path(args[0], args[1], args[3]) == path, (path, T)
+                err = _rel_err(moe.moe_experts(*args), ref)
+                us = timing[path] = _replay_us(lambda: moe.moe_experts(*args))
+                tflops, gbps, metric = rates(T, distinct, us)
+                emit(dict(workload=f"moe_experts {path} T={T} (k={K}, E={E}, {distinct} experts)", ours_ms=us / 1e3,
+                          us=us, tflops=tflops, gbps=gbps, metric=metric, check=f"max err {err:.2e}"))
+            ratio = timing["grouped_mm"] / timing["prefill"]
+            emit(dict(workload=f"moe_experts T={T}: grouped_mm time / prefill kernels time", ratio=ratio,
+                      metric=f"{ratio:.2f}x"))
+        if sweep:
+            T = 4096
+            args = _inputs(T, weights, seed=T)
+            distinct = int(torch.unique(args[1]).numel())
+            ref = moe.moe_experts_reference(*args)
+            us = _replay_us(lambda: grouped.align_rows(args[1], E, 64))
+            emit(dict(workload=f"prefill T={T}: align_rows alone (block_m 64)", us=us, metric=f"{us:.1f} us"))
+            default = dataclasses.astuple(grouped.prefill_blocks(D, I))
+            for cfg in [default] + [c for c in PREFILL_SWEEP if c != default]:
+                blocks = grouped.PrefillBlocks(*cfg)
+                try:
+                    err = _rel_err(grouped.moe_experts_prefill(*args, blocks=blocks), ref)
+                    us = _replay_us(lambda: grouped.moe_experts_prefill(*args, blocks=blocks))
+                except Exception as exc:  # a tile the compiler refuses (shared memory): report it, keep going
+                    emit(dict(workload=f"prefill launcher T={T} blocks {cfg}", metric=f"failed: {exc!r}"[:200]))
+                    continue
+                tflops, gbps, metric = rates(T, distinct, us)
+                emit(dict(workload=f"prefill launcher T={T} blocks {cfg}{' (default)' if cfg == default else ''}",
+                          ours_ms=us / 1e3, us=us, tflops=tflops, gbps=gbps, metric=metric,
+                          check=f"max err {err:.2e}"))
+    finally:
+        moe.PREFILL_KERNEL = saved
+    return rows
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--sweep", action="store_true", help="also time T=1 with a few decode tile choices")
+    ap.add_argument("--prefill", action="store_true",
+                    help="prefill sizes instead (grouped_mm vs the Triton prefill kernels; --sweep: their tiles)")
     ap.add_argument("--json", default=None, help="write the rows here too")
     a = ap.parse_args(argv)
     if not torch.cuda.is_available():
         sys.exit("bench_moe.py needs a CUDA GPU (it times CUDA graphs)")
     import triton
     print(f"# {torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}")
-    rows = run(sweep=a.sweep)
+    rows = prefill(sweep=a.sweep) if a.prefill else run(sweep=a.sweep)
     if a.json:
         tmp = a.json + ".tmp"
         with open(tmp, "w") as f:

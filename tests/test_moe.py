@@ -260,6 +260,32 @@ def combine_loop(y_sorted, ids, weights):
     return out
 
 
+# the Triton prefill path (ops/moe/grouped.py): (T, k, E, D, I, dtype, blocks: None = prefill_blocks(D, I), else
+# PrefillBlocks fields). D and I are no multiples of the tiles (partial blocks along the reduction and the output
+# columns); random ids repeat experts across tokens and leave some without tokens.
+SMALL_PREFILL_BLOCKS = (16, 16, 16, 4, 2, 16, 16, 4, 2)
+PREFILL_CASES = {
+    "T37_k8_bf16_small_blocks": (37, 8, 16, 72, 40, "bfloat16", SMALL_PREFILL_BLOCKS),
+    "T5_k2_fp16_small_blocks": (5, 2, 4, 40, 24, "float16", SMALL_PREFILL_BLOCKS),
+    "T9_k3_bf16_default_blocks": (9, 3, 5, 300, 40, "bfloat16", None),
+}
+
+
+def _prefill_case_inputs(name):
+    T, k, E, D, I, dtype, blocks = PREFILL_CASES[name]
+    return make(T, D, I, E, k, dtype=getattr(torch, dtype), seed=len(name) + T, distinct=False), blocks
+
+
+def assert_prefill_close(out, ref, dtype, bf16_truncated=False):
+    """Two roundings to the input dtype (h = silu(gate) * up, then each expert's output) before the float32 sum:
+    the largest error within 2^-6 of the largest value in bf16 (2^-5 where the interpreter truncates), 2^-9 in
+    fp16. A slot read from the wrong row or expert misses by the size of the values."""
+    rel = {torch.bfloat16: 2 ** -5 if bf16_truncated else 2 ** -6, torch.float16: 2 ** -9}[dtype]
+    err = (out.double().cpu() - ref.double().cpu()).abs().max().item()
+    scale = ref.double().abs().max().item()
+    assert err <= rel * scale, f"max error {err:.3g} > {rel:.3g} x {scale:.3g}"
+
+
 def _decode_interp_main():
     """Body of the interpreter subprocess: prints one JSON line, each case's output as float64 lists."""
     assert os.environ.get("TRITON_INTERPRET") == "1"
@@ -274,6 +300,11 @@ def _decode_interp_main():
         _, order, _ = moe._slots_by_expert(ids)
         out = combine.moe_combine(y_sorted, order, weights, y_sorted.dtype, block_d=block_d)
         res["combine " + name] = [str(out.dtype), out.double().tolist()]
+    from kimi_compile.ops.moe import grouped
+    for name in PREFILL_CASES:
+        args, blocks = _prefill_case_inputs(name)
+        out = grouped.moe_experts_prefill(*args, blocks=None if blocks is None else grouped.PrefillBlocks(*blocks))
+        res["prefill " + name] = [str(out.dtype), out.double().tolist()]
     print("RESULT " + json.dumps(res))
 
 
@@ -319,6 +350,75 @@ def test_combine_kernel_interpreter(decode_interp_results, name):
     out = torch.tensor(values, dtype=torch.float64)
     assert dtype_name == str(y_sorted.dtype) and out.shape == (ids.shape[0], y_sorted.shape[1])
     assert_decode_close(out, combine_loop(y_sorted, ids, weights), y_sorted.dtype, bf16_truncated=True)
+
+
+@pytest.mark.parametrize("name", list(PREFILL_CASES))
+def test_prefill_kernels_interpreter(decode_interp_results, name):
+    """The grouped prefill kernels (padded expert-sorted rows, fused silu * up, combine) against the float64 loop."""
+    args, _ = _prefill_case_inputs(name)
+    dtype_name, values = decode_interp_results["prefill " + name]
+    out = torch.tensor(values, dtype=torch.float64)
+    assert dtype_name == str(args[0].dtype) and out.shape == args[0].shape
+    assert_prefill_close(out, loop_reference(*args), args[0].dtype, bf16_truncated=True)
+
+
+@pytest.mark.parametrize("T,k,E,block_m", [(37, 8, 16, 16), (5, 2, 4, 64), (1, 1, 3, 16), (300, 8, 256, 64)])
+def test_prefill_row_layout(T, k, E, block_m):
+    """align_rows: every slot in exactly one row, each expert's slots in its own whole blocks in slot order, the
+    padding rows hold P, blocks past the last used one name expert E, and row_of_slot inverts slot_of_row."""
+    pytest.importorskip("triton")
+    from kimi_compile.ops.moe import grouped
+    ids = torch.randint(0, E, (T, k), generator=torch.Generator().manual_seed(T + E))
+    P = T * k
+    slot_of_row, block_expert, row_of_slot = grouped.align_rows(ids, E, block_m)
+    R = grouped.rows_bound(P, E, block_m)
+    assert slot_of_row.shape == (R,) and block_expert.shape == (R // block_m,) and row_of_slot.shape == (P,)
+    flat = ids.reshape(-1)
+    real = slot_of_row[slot_of_row < P]
+    assert sorted(real.tolist()) == list(range(P)) and (slot_of_row[slot_of_row >= P] == P).all()
+    assert (slot_of_row[row_of_slot] == torch.arange(P)).all()
+    for b, e in enumerate(block_expert.tolist()):
+        slots = slot_of_row[b * block_m:(b + 1) * block_m]
+        slots = slots[slots < P]
+        if e == E:  # unused block: no slot, and so are all after it
+            assert slots.numel() == 0 and (block_expert[b:] == E).all()
+        else:
+            assert (flat[slots] == e).all()
+    for e in range(E):  # an expert's slots in ascending order, packed at the start of its first block
+        rows = row_of_slot[flat == e]
+        assert rows.tolist() == sorted(rows.tolist())
+        if rows.numel():
+            assert rows[0] % block_m == 0 and (rows[-1] - rows[0]).item() == rows.numel() - 1
+
+
+@pytest.mark.parametrize("kernel", ["_gate_up_kernel", "_down_kernel"])
+def test_prefill_kernels_compile_for_sm90(kernel):
+    """Compiled ahead of time for the H200 (no GPU needed): the default tiles lower tl.dot to Hopper's wgmma."""
+    triton = pytest.importorskip("triton")
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from kimi_compile.ops.moe import grouped
+
+    fn = getattr(grouped, kernel)
+    b = grouped.prefill_blocks(2304, 1024)
+    pointers = dict(X="*bf16", SlotOfRow="*i64", BlockExpert="*i64", Wg="*bf16", Wu="*bf16", H="*bf16",
+                    Wd="*bf16", Y="*bf16")
+    unit = ("sg_d", "su_d", "sd_i")  # contiguous weights: Triton specialises a stride of 1 to a constant
+    sig = {p.name: pointers.get(p.name, "constexpr" if p.is_constexpr or p.name in unit else "i32")
+           for p in fn.params}
+    if kernel == "_gate_up_kernel":
+        consts = dict(K=8, BLOCK_M=b.block_m, BLOCK_N=b.gate_up_n, BLOCK_K=b.gate_up_k, UPCAST=False, sg_d=1, su_d=1)
+        opts = dict(num_warps=b.gate_up_warps, num_stages=b.gate_up_stages)
+    else:
+        consts = dict(BLOCK_M=b.block_m, BLOCK_N=b.down_n, BLOCK_K=b.down_k, UPCAST=False, sd_i=1)
+        opts = dict(num_warps=b.down_warps, num_stages=b.down_stages)
+    # pointers, D, I and the other strides are multiples of 16 at Kimi widths (P and E need not be)
+    hints = {(i,): [["tt.divisibility", 16]] for i, p in enumerate(fn.params)
+             if sig[p.name] != "constexpr" and p.name not in ("P", "E")}
+    compiled = triton.compile(ASTSource(fn, sig, consts, hints), target=GPUTarget("cuda", 90, 32), options=opts)
+    ptx = compiled.asm["ptx"]
+    assert f".entry {kernel}" in ptx and "wgmma.mma_async" in ptx
 
 
 def test_combine_kernel_compiles_for_sm90():
@@ -425,17 +525,24 @@ def test_cuda_decode_kimi_widths(T):
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs an NVIDIA GPU")
 def test_cuda_dispatch_decode_up_to_the_threshold_then_grouped_mm(monkeypatch):
-    """T * k <= DECODE_MAX_SLOTS runs the decode kernels, above it the grouped GEMM (bf16, sm90+; before sm90 the
-    sorted loop, E=16 < 72 slots); both match moe_experts_reference."""
+    """T * k <= DECODE_MAX_SLOTS runs the decode kernels; above it the Triton prefill kernels (PREFILL_KERNEL
+    "triton", the default) or the grouped GEMM ("grouped_mm": bf16, sm90+; before sm90 the sorted loop, E=16 < 72
+    slots); all match moe_experts_reference."""
     k = 8
     T_decode = moe.DECODE_MAX_SLOTS // k
     calls = []
-    decode = moe._decode_module()
-    real_decode, real_grouped = decode.moe_experts_decode, moe._experts_grouped_mm
+    decode, prefill = moe._decode_module(), moe._prefill_module()
+    real_decode, real_prefill, real_grouped = decode.moe_experts_decode, prefill.moe_experts_prefill, \
+        moe._experts_grouped_mm
     monkeypatch.setattr(decode, "moe_experts_decode", lambda *a, **kw: calls.append("decode") or real_decode(*a, **kw))
+    monkeypatch.setattr(prefill, "moe_experts_prefill",
+                        lambda *a, **kw: calls.append("prefill") or real_prefill(*a, **kw))
     monkeypatch.setattr(moe, "_experts_grouped_mm", lambda *a: calls.append("grouped_mm") or real_grouped(*a))
     grouped = torch.cuda.get_device_capability() >= (9, 0) and hasattr(torch, "_grouped_mm")
-    for T, want in ((1, "decode"), (T_decode, "decode"), (T_decode + 1, "grouped_mm" if grouped else "sorted_loop")):
+    assert moe.PREFILL_KERNEL == "triton"
+    for kernel, T, want in (("triton", 1, "decode"), ("triton", T_decode, "decode"), ("triton", T_decode + 1, "prefill"),
+                            ("grouped_mm", T_decode + 1, "grouped_mm" if grouped else "sorted_loop")):
+        monkeypatch.setattr(moe, "PREFILL_KERNEL", kernel)
         args = [a.cuda() for a in make(T, 64, 32, 16, k, dtype=torch.bfloat16, seed=T, distinct=False)]
         assert moe._forward_path(args[0], args[1], args[3]) == want, T
         calls.clear()
@@ -446,6 +553,41 @@ def test_cuda_dispatch_decode_up_to_the_threshold_then_grouped_mm(monkeypatch):
     for dtype, want in ((torch.float16, "decode"), (torch.float32, "decode"), (torch.float64, "gathered")):
         args = [a.cuda() for a in make(1, 64, 32, 16, k, dtype=dtype)]
         assert moe._forward_path(args[0], args[1], args[3]) == want, dtype
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs an NVIDIA GPU")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("T", [37, 300])
+@pytest.mark.parametrize("blocks", [None, SMALL_PREFILL_BLOCKS], ids=["default_blocks", "small_blocks"])
+def test_cuda_prefill_kernels_vs_loop(dtype, T, blocks):
+    from kimi_compile.ops.moe import grouped
+    args = [a.cuda() for a in make(T, 300, 72, 16, 8, dtype=dtype, seed=T, distinct=False)]
+    out = grouped.moe_experts_prefill(*args, blocks=None if blocks is None else grouped.PrefillBlocks(*blocks))
+    assert out.dtype == dtype and out.shape == (T, 300) and out.is_cuda
+    assert_prefill_close(out, loop_reference(*[a.cpu() for a in args]), dtype)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs an NVIDIA GPU")
+def test_cuda_prefill_kernels_through_the_op_at_kimi_widths(monkeypatch):
+    """PREFILL_KERNEL="triton" at Kimi Linear widths (D=2304, I=1024, top-8, 32 experts), 512 tokens, bf16: the op
+    takes the prefill kernels, matches the float64 loop and the grouped-GEMM path, and replays in a CUDA graph."""
+    monkeypatch.setattr(moe, "PREFILL_KERNEL", "triton")
+    args = [a.cuda() for a in make(512, 2304, 1024, 32, 8, dtype=torch.bfloat16, seed=3, distinct=False)]
+    assert moe._forward_path(args[0], args[1], args[3]) == "prefill"
+    out = moe.moe_experts(*args)
+    assert_prefill_close(out, loop_reference(*args), torch.bfloat16)
+    monkeypatch.setattr(moe, "PREFILL_KERNEL", "grouped_mm")
+    torch.testing.assert_close(out, moe.moe_experts(*args), rtol=4e-2, atol=4e-2)
+    monkeypatch.setattr(moe, "PREFILL_KERNEL", "triton")
+    static = [a.clone() for a in args]
+    graph = torch.cuda.CUDAGraph()
+    moe.moe_experts(*static)
+    with torch.cuda.graph(graph):
+        captured = moe.moe_experts(*static)
+    graph.replay()
+    torch.testing.assert_close(captured, out, rtol=0, atol=0)
 
 
 @pytest.mark.cuda

@@ -23,6 +23,9 @@ whatever runs fastest on the device:
   (``decode.py``): one program per (slot, block of I) forms ``silu(gate) * up`` in float32, one per (token, block
   of D) applies the down projections and the weighted sum. Each slot streams its expert's weights; no sort, no
   host sync, fixed shapes (capturable in a CUDA graph).
+* CUDA, float16 / bfloat16, more slots, ``PREFILL_KERNEL == "triton"``: two Triton grouped-GEMM kernels
+  (``grouped.py``) over the slots sorted by expert and padded to whole row blocks; the tokens and weights are read
+  where they lie and ``silu(gate) * up`` is formed in the first kernel's registers; no host sync.
 * CUDA, bfloat16, sm90+, D and I multiples of 8, more slots: ``torch._grouped_mm`` over the token-slots sorted by
   expert; group offsets are a device-side ``cumsum`` of per-expert counts; the weighted sum over each token's
   slots is one Triton kernel reading the sorted rows where they lie (``combine.py``). No host sync, so the op can
@@ -52,11 +55,17 @@ _FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 # With few (token, slot) pairs the slots are mostly distinct experts (E=256, top-8: 57 of 64 expected, 164 of
 # 256), so streaming each slot's expert costs about the grouped GEMM's bytes without its sort, gather and ~25
-# launches.
-# H200, Kimi widths, in CUDA graphs (bench/bench_moe.py): T=1 61 us vs 122 us grouped GEMM, T=4 151 vs 246,
-# T=32 (256 slots, 164 distinct experts) 795 vs 884. The threshold stops at the largest measured size (decode
-# B=32 with top-8); 0 turns the decode kernels off.
-DECODE_MAX_SLOTS = 256
+# launches. H200, Kimi widths, in CUDA graphs (bench/bench_moe.py): T=1 61 us vs 122 us grouped GEMM, T=4 151 vs
+# 246. At 256 slots (decode B=32) the op alone measured faster (795 vs 884 us), but the full-depth B=32 step was
+# 22.6 ms with the decode kernels there against 20.0 ms without (bench_full_model.py, same run): an expert chosen
+# by several slots is streamed once per slot. 0 turns the decode kernels off.
+DECODE_MAX_SLOTS = 64
+
+# Above the decode sizes on CUDA (float16 / bfloat16): "triton" runs the grouped kernels of grouped.py (tokens and
+# weights read where they lie, silu * up fused), "grouped_mm" torch._grouped_mm (bfloat16, sm90+). H200, Kimi
+# widths, E=256, top-8, the whole op in CUDA graphs (bench_moe.py --prefill): T=4096 1755 us vs 1893 us, T=1024
+# 1240 vs 1323 (the default tiles then; both paths read the weights at ~2 TB/s, half the copy rate).
+PREFILL_KERNEL = "triton"
 
 
 def _check(x, topk_ids, topk_weights, w_gate, w_up, w_down) -> None:
@@ -211,15 +220,26 @@ def _combine_module():
     return importlib.import_module(f"{__name__}.combine")
 
 
+@functools.lru_cache(maxsize=None)
+def _prefill_module():
+    """ops/moe/grouped.py (imports triton), or None where triton is not installed."""
+    if importlib.util.find_spec("triton") is None:
+        return None
+    return importlib.import_module(f"{__name__}.grouped")
+
+
 def _forward_path(x: Tensor, topk_ids: Tensor, w_gate: Tensor) -> str:
-    """Which implementation runs the forward: "decode", "grouped_mm", "gathered" or "sorted_loop" (metadata only;
-    reads ``DECODE_MAX_SLOTS`` at call time, so a benchmark may move the threshold)."""
+    """Which implementation runs the forward: "decode", "prefill", "grouped_mm", "gathered" or "sorted_loop"
+    (metadata only; reads ``DECODE_MAX_SLOTS`` and ``PREFILL_KERNEL`` at call time, so a benchmark may move
+    them)."""
     T, k = topk_ids.shape
     if not x.is_cuda:
         return "sorted_loop"
     if T * k <= DECODE_MAX_SLOTS and x.dtype in (torch.float16, torch.bfloat16, torch.float32) \
             and _decode_module() is not None:
         return "decode"
+    if PREFILL_KERNEL == "triton" and x.dtype in (torch.float16, torch.bfloat16) and _prefill_module() is not None:
+        return "prefill"
     if _grouped_mm_usable(x, w_gate):
         return "grouped_mm"
     if T * k <= max(w_gate.shape[0], 64):
@@ -235,6 +255,8 @@ def _moe_forward(x, topk_ids, topk_weights, w_gate, w_up, w_down) -> Tensor:
     path = _forward_path(x, topk_ids, w_gate)
     if path == "decode":
         return _decode_module().moe_experts_decode(x, topk_ids, topk_weights, w_gate, w_up, w_down)
+    if path == "prefill":
+        return _prefill_module().moe_experts_prefill(x, topk_ids, topk_weights, w_gate, w_up, w_down)
     if path == "grouped_mm":
         return _experts_grouped_mm(x, topk_ids, topk_weights, w_gate, w_up, w_down)
     if path == "gathered":

@@ -23,7 +23,7 @@ from torch import Tensor
 
 from .._device import device_guard
 
-__all__ = ["COMBINE_BLOCK_D", "COMBINE_WARPS", "moe_combine"]
+__all__ = ["COMBINE_BLOCK_D", "COMBINE_WARPS", "moe_combine", "moe_combine_rows"]
 
 COMBINE_BLOCK_D = 512  # 1 KB of bf16 a row piece; Kimi's D = 2304 takes 5 programs a token (the last half full)
 COMBINE_WARPS = 2      # 8 bf16 a thread: 16-byte loads (4 warps compile to 8-byte ones)
@@ -45,14 +45,20 @@ def _moe_combine_kernel(Y, Pos, W, Out, D, K: tl.constexpr, BLOCK_D: tl.constexp
 def moe_combine(y_sorted: Tensor, order: Tensor, topk_weights: Tensor, out_dtype: torch.dtype,
                 block_d: int = COMBINE_BLOCK_D) -> Tensor:
     """``out[t] = sum_j topk_weights[t, j] * y_sorted[pos[t*k + j]]``, ``pos`` the inverse of ``order``."""
+    pos = torch.empty_like(order).scatter_(0, order, torch.arange(order.numel(), device=order.device))
+    return moe_combine_rows(y_sorted, pos, topk_weights, out_dtype, block_d)
+
+
+def moe_combine_rows(y_rows: Tensor, row_of_slot: Tensor, topk_weights: Tensor, out_dtype: torch.dtype,
+                     block_d: int = COMBINE_BLOCK_D) -> Tensor:
+    """``out[t] = sum_j topk_weights[t, j] * y_rows[row_of_slot[t*k + j]]`` (int64 rows, any row count)."""
     T, k = topk_weights.shape
-    D = y_sorted.shape[1]
-    out = torch.empty(T, D, dtype=out_dtype, device=y_sorted.device)
+    D = y_rows.shape[1]
+    out = torch.empty(T, D, dtype=out_dtype, device=y_rows.device)
     if T * k == 0 or D == 0:
         return out.zero_()
-    pos = torch.empty_like(order).scatter_(0, order, torch.arange(order.numel(), device=order.device))
-    with device_guard(y_sorted):
+    with device_guard(y_rows):
         _moe_combine_kernel[(T, triton.cdiv(D, block_d))](
-            y_sorted.contiguous(), pos, topk_weights.contiguous(), out, D, K=k, BLOCK_D=block_d,
+            y_rows.contiguous(), row_of_slot.contiguous(), topk_weights.contiguous(), out, D, K=k, BLOCK_D=block_d,
             num_warps=COMBINE_WARPS)
     return out

@@ -1,0 +1,226 @@
+"""Triton prefill path of ``kimi::moe_experts``: the (token, slot) pairs sorted by expert, each expert's rows padded
+to whole blocks of ``BLOCK_M``, and two grouped-GEMM kernels that read the tokens and the weights where they lie.
+
+Why: at prefill sizes an expert gets ~T*k/E rows (128 at T=4096, Kimi Linear), which makes the grouped GEMM
+bound by reading the experts' weights (128 FLOP a weight byte, under the H200's ~176 FLOP/B balance). What counts
+is streaming each expert's weight tiles once while every row of that expert uses them; ``torch._grouped_mm``
+measured ~40 % of the matmul rate there, and it also needs the tokens gathered into a sorted copy, the gate and up
+outputs written and read back for ``silu(a) * b``.
+
+Layout (every size a host int, no host sync: capturable in a CUDA graph)::
+
+    x [T, D]    topk_ids [T, k]    w_gate, w_up [E, I, D]    w_down [E, D, I]      P = T*k slots (slot t*k + j)
+    R = rows_bound(P, E, BLOCK_M)    an upper bound of sum_e ceil(count_e / BLOCK_M) * BLOCK_M
+    slot_of_row  [R]             int64, the slot held by each row; P for the padding rows
+    block_expert [R / BLOCK_M]   int64, each block's expert; E past the last used block (those programs return)
+    row_of_slot  [P]             int64, the inverse: the row of each slot (read by the weighted sum)
+
+1. ``_gate_up_kernel``, grid (R / BLOCK_M, cdiv(I, BLOCK_N)): ``h[row, n] = silu(x[tok] . w_gate[e, n]) *
+   (x[tok] . w_up[e, n])``, tok = slot // k, both products accumulated in float32 from one load of the x tile,
+   rounded once to x's dtype (h [R, I]).
+2. ``_down_kernel``, grid (R / BLOCK_M, cdiv(D, BLOCK_N)): ``y[row, d] = h[row] . w_down[e, d]`` (y [R, D], x's
+   dtype).
+3. ``combine.moe_combine_rows``: ``out[t] = sum_j topk_weights[t, j] * y[row_of_slot[t*k + j]]`` in float32.
+
+Program ids run along the row blocks first, so the blocks of one expert (adjacent) ask for the same weight tile at
+about the same time and share it through L2.
+
+Under ``TRITON_INTERPRET=1`` (set before triton is imported) the kernels also run on CPU tensors, which is how the
+tests check them without a GPU.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from .._device import device_guard
+from .combine import moe_combine_rows
+
+__all__ = ["PrefillBlocks", "prefill_blocks", "rows_bound", "align_rows", "moe_experts_prefill"]
+
+PREFILL_DTYPES = (torch.float16, torch.bfloat16)
+# Triton's interpreter multiplies bf16 tl.dot operands as raw bits (3.7: errors ~1e10); there the kernels upcast
+# the operands to float32 first (same products: bf16 x bf16 is exact in float32). Compiled kernels never do.
+_UPCAST = os.environ.get("TRITON_INTERPRET") == "1"
+
+
+@triton.jit
+def _gate_up_kernel(
+    X,  # [T, D] tokens, contiguous
+    SlotOfRow,  # [R] int64
+    BlockExpert,  # [R / BLOCK_M] int64
+    Wg,  # [E, I, D] gate projections
+    Wu,  # [E, I, D] up projections
+    H,  # [R, I] out, x's dtype
+    P,  # number of slots (T * K): the padding rows' slot
+    E,
+    D,
+    I,
+    sg_e, sg_i, sg_d,  # w_gate strides (elements)
+    su_e, su_i, su_d,  # w_up strides
+    K: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    UPCAST: tl.constexpr,  # float32 operands for tl.dot (the interpreter only: see _UPCAST)
+):
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    e = tl.load(BlockExpert + pid_m)
+    if e >= E:  # past the last used block
+        return
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    slot = tl.load(SlotOfRow + rows)
+    row_ok = slot < P
+    tok = tl.where(row_ok, slot // K, 0)
+    n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = n < I
+    kk = tl.arange(0, BLOCK_K)
+    a_ptrs = X + tok[:, None] * D + kk[None, :]  # [BLOCK_M, BLOCK_K]
+    g_ptrs = Wg + e * sg_e + n.to(tl.int64)[None, :] * sg_i + kk[:, None] * sg_d  # [BLOCK_K, BLOCK_N]
+    u_ptrs = Wu + e * su_e + n.to(tl.int64)[None, :] * su_i + kk[:, None] * su_d
+    acc_g = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    acc_u = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for k0 in range(0, D, BLOCK_K):
+        k_ok = kk < D - k0
+        a = tl.load(a_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+        g = tl.load(g_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+        u = tl.load(u_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+        if UPCAST:
+            a, g, u = a.to(tl.float32), g.to(tl.float32), u.to(tl.float32)
+        acc_g = tl.dot(a, g, acc_g)
+        acc_u = tl.dot(a, u, acc_u)
+        a_ptrs += BLOCK_K
+        g_ptrs += BLOCK_K * sg_d
+        u_ptrs += BLOCK_K * su_d
+    h = acc_g / (1.0 + tl.exp(-acc_g)) * acc_u  # silu(a) * b; exp overflow at a << 0 gives -0, silu's limit
+    h_ptrs = H + rows.to(tl.int64)[:, None] * I + n[None, :]
+    tl.store(h_ptrs, h.to(H.dtype.element_ty), mask=n_ok[None, :])
+
+
+@triton.jit
+def _down_kernel(
+    H,  # [R, I] from _gate_up_kernel
+    BlockExpert,  # [R / BLOCK_M] int64
+    Wd,  # [E, D, I] down projections
+    Y,  # [R, D] out, x's dtype
+    E,
+    D,
+    I,
+    sd_e, sd_d, sd_i,  # w_down strides (elements)
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    UPCAST: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    e = tl.load(BlockExpert + pid_m)
+    if e >= E:
+        return
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = n < D
+    kk = tl.arange(0, BLOCK_K)
+    # padding rows of h hold finite values (zero rows of x times the weights), so they need no mask
+    h_ptrs = H + rows.to(tl.int64)[:, None] * I + kk[None, :]
+    w_ptrs = Wd + e * sd_e + n.to(tl.int64)[None, :] * sd_d + kk[:, None] * sd_i
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for k0 in range(0, I, BLOCK_K):
+        k_ok = kk < I - k0
+        a = tl.load(h_ptrs, mask=k_ok[None, :], other=0.0)
+        w = tl.load(w_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+        if UPCAST:
+            a, w = a.to(tl.float32), w.to(tl.float32)
+        acc = tl.dot(a, w, acc)
+        h_ptrs += BLOCK_K
+        w_ptrs += BLOCK_K * sd_i
+    y_ptrs = Y + rows.to(tl.int64)[:, None] * D + n[None, :]
+    tl.store(y_ptrs, acc.to(Y.dtype.element_ty), mask=n_ok[None, :])
+
+
+@dataclasses.dataclass(frozen=True)
+class PrefillBlocks:
+    """Tiles, warps and pipeline stages of the two kernels (tile sizes powers of two, at least 16)."""
+    block_m: int
+    gate_up_n: int
+    gate_up_k: int
+    gate_up_warps: int
+    gate_up_stages: int
+    down_n: int
+    down_k: int
+    down_warps: int
+    down_stages: int
+
+
+def prefill_blocks(D: int, I: int) -> PrefillBlocks:
+    """The one place that picks the tiles: 64 rows a block (an expert's ~128 rows at T=4096 pad to 2-3 blocks),
+    256 output columns, 64 along the reduction, 8 warps, 3 stages (gate/up: 72 KB of bf16 tiles a stage). H200,
+    Kimi widths, T=4096, the whole op (bench_moe.py --prefill --sweep): 1755 us; 128 columns 1862-2057 us, 128
+    rows 1862 us, 32 rows 2427 us, 128 along the reduction 2304 us."""
+    return PrefillBlocks(block_m=64, gate_up_n=min(256, max(16, triton.next_power_of_2(I))), gate_up_k=64,
+                         gate_up_warps=8, gate_up_stages=3, down_n=min(256, max(16, triton.next_power_of_2(D))),
+                         down_k=64, down_warps=8, down_stages=3)
+
+
+def rows_bound(P: int, E: int, block_m: int) -> int:
+    """Rows of the padded layout: each expert pads to whole blocks, at most ``block_m - 1`` rows an expert."""
+    return triton.cdiv(P + E * (block_m - 1), block_m) * block_m
+
+
+def align_rows(topk_ids: Tensor, E: int, block_m: int) -> tuple[Tensor, Tensor, Tensor]:
+    """``(slot_of_row, block_expert, row_of_slot)`` of the padded expert-sorted layout (module docstring), on the
+    device, without a host sync."""
+    flat = topk_ids.reshape(-1)
+    P = flat.numel()
+    dev = flat.device
+    R = rows_bound(P, E, block_m)
+    order = torch.argsort(flat, stable=True)  # slots sorted by expert
+    counts = torch.zeros(E, dtype=torch.int64, device=dev).scatter_add_(0, flat, torch.ones_like(flat))
+    padded = (counts + block_m - 1) // block_m * block_m
+    pad_end = torch.cumsum(padded, 0)
+    first = torch.cumsum(counts, 0) - counts  # each expert's first position in the sorted slots
+    e_sorted = flat.index_select(0, order)
+    row = (pad_end - padded).index_select(0, e_sorted) + torch.arange(P, device=dev) - first.index_select(0, e_sorted)
+    slot_of_row = torch.full((R,), P, dtype=torch.int64, device=dev).scatter_(0, row, order)
+    starts = torch.arange(0, R, block_m, device=dev)
+    block_expert = torch.searchsorted(pad_end, starts, right=True)  # E past the last used block
+    row_of_slot = torch.empty_like(order).scatter_(0, order, row)
+    return slot_of_row, block_expert, row_of_slot
+
+
+def moe_experts_prefill(x: Tensor, topk_ids: Tensor, topk_weights: Tensor, w_gate: Tensor, w_up: Tensor,
+                        w_down: Tensor, blocks: Optional[PrefillBlocks] = None) -> Tensor:
+    """``kimi::moe_experts`` (contract in ``__init__.py``) by the two grouped kernels; inputs already checked.
+    ``blocks`` overrides :func:`prefill_blocks` (tests use small tiles to cover partial blocks)."""
+    if x.dtype not in PREFILL_DTYPES:
+        raise TypeError(f"x must be float16 or bfloat16 for the prefill kernels, got {x.dtype}")
+    T, D = x.shape
+    k = topk_ids.shape[1]
+    E, I, _ = w_gate.shape
+    if T * k == 0:
+        return x.new_zeros(T, D)
+    b = blocks if blocks is not None else prefill_blocks(D, I)
+    x = x.contiguous()
+    slot_of_row, block_expert, row_of_slot = align_rows(topk_ids, E, b.block_m)
+    R = slot_of_row.numel()
+    h = torch.empty(R, I, dtype=x.dtype, device=x.device)
+    y = torch.empty(R, D, dtype=x.dtype, device=x.device)
+    n_blocks = R // b.block_m
+    with device_guard(x):
+        _gate_up_kernel[(n_blocks, triton.cdiv(I, b.gate_up_n))](
+            x, slot_of_row, block_expert, w_gate, w_up, h, T * k, E, D, I, *w_gate.stride(), *w_up.stride(),
+            K=k, BLOCK_M=b.block_m, BLOCK_N=b.gate_up_n, BLOCK_K=b.gate_up_k, UPCAST=_UPCAST,
+            num_warps=b.gate_up_warps, num_stages=b.gate_up_stages)
+        _down_kernel[(n_blocks, triton.cdiv(D, b.down_n))](
+            h, block_expert, w_down, y, E, D, I, *w_down.stride(),
+            BLOCK_M=b.block_m, BLOCK_N=b.down_n, BLOCK_K=b.down_k, UPCAST=_UPCAST,
+            num_warps=b.down_warps, num_stages=b.down_stages)
+    return moe_combine_rows(y, row_of_slot, topk_weights, x.dtype)
