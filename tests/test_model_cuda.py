@@ -71,3 +71,36 @@ def test_generate_compile_uses_cuda_graph_decoder(kind):
     eos = int(want[0, 12])
     assert torch.equal(generate(gpu, ids, 12, backend="compile", eos_token_id=eos),
                        generate(gpu, ids, 12, eos_token_id=eos))
+
+
+@pytest.mark.parametrize("kernel", ["cudnn", "flash"])
+@pytest.mark.parametrize("compiled", [False, True])
+def test_cuda_bf16_prompt_attention_kernels(kernel, compiled, monkeypatch):
+    """The bf16 prompt path of MLA (fused kernels by name, which the float32 tests above never reach): cuDNN's
+    attention (sm90+, v at its own head dim) and the flash fallback (v padded), eager and compiled, forward and
+    backward, against the same module in float64 on the CPU."""
+    from kimi_compile import model as model_mod
+    if kernel == "cudnn":
+        if not model_mod._cudnn_prompt_attention():
+            pytest.skip("cuDNN prompt attention needs sm90+ and cuDNN SDPA")
+    else:
+        monkeypatch.setattr(model_mod, "_cudnn_prompt_attention", lambda: False)
+    torch._dynamo.reset()
+    ref = KimiForCausalLM.from_config(tiny_config("kimi_linear"), 0).model.layers[1].self_attn.double()
+    assert isinstance(ref, model_mod.MLAttention)
+    mla = copy.deepcopy(ref).to("cuda", torch.bfloat16)
+    run = torch.compile(mla, fullgraph=True) if compiled else mla
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(2, 40, 64, generator=g, dtype=torch.float64)
+    grad = torch.randn(2, 40, 64, generator=g, dtype=torch.float64)
+    x64 = x.clone().requires_grad_(True)
+    want, _ = ref(x64, None, None, None)
+    want.backward(grad)
+    xb = x.to("cuda", torch.bfloat16).requires_grad_(True)
+    got, _ = run(xb, None, None, None)
+    got.backward(grad.to("cuda", torch.bfloat16))
+    assert got.dtype == torch.bfloat16
+    assert _rel(got, want) < 3e-2, _rel(got, want)
+    assert _rel(xb.grad, x64.grad) < 5e-2, _rel(xb.grad, x64.grad)
+    w_got, w_want = mla.kv_b_proj.weight.grad, ref.kv_b_proj.weight.grad
+    assert _rel(w_got, w_want) < 5e-2, _rel(w_got, w_want)
