@@ -20,6 +20,7 @@ CPU smoke test (no GPU; small shape, wall-clock median instead of do_bench; with
 from __future__ import annotations
 
 import argparse
+import itertools
 import os
 
 import torch
@@ -172,7 +173,7 @@ def run(report=None, *, N=10, B=2, T=2048, D=2304, dtype=torch.bfloat16, S=6, sw
                     if best is None or ms < best[0]:
                         best = (ms, block_r, warps, stages)
         if best is not None:
-            default = K.kernel_config(D)
+            default = K.kernel_config(D, forward=True)
             out(_row("attn_res fwd sweep best", best[0], fwd_bytes,
                      f"block_r={best[1]} num_warps={best[2]} num_stages={best[3]} "
                      f"(default block_r={default[0]} num_warps={default[2]} num_stages={default[3]})"))
@@ -221,13 +222,15 @@ def run(report=None, *, N=10, B=2, T=2048, D=2304, dtype=torch.bfloat16, S=6, sw
     return rows
 
 
-def sublayer_read(report=None, *, Ns=(2, 4, 6, 11), B=1, T=4096, D=2304, dtype=torch.bfloat16, device="cuda"):
+def sublayer_read(report=None, *, Ns=(2, 4, 6, 11), B=1, T=4096, D=2304, dtype=torch.bfloat16, device="cuda",
+                  sweep=False):
     """What one AttnRes sublayer pays to read its N sources: the stack of all N into a new [N, B, T, D] tensor
     alone, the op alone on it, both (the model's read before the op took the partial sum apart), the op on the
     N - 1 completed sources stacked once a block with the partial sum passed apart (the model's read now), and the
     plain residual add they replace (bytes: stack 2 N BTD, op (N + 1) BTD, add 3 BTD, 2 bytes each)."""
     bench = _bench_cuda_do_bench if device == "cuda" else _bench_wall
     from kimi_compile.ops.attn_res import attn_res
+    from kimi_compile.ops.attn_res import kernel as K
 
     g = torch.Generator(device=device).manual_seed(0)
     q = torch.randn(D, device=device, dtype=dtype, generator=g)
@@ -237,14 +240,32 @@ def sublayer_read(report=None, *, Ns=(2, 4, 6, 11), B=1, T=4096, D=2304, dtype=t
         stacked = torch.stack(srcs)
         btd = B * T * D * stacked.element_size()
         for name, fn, nbytes in (
-                (f"sublayer N={N}: torch.stack of the sources", lambda: torch.stack(srcs), 2 * N * btd),
-                (f"sublayer N={N}: kimi::attn_res on the stacked sources", lambda: attn_res(stacked, q), (N + 1) * btd),
-                (f"sublayer N={N}: stack + attn_res (the stacked read)", lambda: attn_res(torch.stack(srcs), q),
+                (f"sublayer T={T} N={N}: torch.stack of the sources", lambda: torch.stack(srcs), 2 * N * btd),
+                (f"sublayer T={T} N={N}: kimi::attn_res on the stacked sources", lambda: attn_res(stacked, q), (N + 1) * btd),
+                (f"sublayer T={T} N={N}: stack + attn_res (the stacked read)", lambda: attn_res(torch.stack(srcs), q),
                  (3 * N + 1) * btd),
-                (f"sublayer N={N}: attn_res, partial apart (the model's read)",
+                (f"sublayer T={T} N={N}: attn_res, partial apart (the model's read)",
                  lambda: attn_res(stacked[:-1], q, partial=srcs[-1]), (N + 1) * btd),
-                (f"sublayer N={N}: plain residual add", lambda: srcs[0] + srcs[1], 3 * btd)):
+                (f"sublayer T={T} N={N}: plain residual add", lambda: srcs[0] + srcs[1], 3 * btd),
+                (f"sublayer T={T} N={N}: attn_res launcher, partial apart (no op dispatch)",
+                 lambda: K.attn_res_fwd(stacked[:-1], q, EPS, srcs[-1]), (N + 1) * btd)):
+            if device != "cuda" and "launcher" in name:  # the launcher needs a GPU (or the interpreter)
+                continue
             row = _row(name, bench(fn), nbytes)
+            rows.append(row)
+            _emit(report, row)
+        if sweep and device == "cuda":  # the launch configuration of the model's read (the launcher: no dispatch in the time)
+            best = None
+            for block_r, warps, stages in itertools.product((1, 2, 4), (4, 8, 16), (2, 3, 4)):
+                try:
+                    ms = bench(lambda: K.attn_res_fwd(stacked[:-1], q, EPS, srcs[-1], block_r=block_r,
+                                                      num_warps=warps, num_stages=stages))
+                except Exception:  # a config the compiler refuses
+                    continue
+                if best is None or ms < best[0]:
+                    best = (ms, block_r, warps, stages)
+            row = _row(f"sublayer T={T} N={N}: sweep best of the launcher", best[0], (N + 1) * btd,
+                       f"block_r={best[1]} num_warps={best[2]} num_stages={best[3]} (default {K.kernel_config(D, forward=True)})")
             rows.append(row)
             _emit(report, row)
     return rows
@@ -290,16 +311,18 @@ def main(argv=None):
     parser.add_argument("--cpu-smoke", action="store_true", help="small CPU run, no GPU needed")
     parser.add_argument("--no-sweep", action="store_true", help="skip the block_r / num_warps sweep")
     parser.add_argument("--sublayer-read", action="store_true",
-                        help="only the model's per-sublayer read at T=4096 (stack + op vs op alone)")
+                        help="only the model's per-sublayer read at T=4096 and T=1 (stack + op vs op alone; with the "
+                             "sweep, the launch configurations of the partial-apart read)")
     args = parser.parse_args(argv)
     if args.cpu_smoke:
         cpu_smoke()
         if args.sublayer_read:
-            sublayer_read(Ns=(2, 3), T=17, D=72, dtype=torch.float32, device="cpu")
+            sublayer_read(Ns=(2, 3), T=17, D=72, dtype=torch.float32, device="cpu", sweep=not args.no_sweep)
     elif args.sublayer_read:
         if not torch.cuda.is_available():
             raise SystemExit("no CUDA device: use --cpu-smoke --sublayer-read")
-        sublayer_read()
+        sublayer_read(Ns=(4, 11), sweep=not args.no_sweep)
+        sublayer_read(Ns=(4, 11), T=1, sweep=not args.no_sweep)  # a decode step's read
     else:
         if not torch.cuda.is_available():
             raise SystemExit("no CUDA device: use --cpu-smoke")

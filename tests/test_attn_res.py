@@ -534,6 +534,7 @@ def test_triton_kernels_compile_for_sm90():
     from kimi_compile.ops.attn_res import kernel as K
 
     block_r, block_d, warps, stages = K.kernel_config(2304)
+    fwd = K.kernel_config(2304, forward=True)
     common = {"R": "i32", "D": "i32", "N": "i32", "stride_xn": "i32", "eps": "fp32",
               "BLOCK_R": "constexpr", "BLOCK_D": "constexpr", "NUM_STAGES": "constexpr"}
     kernels = [
@@ -550,11 +551,12 @@ def test_triton_kernels_compile_for_sm90():
     ]
     for fn, sig, extra in kernels:
         sig = {name: sig[name] for name in fn.arg_names}
-        consts = {"BLOCK_R": block_r, "BLOCK_D": block_d, "NUM_STAGES": stages, **extra}
+        cfg = fwd if fn is K._attn_res_fwd_kernel else (block_r, block_d, warps, stages)
+        consts = {"BLOCK_R": cfg[0], "BLOCK_D": cfg[1], "NUM_STAGES": cfg[3], **extra}
         hints = {(fn.arg_names.index(n),): [["tt.divisibility", 16]]
                  for n, t in sig.items() if t.startswith("*") or n in ("D", "stride_xn")}
         compiled = triton.compile(ASTSource(fn, sig, consts, hints), target=GPUTarget("cuda", 90, 32),
-                                  options={"num_warps": warps})
+                                  options={"num_warps": cfg[2]})
         ptx = compiled.asm["ptx"]
         assert ".v4" in ptx, f"{fn.__name__}: loads not vectorised"
 

@@ -42,8 +42,8 @@ def test_attn_res_sublayer_read_rows_on_cpu():
     rows = bench_attn_res.sublayer_read(report=[], Ns=(2, 3), T=5, D=8, dtype=torch.float32, device="cpu")
     assert len(rows) == 10 and all(r["ms"] > 0 and r["bytes"] > 0 for r in rows)
     by = {r["name"]: r["bytes"] for r in rows}
-    assert by["sublayer N=3: stack + attn_res (the stacked read)"] == (3 * 3 + 1) * 5 * 8 * 4
-    assert by["sublayer N=3: attn_res, partial apart (the model's read)"] == (3 + 1) * 5 * 8 * 4
+    assert by["sublayer T=5 N=3: stack + attn_res (the stacked read)"] == (3 * 3 + 1) * 5 * 8 * 4
+    assert by["sublayer T=5 N=3: attn_res, partial apart (the model's read)"] == (3 + 1) * 5 * 8 * 4
 
 
 def test_model_bench_tiny_eager():
