@@ -206,7 +206,7 @@ def ours(cfg, args, bw, mm) -> None:
                      rel_err_vs_eager=f"{rel:.2e}"))
         run_row(f"ours prefill T={T}", args.row_seconds, prefill_row)
 
-    if args.profile:
+    if args.profile and args.prefill:
         def profile_prefill():
             ids = torch.randint(0, V, (1, args.prefill[0]), device=dev, generator=gen)
             state = model.empty_state(1)
@@ -216,9 +216,13 @@ def ours(cfg, args, bw, mm) -> None:
             print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=25), flush=True)
         run_row("profile prefill", 120, profile_prefill)
 
-    for B in args.decode_batch:
-        def decode_row(B=B):
+    slot_limits = args.moe_decode_slots or [None]
+    for B, slots in [(B, n) for B in args.decode_batch for n in slot_limits]:
+        def decode_row(B=B, slots=slots):
             ctx = args.ctx
+            if slots is not None:  # the op reads it when the graph is captured (the compiled graph is the same)
+                from kimi_compile.ops import moe
+                moe.DECODE_MAX_SLOTS = slots
             t = time.time()
             dec = CUDAGraphDecoder(model, B, ctx + 8)
             with torch.no_grad():
@@ -238,7 +242,8 @@ def ours(cfg, args, bw, mm) -> None:
                 dec.graph.replay()
             ms = cuda_ms(one, warmup=3, iters=20)
             floor = decode_bytes(cfg, split, B, ctx) / bw * 1e3
-            add(dict(row=f"ours decode B={B} ctx={ctx} (CUDA graph)", ms=round(ms, 3), tok_s=round(B / ms * 1e3),
+            tag = f", MoE decode kernels <= {slots} slots" if len(slot_limits) > 1 else ""
+            add(dict(row=f"ours decode B={B} ctx={ctx} (CUDA graph{tag})", ms=round(ms, 3), tok_s=round(B / ms * 1e3),
                      floor_ms=round(floor, 3), frac_floor=round(floor / ms, 3), compile_capture_s=round(capture_s, 1)))
             if args.profile and B == 1:
                 with torch.no_grad(), torch.profiler.profile(
@@ -250,7 +255,7 @@ def ours(cfg, args, bw, mm) -> None:
             del dec
             gc.collect()
             torch.cuda.empty_cache()
-        run_row(f"ours decode B={B}", args.row_seconds, decode_row)
+        run_row(f"ours decode B={B} slots={slots}", args.row_seconds, decode_row)
 
     def generate_row():
         ids = torch.randint(0, V, (1, args.gen_prompt), device=dev, generator=gen)
@@ -431,7 +436,7 @@ def theirs(cfg, args, bw, mm) -> None:
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--layers", type=int, default=None, help="cut the model to its first N layers (default: 27)")
-    ap.add_argument("--prefill", type=int, nargs="+", default=[4096, 32768])
+    ap.add_argument("--prefill", type=int, nargs="*", default=[4096, 32768])
     ap.add_argument("--decode-batch", type=int, nargs="*", default=[1, 32, 256])
     ap.add_argument("--ctx", type=int, default=4096)
     ap.add_argument("--gen-prompt", type=int, default=512)
@@ -446,13 +451,14 @@ def main(argv=None) -> None:
     ap.add_argument("--compile-regions", type=int, choices=(0, 1), default=None,
                     help="0: every layer inlined; 1: decoder layers as nested compile regions (KimiModel."
                          "compile_regions; default: the package's, 1)")
-    ap.add_argument("--moe-decode-slots", type=int, default=None, metavar="N",
-                    help="kimi::moe_experts takes its Triton decode kernels up to N (token, slot) pairs")
+    ap.add_argument("--moe-decode-slots", type=int, nargs="+", default=None, metavar="N",
+                    help="kimi::moe_experts takes its Triton decode kernels up to N (token, slot) pairs; several "
+                         "values: each decode row once per value, re-captured on the same compiled graph")
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
     if args.moe_decode_slots is not None:
         from kimi_compile.ops import moe
-        moe.DECODE_MAX_SLOTS = args.moe_decode_slots
+        moe.DECODE_MAX_SLOTS = args.moe_decode_slots[0]
     cfg = kimi_linear_48b_config()
     if args.layers:
         n = args.layers

@@ -71,17 +71,55 @@ unmeasured() {
     tail -4 "$OUTDIR/attn_res.log"
 }
 unmeasured_bench() {
-    # the rows no GPU has measured yet (~9 minutes): full-depth prefill with the MoE combine kernel, decode
-    # B=32 / 256 with the in-place KDA state and the MoE decode kernels up to 256 slots, where the compiled
-    # training step's time goes (ours 218 ms vs transformers + FLA 99.7 ms, cause unknown), and transformers' own
-    # fp32 error (FLA autotunes its fp32 kernels for minutes)
+    # the rows no GPU has measured yet (~9 minutes): full-depth prefill with the MoE combine kernel and its kernel
+    # profile, decode B=32 / 256 with the in-place KDA state and the MoE decode kernels up to 256 slots, and where
+    # the compiled training step's time goes (ours 218 ms vs transformers + FLA 99.7 ms, cause unknown)
     export PYTHONPATH=$PYTHONPATH:$REPO/tests
-    timeout -k 10 240 python3 "$REPO/bench/bench_full_model.py" --skip-hf --skip-generate --prefill 4096 \
-        --decode-batch 32 256 --json "$OUTDIR/full_decode.json" > "$OUTDIR/full_decode.log" 2>&1
+    timeout -k 10 300 python3 "$REPO/bench/bench_full_model.py" --skip-hf --skip-generate --prefill 4096 \
+        --decode-batch 32 256 --profile --json "$OUTDIR/full_decode.json" > "$OUTDIR/full_decode.log" 2>&1
     tail -8 "$OUTDIR/full_decode.log"
-    timeout -k 5 170 python3 "$REPO/bench/bench_train.py" --rows ours_compiled --in-process --warmup 1 --iters 2 \
+    timeout -k 5 200 python3 "$REPO/bench/bench_train.py" --rows ours_compiled --in-process --warmup 1 --iters 2 \
         --profile 30 --json "$OUTDIR/train.json" > "$OUTDIR/train_profile.log" 2>&1; tail -45 "$OUTDIR/train_profile.log"
-    timeout -k 5 150 python3 -m pytest -q -s -rA -m cuda -p no:cacheprovider --rootdir "$REPO" \
+}
+probe() {
+    # the measurements behind the next changes (~9 minutes): the MoE prefill kernels against torch._grouped_mm
+    # (and their tiles), the MLA prompt attention backends, the AttnRes read's launch configurations, decode B=32
+    # with the MoE decode kernels up to 256 slots vs 64, then the CUDA tests of the new kernels
+    export PYTHONPATH=$PYTHONPATH:$REPO/tests
+    timeout -k 5 150 python3 "$REPO/bench/bench_moe.py" --prefill --sweep --json "$OUTDIR/moe_prefill.json" \
+        > "$OUTDIR/moe_prefill.log" 2>&1; tail -16 "$OUTDIR/moe_prefill.log"
+    timeout -k 5 60 python3 "$REPO/bench/bench_mla_attention.py" > "$OUTDIR/mla_attention.log" 2>&1
+    tail -12 "$OUTDIR/mla_attention.log"
+    timeout -k 5 100 python3 "$REPO/bench/bench_attn_res.py" --sublayer-read > "$OUTDIR/attn_res_read.log" 2>&1
+    grep -E "best|model's|launcher, partial|plain" "$OUTDIR/attn_res_read.log"
+    timeout -k 10 150 python3 "$REPO/bench/bench_full_model.py" --skip-hf --skip-generate --prefill \
+        --decode-batch 32 --moe-decode-slots 256 64 --json "$OUTDIR/b32.json" > "$OUTDIR/b32.log" 2>&1
+    grep "decode B" "$OUTDIR/b32.log" | tail -2
+    timeout -k 5 130 python3 -m pytest -q -rfE -m cuda -n 3 -p no:cacheprovider --rootdir "$REPO" \
+        -c "$REPO/pyproject.toml" "$REPO/tests/test_moe.py" "$REPO/tests/test_model_cuda.py" \
+        -k "prefill or cuda_paths or generate_compile" > "$OUTDIR/probe_tests.log" 2>&1
+    tail -4 "$OUTDIR/probe_tests.log"
+}
+final() {
+    # the session's changes measured (~8 minutes): their CUDA tests (bf16 prompt attention through cuDNN and flash,
+    # the MoE dispatch, the AttnRes kernels), the full-depth rows (prefill T=4096 with its kernel profile, T=32768,
+    # decode B=1 and B=32 in CUDA graphs), then the AttnRes overhead of the 9-layer model
+    export PYTHONPATH=$PYTHONPATH:$REPO/tests
+    timeout -k 5 90 python3 -m pytest -q -rfE -m cuda -n 3 -p no:cacheprovider --rootdir "$REPO" \
+        -c "$REPO/pyproject.toml" "$REPO/tests/test_model_cuda.py" "$REPO/tests/test_moe.py" "$REPO/tests/test_attn_res.py" \
+        -k "bf16_prompt or dispatch or attn_res" > "$OUTDIR/final_tests.log" 2>&1
+    tail -4 "$OUTDIR/final_tests.log"
+    timeout -k 10 260 python3 "$REPO/bench/bench_full_model.py" --skip-hf --skip-generate --prefill 4096 32768 \
+        --decode-batch 1 32 --profile --json "$OUTDIR/full.json" > "$OUTDIR/full.log" 2>&1
+    grep -E "^\| (ours|ceilings)" "$OUTDIR/full.log"
+    timeout -k 10 100 python3 "$REPO/bench/bench_full_model.py" --skip-hf --attn-res 6 --layers 9 --prefill 4096 \
+        --decode-batch 1 --row-seconds 90 --json "$OUTDIR/attn_res.json" > "$OUTDIR/attn_res.log" 2>&1
+    grep -E "^\| attn_res" "$OUTDIR/attn_res.log"
+}
+fp32_parity() {
+    # transformers' own fp32 error next to ours (FLA autotunes its fp32 kernels for minutes: its own call)
+    export PYTHONPATH=$PYTHONPATH:$REPO/tests
+    timeout -k 5 "${FP32_S:-400}" python3 -m pytest -q -s -rA -m cuda -p no:cacheprovider --rootdir "$REPO" \
         -c "$REPO/pyproject.toml" "$REPO/tests/test_fp32_parity_cuda.py" > "$OUTDIR/fp32.log" 2>&1
     grep -E "rel|passed|failed" "$OUTDIR/fp32.log"
 }
