@@ -118,6 +118,34 @@ def test_bfloat16_gradients_close_to_float64_autograd_of_the_loop():
         assert err < 2e-2, (name, err)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_grouped_mm_backward_matches_float64_autograd_of_the_loop(dtype):
+    """The sync-free backward (the op's on CUDA, bf16, sm90+) run on the CPU, where torch._grouped_mm has a kernel
+    too: every gradient against float64 autograd of the loop, with one expert crowded and one without slots (its
+    weight gradients exactly zero)."""
+    if not hasattr(torch, "_grouped_mm"):
+        pytest.skip("torch._grouped_mm missing")
+    x, ids, w, wg, wu, wd = make(40, 48, 24, 6, 3, dtype=dtype, seed=21, distinct=False)
+    ids[:, 0] = 4
+    ids[ids == 5] = 2  # expert 5 gets no slot
+    grad_out = torch.randn(x.shape, generator=torch.Generator().manual_seed(3)).to(dtype)
+    try:
+        got = moe._backward_grouped_mm(grad_out, x, ids, w, wg, wu, wd)
+    except RuntimeError as exc:  # a torch build without the CPU grouped GEMM for this dtype
+        pytest.skip(f"torch._grouped_mm on CPU: {exc}")
+    ref_leaves = [t.double().requires_grad_(True) for t in (x, w, wg, wu, wd)]
+    ref = loop_reference(ref_leaves[0], ids, *ref_leaves[1:])
+    ref_grads = torch.autograd.grad(ref, ref_leaves, grad_out.double())
+    tol = 2e-2 if dtype == torch.bfloat16 else 1e-5
+    for name, g, r, leaf in zip(("x", "topk_weights", "w_gate", "w_up", "w_down"), got, ref_grads,
+                                (x, w, wg, wu, wd)):
+        assert g.dtype == leaf.dtype and g.shape == leaf.shape, name
+        err = ((g.double() - r).norm() / r.norm()).item()
+        assert err < tol, (name, err)
+    for g in got[2:]:
+        assert (g[5] == 0).all()
+
+
 def test_opcheck():
     args = make(5, 16, 8, 4, 2, seed=8, distinct=False)
     torch.library.opcheck(torch.ops.kimi.moe_experts.default, args)
@@ -588,6 +616,38 @@ def test_cuda_prefill_kernels_through_the_op_at_kimi_widths(monkeypatch):
         captured = moe.moe_experts(*static)
     graph.replay()
     torch.testing.assert_close(captured, out, rtol=0, atol=0)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs an NVIDIA GPU")
+def test_cuda_backward_grouped_mm_without_host_sync(monkeypatch):
+    """bf16 on sm90+ with BACKWARD_GROUPED_MM: the op's backward takes the grouped GEMMs and never syncs with the
+    host (sync debug mode "error" raises on any sync); gradients against float64 autograd of the loop, an expert
+    without slots gets zero weight gradients."""
+    monkeypatch.setattr(moe, "BACKWARD_GROUPED_MM", True)
+    if not (torch.cuda.get_device_capability() >= (9, 0) and hasattr(torch, "_grouped_mm")):
+        pytest.skip("grouped GEMM backward needs sm90+")
+    x, ids, w, wg, wu, wd = make(300, 64, 32, 16, 8, dtype=torch.bfloat16, seed=5, distinct=False)
+    ids[:, 0] = 3
+    ids[ids == 9] = 1  # expert 9 gets no slot
+    assert moe._grouped_mm_usable(x.cuda(), wg.cuda())
+    leaves = [t.cuda().requires_grad_(True) for t in (x, w, wg, wu, wd)]
+    out = moe.moe_experts(leaves[0], ids.cuda(), *leaves[1:])
+    grad_out = torch.randn(out.shape, generator=torch.Generator().manual_seed(4)).to(torch.bfloat16)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        grads = torch.autograd.grad(out, leaves, grad_out.cuda())
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    ref_leaves = [t.double().requires_grad_(True) for t in (x, w, wg, wu, wd)]
+    ref_grads = torch.autograd.grad(loop_reference(ref_leaves[0], ids, *ref_leaves[1:]), ref_leaves,
+                                    grad_out.double())
+    for name, g, r in zip(("x", "topk_weights", "w_gate", "w_up", "w_down"), grads, ref_grads):
+        err = ((g.double().cpu() - r).norm() / r.norm()).item()
+        assert err < 2e-2, (name, err)
+    for g in grads[2:]:
+        assert (g[9] == 0).all()
 
 
 @pytest.mark.cuda

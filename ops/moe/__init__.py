@@ -36,7 +36,8 @@ whatever runs fastest on the device:
   expert that received tokens.
 
 Autograd: gradients for ``x``, ``topk_weights``, ``w_gate``, ``w_up``, ``w_down`` come from the companion op
-``kimi::moe_experts_backward`` (a plain per-expert loop), so the backward is also a single node under compile.
+``kimi::moe_experts_backward`` (a plain per-expert loop; with ``BACKWARD_GROUPED_MM``, grouped GEMMs without a host
+sync where the forward's grouped-GEMM conditions hold), so the backward is also a single node under compile.
 """
 
 from __future__ import annotations
@@ -66,6 +67,11 @@ DECODE_MAX_SLOTS = 64
 # widths, E=256, top-8, the whole op in CUDA graphs (bench_moe.py --prefill): T=4096 1755 us vs 1893 us, T=1024
 # 1240 vs 1323 (the default tiles then; both paths read the weights at ~2 TB/s, half the copy rate).
 PREFILL_KERNEL = "triton"
+
+# The backward through torch._grouped_mm without a host sync (``_backward_grouped_mm``; bf16, sm90+). Checked on
+# the CPU against float64; off until its CUDA test (test_cuda_backward_grouped_mm_without_host_sync) has run on a
+# GPU: until then the per-expert loop, which reads the slot counts on the host.
+BACKWARD_GROUPED_MM = False
 
 
 def _check(x, topk_ids, topk_weights, w_gate, w_up, w_down) -> None:
@@ -302,6 +308,8 @@ def _moe_experts_backward_op(grad_out: Tensor, x: Tensor, topk_ids: Tensor, topk
     T, k = topk_ids.shape
     E = w_gate.shape[0]
     _check_expert_ids(topk_ids, E)
+    if BACKWARD_GROUPED_MM and _grouped_mm_usable(x, w_gate):
+        return _backward_grouped_mm(grad_out, x, topk_ids, topk_weights, w_gate, w_up, w_down)
     acc = torch.float64 if x.dtype == torch.float64 else torch.float32
     mm = x.dtype if x.dtype in (torch.float16, torch.bfloat16) else acc  # the GEMMs' operand dtype
     dx = torch.zeros(x.shape, dtype=acc, device=x.device)
@@ -340,6 +348,45 @@ def _moe_experts_backward_op(grad_out: Tensor, x: Tensor, topk_ids: Tensor, topk
         dx.index_add_(0, rows, (da @ wg + db @ wu).to(acc))
     return (dx.to(x.dtype), dw_slots.view(T, k).to(topk_weights.dtype), dwg.to(w_gate.dtype),
             dwu.to(w_up.dtype), dwd.to(w_down.dtype))
+
+
+def _backward_grouped_mm(grad_out: Tensor, x: Tensor, topk_ids: Tensor, topk_weights: Tensor, w_gate: Tensor,
+                         w_up: Tensor, w_down: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """The backward with ``torch._grouped_mm`` over the slots sorted by expert: offsets from a device-side cumsum,
+    so no host sync (the per-expert loop reads the counts on the host, which drains the GPU's queue once a MoE
+    layer, and launches ~25 kernels an expert). Weight gradients are grouped GEMMs split along the slots (2-D x 2-D
+    with offsets). Same precision as the loop: 16-bit GEMM operands, float32 elementwise math and sums."""
+    T, k = topk_ids.shape
+    E = w_gate.shape[0]
+    mm, acc = x.dtype, torch.float32
+    flat, order, token_of = _slots_by_expert(topk_ids)
+    counts = torch.zeros(E, dtype=torch.int64, device=x.device).scatter_add_(0, flat, torch.ones_like(flat))
+    offs = torch.cumsum(counts, 0).to(torch.int32)
+    xs = x.index_select(0, token_of)  # [P, D], sorted by expert
+    a = torch._grouped_mm(xs, w_gate.transpose(1, 2), offs=offs).to(acc)
+    b = torch._grouped_mm(xs, w_up.transpose(1, 2), offs=offs).to(acc)
+    sa = torch.sigmoid(a)
+    silu_a = a * sa
+    h = (silu_a * b).to(mm)
+    y = torch._grouped_mm(h, w_down.transpose(1, 2), offs=offs).to(acc)
+    go = grad_out.index_select(0, token_of).to(acc)
+    w_sorted = topk_weights.reshape(-1).index_select(0, order).to(acc)
+    dw_slots = torch.empty(T * k, dtype=acc, device=x.device).index_copy_(0, order, (go * y).sum(-1))
+    dy = (go * w_sorted.unsqueeze(-1)).to(mm)
+    dwd = torch._grouped_mm(dy.t(), h, offs=offs)  # [E, D, I]
+    dh = torch._grouped_mm(dy, w_down, offs=offs).to(acc)  # [P, I]
+    da = (dh * b * (sa * (1 + a * (1 - sa)))).to(mm)
+    db = (dh * silu_a).to(mm)
+    dwg = torch._grouped_mm(da.t(), xs, offs=offs)  # [E, I, D]
+    dwu = torch._grouped_mm(db.t(), xs, offs=offs)
+    dxs = torch._grouped_mm(da, w_gate, offs=offs).to(acc) + torch._grouped_mm(db, w_up, offs=offs).to(acc)
+    dx = torch.zeros(x.shape, dtype=acc, device=x.device).index_add_(0, token_of, dxs)
+    # an expert without slots is a group of length 0 along the reduction: its weight gradient is zero by
+    # definition, whatever the GEMM leaves there
+    used = (counts > 0).view(E, 1, 1)
+    zero = torch.zeros((), dtype=mm, device=x.device)
+    return (dx.to(x.dtype), dw_slots.view(T, k).to(topk_weights.dtype), torch.where(used, dwg, zero),
+            torch.where(used, dwu, zero), torch.where(used, dwd, zero))
 
 
 @_moe_experts_backward_op.register_fake
