@@ -252,6 +252,8 @@ def ours(cfg, args, bw, mm) -> None:
                     dec._step_fn()
                     torch.cuda.synchronize()
                 print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=25), flush=True)
+                n, kms, _ = kernel_profile(lambda: (dec.position.fill_(ctx), dec._step_fn()))
+                add(dict(row=f"ours decode B={B} step kernels (outside the graph)", kernels=n, kernel_ms=round(kms, 3)))
             del dec
             gc.collect()
             torch.cuda.empty_cache()
@@ -292,6 +294,26 @@ def interleaved_ms(fns: dict, rounds: int = 3, **kw) -> dict:
     return {name: sorted(v)[len(v) // 2] for name, v in per.items()}
 
 
+def kernel_profile(fn) -> tuple[int, float, dict]:
+    """(kernels launched, their total ms, {kernel name: total us}) of one call of ``fn``."""
+    with torch.no_grad(), torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    ev = [e for e in prof.key_averages() if e.self_device_time_total > 0]
+    return (sum(e.count for e in ev), sum(e.self_device_time_total for e in ev) / 1e3,
+            {e.key: e.self_device_time_total for e in ev})
+
+
+def add_profile_diff(row: str, runs: dict) -> None:
+    """A row with each variant's kernel count and time, and the kernels whose time differs most between them."""
+    (na, a), (nb, b) = runs.items()
+    diff = {k: b[2].get(k, 0.0) - a[2].get(k, 0.0) for k in set(a[2]) | set(b[2])}
+    top = sorted(diff.items(), key=lambda kv: -abs(kv[1]))[:8]
+    add(dict(row=row, **{f"{n}_kernels": r[0] for n, r in runs.items()},
+             **{f"{n}_kernel_ms": round(r[1], 3) for n, r in runs.items()},
+             top_diff_us={k[:60]: round(v, 1) for k, v in top}))
+
+
 def attn_res_rows(cfg, args) -> None:
     """AttnRes against the plain stack on the same weights: prefill (compiled_step) and decode B=1 (CUDA graph)."""
     dev = torch.device("cuda")
@@ -327,6 +349,8 @@ def attn_res_rows(cfg, args) -> None:
             add(dict(row=f"attn_res overhead prefill B=1 T={T}", plain_ms=round(ms["plain"], 2),
                      attn_res_ms=round(ms["attn_res"], 2), overhead=round(ms["attn_res"] / ms["plain"] - 1, 4),
                      first_call_s=first))
+            if args.profile:
+                add_profile_diff(f"attn_res prefill T={T} kernels", {k: kernel_profile(f) for k, f in fns.items()})
         run_row(f"attn_res prefill T={T}", args.row_seconds, prefill_row)
 
     def decode_row():
@@ -348,6 +372,15 @@ def attn_res_rows(cfg, args) -> None:
         ms = interleaved_ms({k: (lambda d=d: replay(d)) for k, d in decs.items()}, warmup=3, iters=20)
         add(dict(row=f"attn_res overhead decode B=1 ctx={ctx} (CUDA graph)", plain_ms=round(ms["plain"], 3),
                  attn_res_ms=round(ms["attn_res"], 3), overhead=round(ms["attn_res"] / ms["plain"] - 1, 4)))
+        if args.profile:  # the graph's kernels, launched one by one outside it
+            def step_of(dec, on):
+                def run():
+                    variant(on)
+                    dec.position.fill_(ctx)
+                    dec._step_fn()
+                return run
+            add_profile_diff("attn_res decode step kernels",
+                             {k: kernel_profile(step_of(d, k == "attn_res")) for k, d in decs.items()})
     if 1 in args.decode_batch:
         run_row("attn_res decode B=1", args.row_seconds, decode_row)
     variant(True)
@@ -445,7 +478,8 @@ def main(argv=None) -> None:
     ap.add_argument("--skip-hf", action="store_true")
     ap.add_argument("--skip-generate", action="store_true")
     ap.add_argument("--skip-ours", action="store_true")
-    ap.add_argument("--profile", action="store_true", help="print the top CUDA kernels of a prefill and a decode step")
+    ap.add_argument("--profile", action="store_true", help="print the top CUDA kernels of a prefill and a decode step (with "
+                         "--attn-res: both variants' kernel counts and the kernels whose time differs)")
     ap.add_argument("--attn-res", type=int, default=None, metavar="S",
                     help="instead of the rows above: AttnRes (block of S sublayers) vs the plain stack, same weights")
     ap.add_argument("--compile-regions", type=int, choices=(0, 1), default=None,

@@ -152,13 +152,19 @@ def step_row(name, args):
     _sync(device)
     first_s = time.perf_counter() - t0
     sec, base, peak = _time_steps(step, device, warmup=args.warmup, iters=args.iters)
-    if args.profile and device == "cuda":  # where a step's time goes: the top CUDA kernels of one step
-        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+    if args.profile and device == "cuda":  # where a step's time goes: its kernels, and the host work between them
+        acts = [torch.profiler.ProfilerActivity.CUDA, torch.profiler.ProfilerActivity.CPU]
+        t0 = time.perf_counter()
+        with torch.profiler.profile(activities=acts) as prof:
             step()
             _sync(device)
-        print(f"## profile of one step: {name}\n" + prof.key_averages().table(sort_by="cuda_time_total",
-                                                                               row_limit=args.profile),
-              flush=True)
+        wall_ms = (time.perf_counter() - t0) * 1e3
+        events = prof.key_averages()
+        kernel_ms = sum(e.self_device_time_total for e in events) / 1e3
+        print(f"## profile of one step: {name} (wall {wall_ms:.1f} ms under the profiler, kernels {kernel_ms:.1f} "
+              f"ms)\n" + events.table(sort_by="cuda_time_total", row_limit=args.profile), flush=True)
+        print(f"## host side of the step: {name}, by self CPU time\n"
+              + events.table(sort_by="self_cpu_time_total", row_limit=args.profile), flush=True)
     row = dict(row=name, ms=sec * 1e3, tokens_per_s=B * T / sec, params=n_params, first_step_s=first_s,
                build_s=t0 - t_build, B=B, T=T, note=note)
     if peak is not None:
@@ -264,6 +270,8 @@ def parse_args(argv=None):
     p.add_argument("--profile", type=int, default=0, metavar="N",
                    help="print the N CUDA kernels that take most time in one step of each step row")
     p.add_argument("--in-process", action="store_true", help="no subprocess per row (no time bound per row)")
+    p.add_argument("--moe-backward", choices=("loop", "grouped_mm"), default=None,
+                   help="kimi::moe_experts_backward's CUDA path (ops.moe.BACKWARD_GROUPED_MM; default: the package's)")
     p.add_argument("--one", default=None, help=argparse.SUPPRESS)
     p.add_argument("--row-out", default=None, help=argparse.SUPPRESS)
     return p.parse_args(argv)
@@ -272,6 +280,9 @@ def parse_args(argv=None):
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
+    if args.moe_backward is not None:  # children get the flag in argv too
+        from kimi_compile.ops import moe
+        moe.BACKWARD_GROUPED_MM = args.moe_backward == "grouped_mm"
     if args.one:
         return _child(args)
     names = args.rows or (STEP_ROWS if args.quick else ROWS)
