@@ -241,7 +241,8 @@ def sublayer_read(report=None, *, Ns=(2, 4, 6, 11), B=1, T=4096, D=2304, dtype=t
         btd = B * T * D * stacked.element_size()
         for name, fn, nbytes in (
                 (f"sublayer T={T} N={N}: torch.stack of the sources", lambda: torch.stack(srcs), 2 * N * btd),
-                (f"sublayer T={T} N={N}: kimi::attn_res on the stacked sources", lambda: attn_res(stacked, q), (N + 1) * btd),
+                (f"sublayer T={T} N={N}: kimi::attn_res on the stacked sources", lambda: attn_res(stacked, q),
+                 (N + 1) * btd),
                 (f"sublayer T={T} N={N}: stack + attn_res (the stacked read)", lambda: attn_res(torch.stack(srcs), q),
                  (3 * N + 1) * btd),
                 (f"sublayer T={T} N={N}: attn_res, partial apart (the model's read)",
@@ -254,7 +255,7 @@ def sublayer_read(report=None, *, Ns=(2, 4, 6, 11), B=1, T=4096, D=2304, dtype=t
             row = _row(name, bench(fn), nbytes)
             rows.append(row)
             _emit(report, row)
-        if sweep and device == "cuda":  # the launch configuration of the model's read (the launcher: no dispatch in the time)
+        if sweep and device == "cuda":  # launch configurations of the model's read (the launcher: no dispatch timed)
             best = None
             for block_r, warps, stages in itertools.product((1, 2, 4), (4, 8, 16), (2, 3, 4)):
                 try:
@@ -265,7 +266,8 @@ def sublayer_read(report=None, *, Ns=(2, 4, 6, 11), B=1, T=4096, D=2304, dtype=t
                 if best is None or ms < best[0]:
                     best = (ms, block_r, warps, stages)
             row = _row(f"sublayer T={T} N={N}: sweep best of the launcher", best[0], (N + 1) * btd,
-                       f"block_r={best[1]} num_warps={best[2]} num_stages={best[3]} (default {K.kernel_config(D, forward=True)})")
+                       f"block_r={best[1]} num_warps={best[2]} num_stages={best[3]} "
+                       f"(default {K.kernel_config(D, forward=True)})")
             rows.append(row)
             _emit(report, row)
     return rows

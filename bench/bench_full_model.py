@@ -305,13 +305,16 @@ def kernel_profile(fn) -> tuple[int, float, dict]:
 
 
 def add_profile_diff(row: str, runs: dict) -> None:
-    """A row with each variant's kernel count and time, and the kernels whose time differs most between them."""
-    (na, a), (nb, b) = runs.items()
-    diff = {k: b[2].get(k, 0.0) - a[2].get(k, 0.0) for k in set(a[2]) | set(b[2])}
-    top = sorted(diff.items(), key=lambda kv: -abs(kv[1]))[:8]
+    """A row with each variant's kernel count and time, and per later variant the kernels whose time differs most
+    from the first variant's."""
+    (na, a), *others = runs.items()
+    tops = {}
+    for nb, b in others:
+        diff = {k: b[2].get(k, 0.0) - a[2].get(k, 0.0) for k in set(a[2]) | set(b[2])}
+        top = sorted(diff.items(), key=lambda kv: -abs(kv[1]))[:8]
+        tops[f"top_diff_us_{nb}"] = {k[:60]: round(v, 1) for k, v in top}
     add(dict(row=row, **{f"{n}_kernels": r[0] for n, r in runs.items()},
-             **{f"{n}_kernel_ms": round(r[1], 3) for n, r in runs.items()},
-             top_diff_us={k[:60]: round(v, 1) for k, v in top}))
+             **{f"{n}_kernel_ms": round(r[1], 3) for n, r in runs.items()}, **tops))
 
 
 def attn_res_rows(cfg, args) -> None:
@@ -324,8 +327,9 @@ def attn_res_rows(cfg, args) -> None:
     gen = torch.Generator(device=dev).manual_seed(0)
     V = cfg.vocab_size
 
-    def variant(on: bool):
+    def variant(on: bool, inline: bool = False):
         model.model.attn_res_block = block if on else None
+        model.model.attn_res_inline_decode = inline
 
     for T in args.prefill:
         def prefill_row(T=T):
@@ -353,34 +357,42 @@ def attn_res_rows(cfg, args) -> None:
                 add_profile_diff(f"attn_res prefill T={T} kernels", {k: kernel_profile(f) for k, f in fns.items()})
         run_row(f"attn_res prefill T={T}", args.row_seconds, prefill_row)
 
+    # decode variants: (name, AttnRes on, its one-token reads inline)
+    decode_variants = [("plain", False, False), ("attn_res", True, False)]
+    if args.attn_res_inline_decode:
+        decode_variants.append(("attn_res_inline", True, True))
+
     def decode_row():
         ctx = args.ctx
         decs = {}
-        for on in (False, True):
-            variant(on)
+        for name, on, inline in decode_variants:
+            variant(on, inline)
             dec = CUDAGraphDecoder(model, 1, ctx + 8)
             with torch.no_grad():
                 dec.capture()  # the graph keeps the variant it captured
-            for name, buf in dec.state.items():
-                buf.normal_(std=0.05 if name.endswith("recurrent_state") else 1.0, generator=gen)
+            for key, buf in dec.state.items():
+                buf.normal_(std=0.05 if key.endswith("recurrent_state") else 1.0, generator=gen)
             dec.token.random_(0, V, generator=gen)
-            decs["attn_res" if on else "plain"] = dec
+            decs[name] = dec
 
         def replay(dec):
             dec.position.fill_(ctx)
             dec.graph.replay()
         ms = interleaved_ms({k: (lambda d=d: replay(d)) for k, d in decs.items()}, warmup=3, iters=20)
-        add(dict(row=f"attn_res overhead decode B=1 ctx={ctx} (CUDA graph)", plain_ms=round(ms["plain"], 3),
-                 attn_res_ms=round(ms["attn_res"], 3), overhead=round(ms["attn_res"] / ms["plain"] - 1, 4)))
+        for name in list(decs)[1:]:
+            tag = ", inline reads" if "inline" in name else ""
+            add(dict(row=f"attn_res overhead decode B=1 ctx={ctx} (CUDA graph{tag})",
+                     plain_ms=round(ms["plain"], 3), attn_res_ms=round(ms[name], 3),
+                     overhead=round(ms[name] / ms["plain"] - 1, 4)))
         if args.profile:  # the graph's kernels, launched one by one outside it
-            def step_of(dec, on):
+            def step_of(dec, on, inline):
                 def run():
-                    variant(on)
+                    variant(on, inline)
                     dec.position.fill_(ctx)
                     dec._step_fn()
                 return run
             add_profile_diff("attn_res decode step kernels",
-                             {k: kernel_profile(step_of(d, k == "attn_res")) for k, d in decs.items()})
+                             {n: kernel_profile(step_of(decs[n], on, inline)) for n, on, inline in decode_variants})
     if 1 in args.decode_batch:
         run_row("attn_res decode B=1", args.row_seconds, decode_row)
     variant(True)
@@ -478,10 +490,14 @@ def main(argv=None) -> None:
     ap.add_argument("--skip-hf", action="store_true")
     ap.add_argument("--skip-generate", action="store_true")
     ap.add_argument("--skip-ours", action="store_true")
-    ap.add_argument("--profile", action="store_true", help="print the top CUDA kernels of a prefill and a decode step (with "
-                         "--attn-res: both variants' kernel counts and the kernels whose time differs)")
+    ap.add_argument("--profile", action="store_true",
+                    help="print the top CUDA kernels of a prefill and a decode step (with --attn-res: each "
+                         "variant's kernel count and the kernels whose time differs)")
     ap.add_argument("--attn-res", type=int, default=None, metavar="S",
                     help="instead of the rows above: AttnRes (block of S sublayers) vs the plain stack, same weights")
+    ap.add_argument("--attn-res-inline-decode", action="store_true",
+                    help="with --attn-res: also the decode row with the one-token reads inline "
+                         "(KimiModel.attn_res_inline_decode)")
     ap.add_argument("--compile-regions", type=int, choices=(0, 1), default=None,
                     help="0: every layer inlined; 1: decoder layers as nested compile regions (KimiModel."
                          "compile_regions; default: the package's, 1)")

@@ -32,6 +32,7 @@ from torch.utils.checkpoint import checkpoint as _checkpoint
 from .checks import check_forward_inputs
 from .config import LINEAR, SPARSE, KimiConfig
 from .ops.attn_res import attn_res as _attn_res_op
+from .ops.attn_res.naive import attn_res_reference
 from .ops.kda import kda as _kda_op
 from .ops.kda import kda_decode_ as _kda_decode_op
 from .ops.moe import moe_experts as _moe_experts
@@ -590,6 +591,12 @@ class KimiModel(nn.Module):
         # torch 2.11). False inlines every layer into the graph (KIMI_COMPILE_REGIONS=0 sets that before the model
         # is built)
         self.compile_regions = os.environ.get("KIMI_COMPILE_REGIONS", "1") != "0"
+        # AttnRes depth reads of one-token steps (T == 1, a static size) as plain tensor code, which Inductor fuses
+        # with the sublayer's norm and the partial-sum add, instead of the op: through the op a read is two more
+        # launches (the op and an Inductor kernel beside it; the tiny model's compiled decode step on the CPU: 56
+        # fused kernels + 11 op calls, against 45 + 0 here and 45 + 0 without AttnRes), which would be the measured
+        # +5.8 % of a 9-layer decode step (5.8 us a sublayer). Off until a GPU measures it.
+        self.attn_res_inline_decode = False
 
     def forward(self, input_ids: Tensor, state: Optional[dict[str, Tensor]], position_ids: Optional[Tensor],
                 cache_position: Optional[Tensor] = None) -> tuple[Tensor, dict[str, Tensor]]:
@@ -675,8 +682,13 @@ class KimiModel(nn.Module):
         partial: Optional[Tensor] = None
         n_sublayers = 0
 
+        inline = self.attn_res_inline_decode and isinstance(emb.shape[1], int) and emb.shape[1] == 1
+
         def read(query: Tensor, norm_w: Tensor, done: Tensor, partial: Optional[Tensor] = None) -> Tensor:
-            return _attn_res_op(done, (query * norm_w).to(emb.dtype), eps, partial)
+            q = (query * norm_w).to(emb.dtype)
+            if inline:  # the op's own formula in tensor code, for Inductor to fuse (attn_res_inline_decode)
+                return attn_res_reference(done, q, eps, partial)
+            return _attn_res_op(done, q, eps, partial)
 
         def sources() -> tuple[Tensor, ...]:
             return (done,) if partial is None else (done, partial)

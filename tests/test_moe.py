@@ -568,8 +568,9 @@ def test_cuda_dispatch_decode_up_to_the_threshold_then_grouped_mm(monkeypatch):
     monkeypatch.setattr(moe, "_experts_grouped_mm", lambda *a: calls.append("grouped_mm") or real_grouped(*a))
     grouped = torch.cuda.get_device_capability() >= (9, 0) and hasattr(torch, "_grouped_mm")
     assert moe.PREFILL_KERNEL == "triton"
-    for kernel, T, want in (("triton", 1, "decode"), ("triton", T_decode, "decode"), ("triton", T_decode + 1, "prefill"),
-                            ("grouped_mm", T_decode + 1, "grouped_mm" if grouped else "sorted_loop")):
+    above = "grouped_mm" if grouped else "sorted_loop"
+    for kernel, T, want in (("triton", 1, "decode"), ("triton", T_decode, "decode"),
+                            ("triton", T_decode + 1, "prefill"), ("grouped_mm", T_decode + 1, above)):
         monkeypatch.setattr(moe, "PREFILL_KERNEL", kernel)
         args = [a.cuda() for a in make(T, 64, 32, 16, k, dtype=torch.bfloat16, seed=T, distinct=False)]
         assert moe._forward_path(args[0], args[1], args[3]) == want, T
