@@ -419,6 +419,23 @@ def test_prefill_row_layout(T, k, E, block_m):
             assert rows[0] % block_m == 0 and (rows[-1] - rows[0]).item() == rows.numel() - 1
 
 
+def test_prefill_tiles_fit_the_device_shared_memory(monkeypatch):
+    """The default tiles where a block holds 227 KB of shared memory (H100 / H200), the 128-column ones at 163 KB
+    (A100), and no query for CPU tensors."""
+    pytest.importorskip("triton")
+    from types import SimpleNamespace
+
+    from kimi_compile.ops.moe import grouped
+    default = grouped.prefill_blocks(2304, 1024)
+    cuda = torch.device("cuda", 0)
+    for smem, want in ((232448, default), (166912, grouped._SMALL_SMEM_BLOCKS)):
+        monkeypatch.setattr(grouped, "device_properties",
+                            lambda dev, smem=smem: SimpleNamespace(shared_memory_per_block_optin=smem))
+        got = grouped.fit_blocks(default, cuda)
+        assert got == want and grouped._smem_bytes(got, 2) + 8192 <= smem
+    assert grouped.fit_blocks(default, torch.device("cpu")) == default
+
+
 @pytest.mark.parametrize("kernel", ["_gate_up_kernel", "_down_kernel"])
 def test_prefill_kernels_compile_for_sm90(kernel):
     """Compiled ahead of time for the H200 (no GPU needed): the default tiles lower tl.dot to Hopper's wgmma."""

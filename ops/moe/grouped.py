@@ -3,9 +3,10 @@ to whole blocks of ``BLOCK_M``, and two grouped-GEMM kernels that read the token
 
 Why: at prefill sizes an expert gets ~T*k/E rows (128 at T=4096, Kimi Linear), which makes the grouped GEMM
 bound by reading the experts' weights (128 FLOP a weight byte, under the H200's ~176 FLOP/B balance). What counts
-is streaming each expert's weight tiles once while every row of that expert uses them; ``torch._grouped_mm``
-measured ~40 % of the matmul rate there, and it also needs the tokens gathered into a sorted copy, the gate and up
-outputs written and read back for ``silu(a) * b``.
+is streaming each expert's weight tiles once while every row of that expert uses them. ``torch._grouped_mm`` also
+needs the tokens gathered into a sorted copy and the gate and up outputs written and read back for ``silu(a) * b``.
+H200, Kimi widths, T=4096, the whole op: 1755 us here against 1893 us through ``torch._grouped_mm``; both stream
+the weights at about half the copy rate (bench/bench_moe.py --prefill).
 
 Layout (every size a host int, no host sync: capturable in a CUDA graph)::
 
@@ -40,10 +41,10 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .._device import device_guard
+from .._device import device_guard, device_properties
 from .combine import moe_combine_rows
 
-__all__ = ["PrefillBlocks", "prefill_blocks", "rows_bound", "align_rows", "moe_experts_prefill"]
+__all__ = ["PrefillBlocks", "prefill_blocks", "fit_blocks", "rows_bound", "align_rows", "moe_experts_prefill"]
 
 PREFILL_DTYPES = (torch.float16, torch.bfloat16)
 # Triton's interpreter multiplies bf16 tl.dot operands as raw bits (3.7: errors ~1e10); there the kernels upcast
@@ -170,6 +171,28 @@ def prefill_blocks(D: int, I: int) -> PrefillBlocks:
                          down_k=64, down_warps=8, down_stages=3)
 
 
+# where the default's shared memory does not fit (3 x 72 KB of bf16 tiles for gate/up: an H100 / H200 holds 227 KB
+# a block, an A100 163 KB): 128 output columns, 4 warps (H200, T=4096: 2057 us against the default's 1755)
+_SMALL_SMEM_BLOCKS = PrefillBlocks(64, 128, 64, 4, 3, 128, 64, 4, 3)
+
+
+def _smem_bytes(b: PrefillBlocks, elem: int) -> int:
+    """Shared memory of the pipelined tiles of the larger of the two kernels."""
+    gate_up = b.gate_up_stages * (b.block_m * b.gate_up_k + 2 * b.gate_up_k * b.gate_up_n) * elem
+    down = b.down_stages * (b.block_m * b.down_k + b.down_k * b.down_n) * elem
+    return max(gate_up, down)
+
+
+def fit_blocks(b: PrefillBlocks, device: torch.device, elem: int = 2) -> PrefillBlocks:
+    """``b``, or the smaller tiles where ``b``'s exceed one block's shared memory on ``device`` (host-side query,
+    cached; no sync)."""
+    if device.type != "cuda":
+        return b
+    if _smem_bytes(b, elem) + 8192 <= device_properties(device).shared_memory_per_block_optin:
+        return b
+    return _SMALL_SMEM_BLOCKS
+
+
 def rows_bound(P: int, E: int, block_m: int) -> int:
     """Rows of the padded layout: each expert pads to whole blocks, at most ``block_m - 1`` rows an expert."""
     return triton.cdiv(P + E * (block_m - 1), block_m) * block_m
@@ -207,7 +230,7 @@ def moe_experts_prefill(x: Tensor, topk_ids: Tensor, topk_weights: Tensor, w_gat
     E, I, _ = w_gate.shape
     if T * k == 0:
         return x.new_zeros(T, D)
-    b = blocks if blocks is not None else prefill_blocks(D, I)
+    b = blocks if blocks is not None else fit_blocks(prefill_blocks(D, I), x.device, x.element_size())
     x = x.contiguous()
     slot_of_row, block_expert, row_of_slot = align_rows(topk_ids, E, b.block_m)
     R = slot_of_row.numel()
