@@ -327,46 +327,52 @@ def attn_res_rows(cfg, args) -> None:
     gen = torch.Generator(device=dev).manual_seed(0)
     V = cfg.vocab_size
 
-    def variant(on: bool, inline: bool = False):
+    def variant(on: bool, inline: str = "none"):
         model.model.attn_res_block = block if on else None
-        model.model.attn_res_inline_decode = inline
+        model.model.attn_res_inline = inline
+
+    # variants: (name, AttnRes on, its reads inline: KimiModel.attn_res_inline)
+    inline = args.attn_res_inline
+    prefill_variants = [("plain", False, "none"), ("attn_res", True, "none")]
+    decode_variants = list(prefill_variants)
+    if inline == "all":
+        prefill_variants.append(("attn_res_inline", True, "all"))
+    if inline in ("decode", "all"):
+        decode_variants.append(("attn_res_inline", True, inline))
 
     for T in args.prefill:
         def prefill_row(T=T):
             ids = torch.randint(0, V, (1, T), device=dev, generator=gen)
             state = model.empty_state(1)
             fns, first = {}, {}
-            for on in (False, True):
-                variant(on)
-                step = CompiledStep(model)  # a fresh compile per variant, both dynamic the same way
+            for name, on, how in prefill_variants:
+                variant(on, how)
+                step = CompiledStep(model)  # a fresh compile per variant, all dynamic the same way
 
-                def run(step=step, on=on):
-                    variant(on)
+                def run(step=step, on=on, how=how):
+                    variant(on, how)
                     with torch.no_grad():
                         step(ids, state, logits_to_keep=1)
                 t = time.time()
                 run()
                 torch.cuda.synchronize()
-                first[on] = round(time.time() - t, 1)
-                fns["attn_res" if on else "plain"] = run
+                first[name] = round(time.time() - t, 1)
+                fns[name] = run
             ms = interleaved_ms(fns, warmup=1, iters=5)
-            add(dict(row=f"attn_res overhead prefill B=1 T={T}", plain_ms=round(ms["plain"], 2),
-                     attn_res_ms=round(ms["attn_res"], 2), overhead=round(ms["attn_res"] / ms["plain"] - 1, 4),
-                     first_call_s=first))
+            for name in list(fns)[1:]:
+                tag = " (reads inline)" if "inline" in name else ""
+                add(dict(row=f"attn_res overhead prefill B=1 T={T}{tag}", plain_ms=round(ms["plain"], 2),
+                         attn_res_ms=round(ms[name], 2), overhead=round(ms[name] / ms["plain"] - 1, 4),
+                         first_call_s=first))
             if args.profile:
                 add_profile_diff(f"attn_res prefill T={T} kernels", {k: kernel_profile(f) for k, f in fns.items()})
         run_row(f"attn_res prefill T={T}", args.row_seconds, prefill_row)
 
-    # decode variants: (name, AttnRes on, its one-token reads inline)
-    decode_variants = [("plain", False, False), ("attn_res", True, False)]
-    if args.attn_res_inline_decode:
-        decode_variants.append(("attn_res_inline", True, True))
-
     def decode_row():
         ctx = args.ctx
         decs = {}
-        for name, on, inline in decode_variants:
-            variant(on, inline)
+        for name, on, how in decode_variants:
+            variant(on, how)
             dec = CUDAGraphDecoder(model, 1, ctx + 8)
             with torch.no_grad():
                 dec.capture()  # the graph keeps the variant it captured
@@ -380,19 +386,19 @@ def attn_res_rows(cfg, args) -> None:
             dec.graph.replay()
         ms = interleaved_ms({k: (lambda d=d: replay(d)) for k, d in decs.items()}, warmup=3, iters=20)
         for name in list(decs)[1:]:
-            tag = ", inline reads" if "inline" in name else ""
+            tag = ", reads inline" if "inline" in name else ""
             add(dict(row=f"attn_res overhead decode B=1 ctx={ctx} (CUDA graph{tag})",
                      plain_ms=round(ms["plain"], 3), attn_res_ms=round(ms[name], 3),
                      overhead=round(ms[name] / ms["plain"] - 1, 4)))
         if args.profile:  # the graph's kernels, launched one by one outside it
-            def step_of(dec, on, inline):
+            def step_of(dec, on, how):
                 def run():
-                    variant(on, inline)
+                    variant(on, how)
                     dec.position.fill_(ctx)
                     dec._step_fn()
                 return run
             add_profile_diff("attn_res decode step kernels",
-                             {n: kernel_profile(step_of(decs[n], on, inline)) for n, on, inline in decode_variants})
+                             {n: kernel_profile(step_of(decs[n], on, how)) for n, on, how in decode_variants})
     if 1 in args.decode_batch:
         run_row("attn_res decode B=1", args.row_seconds, decode_row)
     variant(True)
@@ -495,9 +501,9 @@ def main(argv=None) -> None:
                          "variant's kernel count and the kernels whose time differs)")
     ap.add_argument("--attn-res", type=int, default=None, metavar="S",
                     help="instead of the rows above: AttnRes (block of S sublayers) vs the plain stack, same weights")
-    ap.add_argument("--attn-res-inline-decode", action="store_true",
-                    help="with --attn-res: also the decode row with the one-token reads inline "
-                         "(KimiModel.attn_res_inline_decode)")
+    ap.add_argument("--attn-res-inline", choices=("none", "decode", "all"), default="none",
+                    help="with --attn-res: also rows with the depth reads inline (KimiModel.attn_res_inline): "
+                         "'decode' one-token steps, 'all' prompts too")
     ap.add_argument("--compile-regions", type=int, choices=(0, 1), default=None,
                     help="0: every layer inlined; 1: decoder layers as nested compile regions (KimiModel."
                          "compile_regions; default: the package's, 1)")

@@ -120,8 +120,8 @@ final() {
 next_call() {
     # what this session could not run (~8 minutes): the sync-free MoE backward's CUDA test, the training step with
     # the per-expert loop and with grouped GEMMs (host side profiled: the GPU idled half of the 181 ms step), and
-    # the AttnRes model's kernel counts per variant (its overhead is not in the read op) and its one-token reads
-    # inline (attn_res_inline_decode) against the op
+    # the AttnRes model's kernel counts per variant (its overhead is not in the read op) and its reads inline
+    # (KimiModel.attn_res_inline) against the op
     export PYTHONPATH=$PYTHONPATH:$REPO/tests
     timeout -k 5 90 python3 -m pytest -q -rfE -m cuda -p no:cacheprovider --rootdir "$REPO" \
         -c "$REPO/pyproject.toml" "$REPO/tests/test_moe.py" -k "backward_grouped_mm" > "$OUTDIR/bwd_test.log" 2>&1
@@ -132,7 +132,7 @@ next_call() {
         grep -E "^## profile|^ours_compiled " "$OUTDIR/train_$bwd.log"
     done
     timeout -k 10 170 python3 "$REPO/bench/bench_full_model.py" --skip-hf --attn-res 6 --layers 9 --prefill 4096 \
-        --decode-batch 1 --row-seconds 150 --profile --attn-res-inline-decode --json "$OUTDIR/attn_res.json" \
+        --decode-batch 1 --row-seconds 150 --profile --attn-res-inline all --json "$OUTDIR/attn_res.json" \
         > "$OUTDIR/attn_res.log" 2>&1
     grep -E "^\| attn_res" "$OUTDIR/attn_res.log"
 }

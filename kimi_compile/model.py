@@ -591,12 +591,14 @@ class KimiModel(nn.Module):
         # torch 2.11). False inlines every layer into the graph (KIMI_COMPILE_REGIONS=0 sets that before the model
         # is built)
         self.compile_regions = os.environ.get("KIMI_COMPILE_REGIONS", "1") != "0"
-        # AttnRes depth reads of one-token steps (T == 1, a static size) as plain tensor code, which Inductor fuses
-        # with the sublayer's norm and the partial-sum add, instead of the op: through the op a read is two more
-        # launches (the op and an Inductor kernel beside it; the tiny model's compiled decode step on the CPU: 56
-        # fused kernels + 11 op calls, against 45 + 0 here and 45 + 0 without AttnRes), which would be the measured
-        # +5.8 % of a 9-layer decode step (5.8 us a sublayer). Off until a GPU measures it.
-        self.attn_res_inline_decode = False
+        # AttnRes depth reads as plain tensor code, which Inductor fuses with the sublayer's norm and the partial-sum
+        # add, instead of the op: "decode" for one-token steps (T == 1, a static size), "all" for every call, "none"
+        # the op. Through the op a read is two more launches (the op and an Inductor kernel beside it) and h is
+        # written and read again: the tiny model's compiled graphs on the CPU have 56 fused kernels + 11 op calls
+        # in a decode step (58 + 11 in a prompt) with the op, 45 + 0 (47 + 0) inline, the same as without AttnRes.
+        # The measured overhead of a 9-layer model is +5.8 % decode (5.8 us a sublayer), +3.95 % prefill. "none"
+        # until a GPU measures the others (bench_full_model.py --attn-res-inline).
+        self.attn_res_inline = "none"
 
     def forward(self, input_ids: Tensor, state: Optional[dict[str, Tensor]], position_ids: Optional[Tensor],
                 cache_position: Optional[Tensor] = None) -> tuple[Tensor, dict[str, Tensor]]:
@@ -682,11 +684,14 @@ class KimiModel(nn.Module):
         partial: Optional[Tensor] = None
         n_sublayers = 0
 
-        inline = self.attn_res_inline_decode and isinstance(emb.shape[1], int) and emb.shape[1] == 1
+        if self.attn_res_inline not in ("none", "decode", "all"):
+            raise ValueError(f"attn_res_inline must be 'none', 'decode' or 'all', got {self.attn_res_inline!r}")
+        one_token = isinstance(emb.shape[1], int) and emb.shape[1] == 1
+        inline = self.attn_res_inline == "all" or (self.attn_res_inline == "decode" and one_token)
 
         def read(query: Tensor, norm_w: Tensor, done: Tensor, partial: Optional[Tensor] = None) -> Tensor:
             q = (query * norm_w).to(emb.dtype)
-            if inline:  # the op's own formula in tensor code, for Inductor to fuse (attn_res_inline_decode)
+            if inline:  # the op's own formula in tensor code, for Inductor to fuse (attn_res_inline)
                 return attn_res_reference(done, q, eps, partial)
             return _attn_res_op(done, q, eps, partial)
 

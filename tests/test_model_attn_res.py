@@ -271,27 +271,37 @@ def test_compiled_graph_holds_one_attn_res_op_per_sublayer_and_final():
         torch.testing.assert_close(logits, model(ids, model.empty_state(2))[0], rtol=1e-5, atol=1e-6)
 
 
-def test_inline_decode_reads_leave_no_op_in_the_decode_graph_and_agree():
-    """attn_res_inline_decode: a one-token step's depth reads are tensor code (no kimi::attn_res node in the ATen
-    graph, for Inductor to fuse), the prompt's reads stay the op; logits and state equal the op's."""
+@pytest.mark.parametrize("inline", ["decode", "all"])
+def test_inline_reads_leave_no_op_in_the_graph_and_agree(inline):
+    """attn_res_inline: the depth reads of a one-token step ("decode") or of every call ("all") are tensor code (no
+    kimi::attn_res node in the ATen graph, for Inductor to fuse), the others stay the op; logits and state equal
+    the op's."""
     cfg = tiny_config("kimi_linear", attn_res_block_size=3)
     model = randomise_attn_res(make(cfg, dtype=torch.float32), 5)
     ids = ids_of(2, 7, 6)
     with torch.no_grad():
         want_prompt, state = model(ids[:, :6], model.empty_state(2))
         want, want_state = model(ids[:, 6:], state)
-    model.model.attn_res_inline_decode = True
+    model.model.attn_res_inline = inline
     try:
         (got, got_state), _, aten = capture_graphs(model, ids[:, 6:], state)
         assert count(aten[0], torch.ops.kimi.attn_res.default) == 0
         (prompt, _), _, aten = capture_graphs(model, ids[:, :6], model.empty_state(2))
-        assert count(aten[0], torch.ops.kimi.attn_res.default) == 2 * cfg.num_hidden_layers + 1
+        n_ops = 0 if inline == "all" else 2 * cfg.num_hidden_layers + 1
+        assert count(aten[0], torch.ops.kimi.attn_res.default) == n_ops
     finally:
-        model.model.attn_res_inline_decode = False
-    torch.testing.assert_close(prompt, want_prompt, rtol=0, atol=0)
+        model.model.attn_res_inline = "none"
+    torch.testing.assert_close(prompt, want_prompt, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
     for key in want_state:
         torch.testing.assert_close(got_state[key], want_state[key], rtol=1e-5, atol=1e-6, msg=key)
+
+
+def test_bad_attn_res_inline_names_the_attribute():
+    model = make(tiny_config("kimi_linear", attn_res_block_size=3), dtype=torch.float32)
+    model.model.attn_res_inline = "prefill"
+    with pytest.raises(ValueError, match="attn_res_inline"):
+        model(ids_of(1, 3, 1))
 
 
 # ------------------------------------------------------------------------------------------------ checkpoints
