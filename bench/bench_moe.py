@@ -13,7 +13,10 @@ from ``moe_experts_reference``, relative to its largest value. ``--sweep`` also 
 launcher with a few tile choices (``DecodeBlocks``: gate/up rows x columns / warps, down outputs x columns / warps)
 to choose ``decode_blocks``.
 
-    python bench/bench_moe.py [--sweep] [--json out.json]
+``--prefill`` times prefill sizes instead (T = 1024, 4096): the op through ``torch._grouped_mm`` against the Triton
+prefill kernels (``ops/moe/grouped.py``), with ``--sweep`` their tiles at T=4096.
+
+    python bench/bench_moe.py [--prefill] [--sweep] [--json out.json]
 """
 
 from __future__ import annotations
@@ -73,9 +76,9 @@ def _rel_err(out, ref) -> float:
     return ((out.float() - ref.float()).abs().max() / ref.float().abs().max()).item()
 
 
-def run(report=None, tokens=TOKENS, sweep=False):
-    """Rows as dicts (run_all.py's keys: workload, ours_ms, ratio, metric, check); ``report`` a callable taking a row,
-    a list to append to, or None (rows are printed as a markdown table)."""
+def _setup(report, metric_header: str):
+    """(rows, emit, the E experts' random weights, the measured copy GB/s); ``emit`` appends a row and prints it
+    (``report`` None: as a markdown table), or hands it to ``report`` (a callable or a list)."""
     rows = []
 
     def emit(row):
@@ -88,12 +91,19 @@ def run(report=None, tokens=TOKENS, sweep=False):
             report.append(row)
 
     if report is None:
-        print("| workload | time, bandwidth | check |\n|---|---|---|")
+        print(f"| workload | {metric_header} | check |\n|---|---|---|")
     g = torch.Generator(device="cuda").manual_seed(0)
     weights = tuple(torch.randn(shape, generator=g, device="cuda", dtype=DTYPE) * scale
                     for shape, scale in (((E, I, D), D ** -0.5), ((E, I, D), D ** -0.5), ((E, D, I), I ** -0.5)))
     copy = _copy_gbps()
     emit(dict(workload="copy 1 GiB (device to device), read + write", metric=f"{copy:.0f} GB/s"))
+    return rows, emit, weights, copy
+
+
+def run(report=None, tokens=TOKENS, sweep=False):
+    """Rows as dicts (run_all.py's keys: workload, ours_ms, ratio, metric, check); ``report`` a callable taking a row,
+    a list to append to, or None (rows are printed as a markdown table)."""
+    rows, emit, weights, copy = _setup(report, "time, bandwidth")
     saved = moe.DECODE_MAX_SLOTS
     try:
         for T in tokens:
@@ -155,22 +165,7 @@ def prefill(report=None, tokens=PREFILL_TOKENS, sweep=False):
     CUDA graphs, with TFLOP/s (2 x slots x 3 x D x I) and the weight bytes read (distinct experts x 3 x D x I x 2:
     at ~128 rows an expert the kernels are bound by these); ``sweep`` also times T=4096 with other tiles."""
     from kimi_compile.ops.moe import grouped
-    rows = []
-
-    def emit(row):
-        rows.append(row)
-        if report is None:
-            print(f"| {row['workload']} | {row.get('metric', '')} | {row.get('check', '')} |", flush=True)
-        else:
-            report.append(row)
-
-    if report is None:
-        print("| workload | time, rate | check |\n|---|---|---|")
-    g = torch.Generator(device="cuda").manual_seed(0)
-    weights = tuple(torch.randn(shape, generator=g, device="cuda", dtype=DTYPE) * scale
-                    for shape, scale in (((E, I, D), D ** -0.5), ((E, I, D), D ** -0.5), ((E, D, I), I ** -0.5)))
-    copy = _copy_gbps()
-    emit(dict(workload="copy 1 GiB (device to device), read + write", metric=f"{copy:.0f} GB/s"))
+    rows, emit, weights, copy = _setup(report, "time, rate")
     saved = moe.PREFILL_KERNEL
 
     def rates(T, distinct, us):
