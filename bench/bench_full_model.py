@@ -252,6 +252,14 @@ def ours(cfg, args, bw, mm) -> None:
                     dec._step_fn()
                     torch.cuda.synchronize()
                 print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=25), flush=True)
+                # which projection each GEMM is: the host-side ops with their input shapes and their kernels' time
+                acts = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+                with torch.no_grad(), torch.profiler.profile(activities=acts, record_shapes=True) as prof:
+                    dec.position.fill_(ctx)
+                    dec._step_fn()
+                    torch.cuda.synchronize()
+                print(prof.key_averages(group_by_input_shape=True).table(sort_by="cuda_time_total", row_limit=30),
+                      flush=True)
                 n, kms, _ = kernel_profile(lambda: (dec.position.fill_(ctx), dec._step_fn()))
                 add(dict(row=f"ours decode B={B} step kernels (outside the graph)", kernels=n, kernel_ms=round(kms, 3)))
             del dec

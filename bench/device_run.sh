@@ -9,8 +9,8 @@
 # compiling on the CPU). On the H200 the bench parts take about 5 minutes (train up to 3 on a cold machine: FLA's
 # backward autotunes) and the CUDA tests about 8 on one worker, so the whole does not fit one 10-minute
 # call: run ORDER=bench and ORDER=tests as two calls. MODEL_LAYERS=0 benchmarks the full 27-layer model.
-# ORDER=next_call runs what the 2026-12-04 session left unmeasured (one call); ORDER=fp32_parity transformers'
-# fp32 error beside ours. The one-off plans of earlier calls are in git (docs/benchmarks.md names their trees).
+# ORDER=next_call runs what the 2026-12-04 session left unmeasured (one call), ORDER=decode_profile the decode
+# B=1 step's kernels by op and shape; ORDER=fp32_parity transformers' fp32 error beside ours. The one-off plans of earlier calls are in git (docs/benchmarks.md names their trees).
 set -u
 REPO=$(cd "$(dirname "$0")/.." && pwd)
 OUTDIR=${1:-${OUT:-/tmp/kimi_out}}
@@ -68,6 +68,14 @@ next_call() {
         --decode-batch 1 --row-seconds 150 --profile --attn-res-inline all --json "$OUTDIR/attn_res.json" \
         > "$OUTDIR/attn_res.log" 2>&1
     grep -E "^\| attn_res" "$OUTDIR/attn_res.log"
+}
+decode_profile() {
+    # where the full-depth decode B=1 step's 4.65 ms of kernels go, by op and input shape (which projection each
+    # small GEMM is: cuBLAS ran ~300 of them at 5-14 us each, 2.25 ms for ~0.8 ms of bytes); ~3 minutes
+    export PYTHONPATH=$PYTHONPATH:$REPO/tests
+    timeout -k 10 240 python3 "$REPO/bench/bench_full_model.py" --skip-hf --skip-generate --prefill --decode-batch 1 \
+        --profile --json "$OUTDIR/decode_profile.json" > "$OUTDIR/decode_profile.log" 2>&1
+    grep -E "^\| ours" "$OUTDIR/decode_profile.log"
 }
 fp32_parity() {
     # transformers' own fp32 error next to ours (FLA autotunes its fp32 kernels for minutes: its own call)
