@@ -53,6 +53,7 @@ import kimi_compile  # noqa: E402
 from kimi_compile import KimiForCausalLM  # noqa: E402
 from kimi_compile.compiled import CompiledStep, CUDAGraphDecoder, compiled_step  # noqa: E402
 from kimi_compile.config import FULL, LINEAR, kimi_linear_48b_config  # noqa: E402
+from kimi_compile.model import SwiGLU  # noqa: E402
 
 ROWS: list[dict] = []
 T0 = time.time()
@@ -217,12 +218,15 @@ def ours(cfg, args, bw, mm) -> None:
         run_row("profile prefill", 120, profile_prefill)
 
     slot_limits = args.moe_decode_slots or [None]
-    for B, slots in [(B, n) for B in args.decode_batch for n in slot_limits]:
-        def decode_row(B=B, slots=slots):
+    for B, slots, inline in [(B, n, i) for B in args.decode_batch for n in slot_limits for i in args.swiglu_inline]:
+        def decode_row(B=B, slots=slots, inline=inline):
             ctx = args.ctx
             if slots is not None:  # the op reads it when the graph is captured (the compiled graph is the same)
                 from kimi_compile.ops import moe
                 moe.DECODE_MAX_SLOTS = slots
+            for m in model.modules():  # read when the step is traced: each value compiles its own graph
+                if isinstance(m, SwiGLU):
+                    m.inline_one_row = bool(inline)
             t = time.time()
             dec = CUDAGraphDecoder(model, B, ctx + 8)
             with torch.no_grad():
@@ -243,6 +247,7 @@ def ours(cfg, args, bw, mm) -> None:
             ms = cuda_ms(one, warmup=3, iters=20)
             floor = decode_bytes(cfg, split, B, ctx) / bw * 1e3
             tag = f", MoE decode kernels <= {slots} slots" if len(slot_limits) > 1 else ""
+            tag += f", SwiGLU inline {inline}" if len(args.swiglu_inline) > 1 else ""
             add(dict(row=f"ours decode B={B} ctx={ctx} (CUDA graph{tag})", ms=round(ms, 3), tok_s=round(B / ms * 1e3),
                      floor_ms=round(floor, 3), frac_floor=round(floor / ms, 3), compile_capture_s=round(capture_s, 1)))
             if args.profile and B == 1:
@@ -265,7 +270,7 @@ def ours(cfg, args, bw, mm) -> None:
             del dec
             gc.collect()
             torch.cuda.empty_cache()
-        run_row(f"ours decode B={B} slots={slots}", args.row_seconds, decode_row)
+        run_row(f"ours decode B={B} slots={slots} swiglu_inline={inline}", args.row_seconds, decode_row)
 
     def generate_row():
         ids = torch.randint(0, V, (1, args.gen_prompt), device=dev, generator=gen)
@@ -518,6 +523,9 @@ def main(argv=None) -> None:
     ap.add_argument("--moe-decode-slots", type=int, nargs="+", default=None, metavar="N",
                     help="kimi::moe_experts takes its Triton decode kernels up to N (token, slot) pairs; several "
                          "values: each decode row once per value, re-captured on the same compiled graph")
+    ap.add_argument("--swiglu-inline", type=int, nargs="+", choices=(0, 1), default=[0],
+                    help="SwiGLU.inline_one_row for the decode rows (B=1 only changes anything); several values: "
+                         "each decode row once per value, each compiled apart")
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
     if args.moe_decode_slots is not None:

@@ -71,10 +71,11 @@ next_call() {
 }
 decode_profile() {
     # where the full-depth decode B=1 step's 4.65 ms of kernels go, by op and input shape (which projection each
-    # small GEMM is: cuBLAS ran ~300 of them at 5-14 us each, 2.25 ms for ~0.8 ms of bytes); ~3 minutes
+    # small GEMM is: cuBLAS ran ~300 of them at 5-14 us each, 2.25 ms for ~0.8 ms of bytes), with the MLPs' GEMVs
+    # as cuBLAS calls and as fused reductions (SwiGLU.inline_one_row); ~4 minutes
     export PYTHONPATH=$PYTHONPATH:$REPO/tests
-    timeout -k 10 240 python3 "$REPO/bench/bench_full_model.py" --skip-hf --skip-generate --prefill --decode-batch 1 \
-        --profile --json "$OUTDIR/decode_profile.json" > "$OUTDIR/decode_profile.log" 2>&1
+    timeout -k 10 300 python3 "$REPO/bench/bench_full_model.py" --skip-hf --skip-generate --prefill --decode-batch 1 \
+        --swiglu-inline 0 1 --profile --json "$OUTDIR/decode_profile.json" > "$OUTDIR/decode_profile.log" 2>&1
     grep -E "^\| ours" "$OUTDIR/decode_profile.log"
 }
 fp32_parity() {

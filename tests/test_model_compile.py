@@ -278,3 +278,48 @@ def test_layer_regions_reused_across_layers(attn_res):
         model.model.compile_regions = True
         compiled(ids)
     assert graphs[2:] == [[], []]
+
+
+def test_swiglu_inline_one_row_leaves_no_gemm_and_agrees():
+    """SwiGLU.inline_one_row: a one-row step under torch.compile runs the dense MLP and the shared experts as
+    reductions (no aten.mm left for their three projections each), with logits equal to the GEMMs' (float32);
+    prompts keep the GEMMs."""
+    from functorch.compile import make_boxed_func
+    from torch._dynamo.backends.common import aot_autograd
+
+    from kimi_compile.model import SwiGLU
+
+    model = small_kimi_linear()
+    mlps = [m for m in model.modules() if isinstance(m, SwiGLU)]
+    assert len(mlps) == 2  # the dense layer's MLP and the MoE layer's shared experts
+    ids = ids_of(1, 6, 3)
+    with torch.no_grad():
+        _, state = model(ids[:, :5])
+        want, _ = model(ids[:, 5:], state)
+
+    def mm_count(*args):
+        graphs = []
+
+        def fw(gm, example_inputs):
+            graphs.append(gm)
+            return make_boxed_func(gm.forward)
+
+        torch._dynamo.reset()
+        with torch.no_grad():
+            out = torch.compile(model, backend=aot_autograd(fw_compiler=fw), fullgraph=True)(*args)
+        nodes = [n for gm in graphs for n in gm.graph.nodes]
+        return out, sum(n.target is torch.ops.aten.mm.default for n in nodes)
+
+    _, base = mm_count(ids[:, 5:], state)
+    _, prompt_base = mm_count(ids[:, :5], None)
+    for m in mlps:
+        m.inline_one_row = True
+    try:
+        (got, _), inlined = mm_count(ids[:, 5:], state)
+        _, prompt_inlined = mm_count(ids[:, :5], None)
+    finally:
+        for m in mlps:
+            m.inline_one_row = False
+    assert inlined == base - 3 * len(mlps), (base, inlined)
+    assert prompt_inlined == prompt_base
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
