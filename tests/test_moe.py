@@ -419,6 +419,12 @@ def test_prefill_row_layout(T, k, E, block_m):
             assert rows[0] % block_m == 0 and (rows[-1] - rows[0]).item() == rows.numel() - 1
 
 
+def test_unknown_prefill_kernel_names_the_setting(monkeypatch):
+    monkeypatch.setattr(moe, "PREFILL_KERNEL", "cutlass")
+    with pytest.raises(ValueError, match="PREFILL_KERNEL"):
+        moe.moe_experts(*make(3, 16, 8, 4, 2))
+
+
 def test_prefill_tiles_fit_the_device_shared_memory(monkeypatch):
     """The default tiles where a block holds 227 KB of shared memory (H100 / H200), the 128-column ones at 163 KB
     (A100), and no query for CPU tensors."""

@@ -239,6 +239,9 @@ def _forward_path(x: Tensor, topk_ids: Tensor, w_gate: Tensor) -> str:
     (metadata only; reads ``DECODE_MAX_SLOTS`` and ``PREFILL_KERNEL`` at call time, so a benchmark may move
     them)."""
     T, k = topk_ids.shape
+    if PREFILL_KERNEL not in ("triton", "grouped_mm"):
+        raise ValueError(f"kimi_compile.ops.moe.PREFILL_KERNEL must be 'triton' or 'grouped_mm', got "
+                         f"{PREFILL_KERNEL!r}")
     if not x.is_cuda:
         return "sorted_loop"
     if T * k <= DECODE_MAX_SLOTS and x.dtype in (torch.float16, torch.bfloat16, torch.float32) \
