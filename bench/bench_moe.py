@@ -157,6 +157,11 @@ PREFILL_SWEEP = [  # PrefillBlocks(block_m, gate_up_n, gate_up_k, gate_up_warps,
     (64, 256, 64, 8, 3, 256, 64, 8, 3),
     (32, 128, 64, 4, 4, 128, 64, 4, 4),
     (64, 128, 128, 8, 2, 128, 128, 8, 2),
+    # around the measured best (64-256-64-8-3): the down kernel re-reads a 256 x 1024 weight tile per 64 rows
+    (128, 256, 64, 8, 2, 256, 64, 8, 3),
+    (64, 256, 64, 8, 3, 256, 128, 8, 2),
+    (64, 256, 64, 8, 3, 128, 64, 4, 4),
+    (64, 256, 32, 8, 4, 256, 32, 8, 4),
 ]
 
 

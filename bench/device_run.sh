@@ -10,7 +10,8 @@
 # backward autotunes) and the CUDA tests about 8 on one worker, so the whole does not fit one 10-minute
 # call: run ORDER=bench and ORDER=tests as two calls. MODEL_LAYERS=0 benchmarks the full 27-layer model.
 # ORDER=next_call runs what the 2026-12-04 session left unmeasured (one call), ORDER=decode_profile the decode
-# B=1 step's kernels by op and shape; ORDER=fp32_parity transformers' fp32 error beside ours. The one-off plans of earlier calls are in git (docs/benchmarks.md names their trees).
+# B=1 step's kernels by op and shape, ORDER=moe_prefill_sweep the MoE prefill tiles; ORDER=fp32_parity
+# transformers' fp32 error beside ours. The one-off plans of earlier calls are in git (docs/benchmarks.md names their trees).
 set -u
 REPO=$(cd "$(dirname "$0")/.." && pwd)
 OUTDIR=${1:-${OUT:-/tmp/kimi_out}}
@@ -77,6 +78,12 @@ decode_profile() {
     timeout -k 10 300 python3 "$REPO/bench/bench_full_model.py" --skip-hf --skip-generate --prefill --decode-batch 1 \
         --swiglu-inline 0 1 --profile --json "$OUTDIR/decode_profile.json" > "$OUTDIR/decode_profile.log" 2>&1
     grep -E "^\| ours" "$OUTDIR/decode_profile.log"
+}
+moe_prefill_sweep() {
+    # the MoE prefill kernels' tiles at T=4096 against torch._grouped_mm (~2 minutes; the default streams the
+    # weights at ~half the copy rate, its down kernel at 1.9 TB/s)
+    timeout -k 5 180 python3 "$REPO/bench/bench_moe.py" --prefill --sweep --json "$OUTDIR/moe_prefill.json" \
+        > "$OUTDIR/moe_prefill.log" 2>&1; tail -20 "$OUTDIR/moe_prefill.log"
 }
 fp32_parity() {
     # transformers' own fp32 error next to ours (FLA autotunes its fp32 kernels for minutes: its own call)
