@@ -125,6 +125,20 @@ def ceilings() -> tuple[float, float]:
     return bw, flops
 
 
+def print_compile_phases(label: str, top: int = 15) -> None:
+    """The slowest compile phases so far (torch._dynamo.utils.compile_times, seconds summed over all graphs):
+    where a first call's time goes."""
+    phases = []
+    for line in torch._dynamo.utils.compile_times(repr="str", aggregate=True).splitlines():
+        name, _, value = line.rpartition(",")
+        try:
+            phases.append((float(value), name.strip()))
+        except ValueError:
+            continue
+    print(f"## compile phases after {label} (cumulative s): "
+          + "; ".join(f"{n} {v:.1f}" for v, n in sorted(phases, reverse=True)[:top]), flush=True)
+
+
 def param_split(model: KimiForCausalLM) -> dict[str, int]:
     """Parameter counts: routed experts, embedding, lm_head, everything else."""
     out = dict(experts=0, embed=0, lm_head=0, other=0)
@@ -197,6 +211,7 @@ def ours(cfg, args, bw, mm) -> None:
                 step(ids, state, logits_to_keep=1)
                 torch.cuda.synchronize()
                 first = time.time() - t
+                print_compile_phases(f"prefill T={T}")
                 ms = cuda_ms(lambda: step(ids, state, logits_to_keep=1), warmup=1, iters=5)
                 got = step(ids, state, logits_to_keep=1)[0].float()
                 ref = model(ids, model.empty_state(1), logits_to_keep=1)[0].float()
@@ -232,6 +247,7 @@ def ours(cfg, args, bw, mm) -> None:
             with torch.no_grad():
                 dec.capture()
             capture_s = time.time() - t
+            print_compile_phases(f"decode B={B} capture")
             for name, buf in dec.state.items():  # a plausible state after ctx tokens
                 if name.endswith(".key"):
                     buf.normal_(generator=gen)

@@ -148,21 +148,56 @@ def run(report=None, tokens=TOKENS, sweep=False):
 
 PREFILL_TOKENS = (1024, 4096)
 PREFILL_SWEEP = [  # PrefillBlocks(block_m, gate_up_n, gate_up_k, gate_up_warps, gate_up_stages, down_n, down_k,
-    #                            down_warps, down_stages)
-    (64, 128, 64, 8, 3, 128, 64, 8, 3),
-    (64, 128, 64, 4, 4, 128, 64, 4, 4),
-    (128, 128, 64, 8, 3, 128, 64, 8, 3),
-    (128, 64, 64, 4, 3, 128, 64, 4, 3),
-    (64, 64, 64, 4, 4, 128, 128, 4, 3),
-    (64, 256, 64, 8, 3, 256, 64, 8, 3),
-    (32, 128, 64, 4, 4, 128, 64, 4, 4),
-    (64, 128, 128, 8, 2, 128, 128, 8, 2),
-    # around the measured best (64-256-64-8-3): the down kernel re-reads a 256 x 1024 weight tile per 64 rows
-    (128, 256, 64, 8, 2, 256, 64, 8, 3),
-    (64, 256, 64, 8, 3, 256, 128, 8, 2),
-    (64, 256, 64, 8, 3, 128, 64, 4, 4),
-    (64, 256, 32, 8, 4, 256, 32, 8, 4),
+    #                            down_warps, down_stages, down_cols_fastest); the default is timed first
+    (64, 256, 64, 8, 3, 256, 64, 8, 3, False),
+    (64, 128, 64, 4, 3, 128, 64, 4, 3, True),
+    (128, 256, 64, 8, 2, 256, 64, 8, 3, True),
+    (64, 256, 64, 8, 3, 128, 64, 4, 4, True),
 ]
+
+
+# each kernel alone at T=4096 (layout, h and y made once): gate/up (block_m, n, k, warps, stages) and down
+# (block_m, n, k, warps, stages, column tiles fastest)
+GATE_UP_SWEEP = [(64, 256, 64, 8, 3), (64, 256, 64, 8, 4), (64, 128, 64, 4, 4), (128, 256, 64, 8, 2),
+                 (64, 256, 32, 8, 5)]
+DOWN_SWEEP = [(64, 256, 64, 8, 3, False), (64, 256, 64, 8, 3, True), (64, 256, 64, 8, 4, True),
+              (64, 128, 64, 4, 4, True), (64, 128, 64, 4, 3, True), (64, 256, 128, 8, 2, True),
+              (64, 128, 128, 8, 3, True), (128, 256, 64, 8, 3, True), (128, 128, 64, 8, 4, True)]
+
+
+def _kernel_sweep(emit, args, T, distinct):
+    """Time ``_gate_up_kernel`` and ``_down_kernel`` alone per tile set, with the weight bytes each streams."""
+    from kimi_compile.ops.moe import grouped
+    x, ids, _, w_gate, w_up, w_down = args
+    base = grouped.prefill_blocks(D, I)
+    layouts = {}
+    for which, sweep in (("gate_up", GATE_UP_SWEEP), ("down", DOWN_SWEEP)):
+        for cfg in sweep:
+            bm = cfg[0]
+            if bm not in layouts:
+                slot_of_row, block_expert, _ = grouped.align_rows(ids, E, bm)
+                R = slot_of_row.numel()
+                h = torch.randn(R, I, device="cuda").to(DTYPE)
+                layouts[bm] = (slot_of_row, block_expert, h, torch.empty(R, D, dtype=DTYPE, device="cuda"))
+            slot_of_row, block_expert, h, y = layouts[bm]
+            if which == "gate_up":
+                b = dataclasses.replace(base, block_m=bm, gate_up_n=cfg[1], gate_up_k=cfg[2], gate_up_warps=cfg[3],
+                                        gate_up_stages=cfg[4])
+                fn, nbytes = (lambda: grouped.launch_gate_up(x, slot_of_row, block_expert, w_gate, w_up, h, K, b),
+                              2 * distinct * D * I * DTYPE.itemsize)
+            else:
+                b = dataclasses.replace(base, block_m=bm, down_n=cfg[1], down_k=cfg[2], down_warps=cfg[3],
+                                        down_stages=cfg[4], down_cols_fastest=cfg[5])
+                fn, nbytes = (lambda: grouped.launch_down(h, block_expert, w_down, y, b),
+                              distinct * D * I * DTYPE.itemsize)
+            try:
+                us = _replay_us(fn)
+            except Exception as exc:  # a tile the compiler refuses (shared memory): report it, keep going
+                emit(dict(workload=f"{which} kernel alone T={T} {cfg}", metric=f"failed: {exc!r}"[:200]))
+                continue
+            gbps = nbytes / us / 1e3
+            emit(dict(workload=f"{which} kernel alone T={T} {cfg}", ours_ms=us / 1e3, us=us, gbps=gbps,
+                      metric=f"{us:.0f} us, weights {gbps:.0f} GB/s"))
 
 
 def prefill(report=None, tokens=PREFILL_TOKENS, sweep=False):
@@ -202,6 +237,7 @@ def prefill(report=None, tokens=PREFILL_TOKENS, sweep=False):
             ref = moe.moe_experts_reference(*args)
             us = _replay_us(lambda: grouped.align_rows(args[1], E, 64))
             emit(dict(workload=f"prefill T={T}: align_rows alone (block_m 64)", us=us, metric=f"{us:.1f} us"))
+            _kernel_sweep(emit, args, T, distinct)
             default = dataclasses.astuple(grouped.prefill_blocks(D, I))
             for cfg in [default] + [c for c in PREFILL_SWEEP if c != default]:
                 blocks = grouped.PrefillBlocks(*cfg)

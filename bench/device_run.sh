@@ -75,14 +75,26 @@ decode_profile() {
     # small GEMM is: cuBLAS ran ~300 of them at 5-14 us each, 2.25 ms for ~0.8 ms of bytes), with the MLPs' GEMVs
     # as cuBLAS calls and as fused reductions (SwiGLU.inline_one_row); ~4 minutes
     export PYTHONPATH=$PYTHONPATH:$REPO/tests
-    timeout -k 10 300 python3 "$REPO/bench/bench_full_model.py" --skip-hf --skip-generate --prefill --decode-batch 1 \
+    timeout -k 10 "${PROFILE_S:-330}" python3 "$REPO/bench/bench_full_model.py" --skip-hf --skip-generate --prefill 4096 --decode-batch 1 \
         --swiglu-inline 0 1 --profile --json "$OUTDIR/decode_profile.json" > "$OUTDIR/decode_profile.log" 2>&1
-    grep -E "^\| ours" "$OUTDIR/decode_profile.log"
+    grep -E "^\| ours|^## compile phases" "$OUTDIR/decode_profile.log"
+}
+call2() {
+    # the 2026-12-04 (second) session's call 2: the CUDA tests of its changes (grouped-GEMM MoE backward on by
+    # default, the router's 16-bit GEMM, the down kernel's program order), the full-depth prefill T=4096 and decode
+    # B=1 profiled with their compile phases, then each prefill kernel alone per tile set in what time is left
+    export PYTHONPATH=$PYTHONPATH:$REPO/tests
+    timeout -k 5 90 python3 -m pytest -q -rfE -m cuda -p no:cacheprovider --rootdir "$REPO" -c "$REPO/pyproject.toml" \
+        "$REPO/tests/test_moe.py" "$REPO/tests/test_model_cuda.py" -k "backward_grouped_mm or prefill or router" \
+        > "$OUTDIR/call2_tests.log" 2>&1
+    tail -4 "$OUTDIR/call2_tests.log"
+    decode_profile
+    SWEEP_S=$((570 - SECONDS)) moe_prefill_sweep  # what is left of a 10-minute call
 }
 moe_prefill_sweep() {
     # the MoE prefill kernels' tiles at T=4096 against torch._grouped_mm (~2 minutes; the default streams the
     # weights at ~half the copy rate, its down kernel at 1.9 TB/s)
-    timeout -k 5 180 python3 "$REPO/bench/bench_moe.py" --prefill --sweep --json "$OUTDIR/moe_prefill.json" \
+    timeout -k 5 "${SWEEP_S:-180}" python3 "$REPO/bench/bench_moe.py" --prefill --sweep --json "$OUTDIR/moe_prefill.json" \
         > "$OUTDIR/moe_prefill.log" 2>&1; tail -20 "$OUTDIR/moe_prefill.log"
 }
 fp32_parity() {

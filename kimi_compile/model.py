@@ -413,6 +413,18 @@ def absorbed_attention(model: nn.Module):
 
 # ------------------------------------------------------------------------------------------------ MoE
 
+def router_logits(x: Tensor, weight: Tensor) -> Tensor:
+    """``x @ weight.T`` in float32 (float64 for a float64 model), as transformers computes it from float32 copies.
+    A product of two 16-bit values is exact in float32, so on CUDA a 16-bit GEMM with a float32 output
+    (``torch.mm(..., out_dtype=)``, CUDA only, no autograd formula) makes the same products in another summation
+    order, without the float32 copy of x or the float32-rate GEMM (2.7 ms of the 48B prefill at T=4096)."""
+    if (x.is_cuda and x.dtype in (torch.float16, torch.bfloat16) and weight.dtype == x.dtype
+            and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))):
+        return torch.mm(x, weight.t(), out_dtype=torch.float32)
+    xf = _acc(x)
+    return F.linear(xf, weight.to(xf.dtype))
+
+
 class Router(nn.Module):
     def __init__(self, config: KimiConfig) -> None:
         super().__init__()
@@ -428,8 +440,7 @@ class Router(nn.Module):
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """x [N, D] -> (topk_ids int64 [N, k], topk_weights float32 [N, k])."""
-        xf = _acc(x)
-        logits = F.linear(xf, self.weight.to(xf.dtype))
+        logits = router_logits(x, self.weight)
         scores = torch.sigmoid(logits) if self.activation == "sigmoid" else torch.softmax(logits, dim=-1)
         biased = scores + self.e_score_correction_bias.to(scores.dtype)
         choice = biased

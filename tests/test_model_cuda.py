@@ -104,3 +104,28 @@ def test_cuda_bf16_prompt_attention_kernels(kernel, compiled, monkeypatch):
     assert _rel(xb.grad, x64.grad) < 5e-2, _rel(xb.grad, x64.grad)
     w_got, w_want = mla.kv_b_proj.weight.grad, ref.kv_b_proj.weight.grad
     assert _rel(w_got, w_want) < 5e-2, _rel(w_got, w_want)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_cuda_router_logits_16bit_gemm(dtype):
+    """The router's 16-bit GEMM with a float32 output (CUDA, no autograd recording) against the float64 product of
+    the same 16-bit values (every product exact in float32, only the summation order differs), eager and compiled,
+    and the float32 path it replaces; with autograd recording it takes the float32 path and gradients flow."""
+    from kimi_compile.model import router_logits
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(77, 2304, generator=g).to(dtype).cuda()
+    w = (torch.randn(256, 2304, generator=g) * 2304 ** -0.5).to(dtype).cuda()
+    exact = x.double() @ w.double().T
+    with torch.no_grad():
+        fast = router_logits(x, w)
+        compiled = torch.compile(router_logits, fullgraph=True)(x, w)
+        slow = torch.nn.functional.linear(x.float(), w.float())
+    for out in (fast, compiled):
+        assert out.dtype == torch.float32
+        assert _rel(out, exact) < 1e-6
+    assert _rel(slow, exact) < 1e-6
+    wl = w.clone().requires_grad_(True)
+    out = router_logits(x, wl)
+    assert out.dtype == torch.float32 and out.grad_fn is not None
+    out.sum().backward()
+    assert torch.isfinite(wl.grad).all() and wl.grad.abs().sum() > 0

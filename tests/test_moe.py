@@ -295,6 +295,8 @@ SMALL_PREFILL_BLOCKS = (16, 16, 16, 4, 2, 16, 16, 4, 2)
 PREFILL_CASES = {
     "T37_k8_bf16_small_blocks": (37, 8, 16, 72, 40, "bfloat16", SMALL_PREFILL_BLOCKS),
     "T5_k2_fp16_small_blocks": (5, 2, 4, 40, 24, "float16", SMALL_PREFILL_BLOCKS),
+    # the down kernel's other program order (row blocks fastest), 3 column tiles of D
+    "T37_k8_bf16_small_blocks_rows_fastest": (37, 8, 16, 40, 40, "bfloat16", SMALL_PREFILL_BLOCKS + (False,)),
     "T9_k3_bf16_default_blocks": (9, 3, 5, 300, 40, "bfloat16", None),
 }
 
@@ -462,11 +464,12 @@ def test_prefill_kernels_compile_for_sm90(kernel):
         consts = dict(K=8, BLOCK_M=b.block_m, BLOCK_N=b.gate_up_n, BLOCK_K=b.gate_up_k, UPCAST=False, sg_d=1, su_d=1)
         opts = dict(num_warps=b.gate_up_warps, num_stages=b.gate_up_stages)
     else:
-        consts = dict(BLOCK_M=b.block_m, BLOCK_N=b.down_n, BLOCK_K=b.down_k, UPCAST=False, sd_i=1)
+        consts = dict(BLOCK_M=b.block_m, BLOCK_N=b.down_n, BLOCK_K=b.down_k, COLS_FASTEST=b.down_cols_fastest,
+                      UPCAST=False, sd_i=1)
         opts = dict(num_warps=b.down_warps, num_stages=b.down_stages)
     # pointers, D, I and the other strides are multiples of 16 at Kimi widths (P and E need not be)
     hints = {(i,): [["tt.divisibility", 16]] for i, p in enumerate(fn.params)
-             if sig[p.name] != "constexpr" and p.name not in ("P", "E")}
+             if sig[p.name] != "constexpr" and p.name not in ("P", "E", "n_blocks")}
     compiled = triton.compile(ASTSource(fn, sig, consts, hints), target=GPUTarget("cuda", 90, 32), options=opts)
     ptx = compiled.asm["ptx"]
     assert f".entry {kernel}" in ptx and "wgmma.mma_async" in ptx
@@ -611,7 +614,8 @@ def test_cuda_dispatch_decode_up_to_the_threshold_then_grouped_mm(monkeypatch):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs an NVIDIA GPU")
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("T", [37, 300])
-@pytest.mark.parametrize("blocks", [None, SMALL_PREFILL_BLOCKS], ids=["default_blocks", "small_blocks"])
+@pytest.mark.parametrize("blocks", [None, SMALL_PREFILL_BLOCKS, SMALL_PREFILL_BLOCKS + (False,)],
+                         ids=["default_blocks", "small_blocks", "small_blocks_rows_fastest"])
 def test_cuda_prefill_kernels_vs_loop(dtype, T, blocks):
     from kimi_compile.ops.moe import grouped
     args = [a.cuda() for a in make(T, 300, 72, 16, 8, dtype=dtype, seed=T, distinct=False)]
@@ -658,10 +662,11 @@ def test_cuda_backward_grouped_mm_without_host_sync(monkeypatch):
     leaves = [t.cuda().requires_grad_(True) for t in (x, w, wg, wu, wd)]
     out = moe.moe_experts(leaves[0], ids.cuda(), *leaves[1:])
     grad_out = torch.randn(out.shape, generator=torch.Generator().manual_seed(4)).to(torch.bfloat16)
+    grad_out_cuda = grad_out.cuda()  # a copy from pageable host memory syncs: before the debug mode is on
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
-        grads = torch.autograd.grad(out, leaves, grad_out.cuda())
+        grads = torch.autograd.grad(out, leaves, grad_out_cuda)
     finally:
         torch.cuda.set_sync_debug_mode(0)
     ref_leaves = [t.double().requires_grad_(True) for t in (x, w, wg, wu, wd)]

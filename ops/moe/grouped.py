@@ -19,12 +19,13 @@ Layout (every size a host int, no host sync: capturable in a CUDA graph)::
 1. ``_gate_up_kernel``, grid (R / BLOCK_M, cdiv(I, BLOCK_N)): ``h[row, n] = silu(x[tok] . w_gate[e, n]) *
    (x[tok] . w_up[e, n])``, tok = slot // k, both products accumulated in float32 from one load of the x tile,
    rounded once to x's dtype (h [R, I]).
-2. ``_down_kernel``, grid (R / BLOCK_M, cdiv(D, BLOCK_N)): ``y[row, d] = h[row] . w_down[e, d]`` (y [R, D], x's
-   dtype).
+2. ``_down_kernel``, grid (R / BLOCK_M * cdiv(D, BLOCK_N),), a row block's column tiles adjacent:
+   ``y[row, d] = h[row] . w_down[e, d]`` (y [R, D], x's dtype).
 3. ``combine.moe_combine_rows``: ``out[t] = sum_j topk_weights[t, j] * y[row_of_slot[t*k + j]]`` in float32.
 
-Program ids run along the row blocks first, so the blocks of one expert (adjacent) ask for the same weight tile at
-about the same time and share it through L2.
+The gate/up programs run along the row blocks first, so the blocks of one expert (adjacent) ask for the same
+weight tile at about the same time and share it through L2 (x, ~19 MB at T=4096, stays in L2). The down programs
+run along the column tiles first, so each row block's slice of h is read from HBM once.
 
 Under ``TRITON_INTERPRET=1`` (set before triton is imported) the kernels also run on CPU tensors, which is how the
 tests check them without a GPU.
@@ -44,7 +45,8 @@ from torch import Tensor
 from .._device import device_guard, device_properties
 from .combine import moe_combine_rows
 
-__all__ = ["PrefillBlocks", "prefill_blocks", "fit_blocks", "rows_bound", "align_rows", "moe_experts_prefill"]
+__all__ = ["PrefillBlocks", "prefill_blocks", "fit_blocks", "rows_bound", "align_rows", "launch_gate_up", "launch_down",
+           "moe_experts_prefill"]
 
 PREFILL_DTYPES = (torch.float16, torch.bfloat16)
 # Triton's interpreter multiplies bf16 tl.dot operands as raw bits (3.7: errors ~1e10); there the kernels upcast
@@ -116,13 +118,21 @@ def _down_kernel(
     D,
     I,
     sd_e, sd_d, sd_i,  # w_down strides (elements)
+    n_blocks,  # R / BLOCK_M
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
+    COLS_FASTEST: tl.constexpr,  # program order: a row block's column tiles adjacent (see PrefillBlocks)
     UPCAST: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
+    pid = tl.program_id(0)
+    if COLS_FASTEST:
+        n_tiles = tl.cdiv(D, BLOCK_N)
+        pid_m = pid // n_tiles
+        pid_n = pid % n_tiles
+    else:
+        pid_m = pid % n_blocks
+        pid_n = pid // n_blocks
     e = tl.load(BlockExpert + pid_m)
     if e >= E:
         return
@@ -159,6 +169,11 @@ class PrefillBlocks:
     down_k: int
     down_warps: int
     down_stages: int
+    # the down kernel's program order. Column tiles fastest: the ~D / down_n programs of a row block run together
+    # and read its 64 x I slice of h once from HBM (h, ~80 MB at T=4096, does not stay in L2 across the sweep of
+    # all row blocks that row blocks fastest makes for each column tile); an expert's 2-3 row blocks are still
+    # in flight together and share each weight tile through L2.
+    down_cols_fastest: bool = True
 
 
 def prefill_blocks(D: int, I: int) -> PrefillBlocks:
@@ -219,6 +234,25 @@ def align_rows(topk_ids: Tensor, E: int, block_m: int) -> tuple[Tensor, Tensor, 
     return slot_of_row, block_expert, row_of_slot
 
 
+def launch_gate_up(x: Tensor, slot_of_row: Tensor, block_expert: Tensor, w_gate: Tensor, w_up: Tensor, h: Tensor,
+                   k: int, b: PrefillBlocks) -> None:
+    """``_gate_up_kernel`` into ``h [R, I]`` (x contiguous; the layout from :func:`align_rows` at ``b.block_m``)."""
+    (T, D), (E, I, _), R = x.shape, w_gate.shape, slot_of_row.numel()
+    _gate_up_kernel[(R // b.block_m, triton.cdiv(I, b.gate_up_n))](
+        x, slot_of_row, block_expert, w_gate, w_up, h, T * k, E, D, I, *w_gate.stride(), *w_up.stride(),
+        K=k, BLOCK_M=b.block_m, BLOCK_N=b.gate_up_n, BLOCK_K=b.gate_up_k, UPCAST=_UPCAST,
+        num_warps=b.gate_up_warps, num_stages=b.gate_up_stages)
+
+
+def launch_down(h: Tensor, block_expert: Tensor, w_down: Tensor, y: Tensor, b: PrefillBlocks) -> None:
+    """``_down_kernel`` from ``h [R, I]`` into ``y [R, D]``."""
+    (E, D, I), n_blocks = w_down.shape, h.shape[0] // b.block_m
+    _down_kernel[(n_blocks * triton.cdiv(D, b.down_n),)](
+        h, block_expert, w_down, y, E, D, I, *w_down.stride(), n_blocks,
+        BLOCK_M=b.block_m, BLOCK_N=b.down_n, BLOCK_K=b.down_k, COLS_FASTEST=b.down_cols_fastest, UPCAST=_UPCAST,
+        num_warps=b.down_warps, num_stages=b.down_stages)
+
+
 def moe_experts_prefill(x: Tensor, topk_ids: Tensor, topk_weights: Tensor, w_gate: Tensor, w_up: Tensor,
                         w_down: Tensor, blocks: Optional[PrefillBlocks] = None) -> Tensor:
     """``kimi::moe_experts`` (contract in ``__init__.py``) by the two grouped kernels; inputs already checked.
@@ -236,14 +270,7 @@ def moe_experts_prefill(x: Tensor, topk_ids: Tensor, topk_weights: Tensor, w_gat
     R = slot_of_row.numel()
     h = torch.empty(R, I, dtype=x.dtype, device=x.device)
     y = torch.empty(R, D, dtype=x.dtype, device=x.device)
-    n_blocks = R // b.block_m
     with device_guard(x):
-        _gate_up_kernel[(n_blocks, triton.cdiv(I, b.gate_up_n))](
-            x, slot_of_row, block_expert, w_gate, w_up, h, T * k, E, D, I, *w_gate.stride(), *w_up.stride(),
-            K=k, BLOCK_M=b.block_m, BLOCK_N=b.gate_up_n, BLOCK_K=b.gate_up_k, UPCAST=_UPCAST,
-            num_warps=b.gate_up_warps, num_stages=b.gate_up_stages)
-        _down_kernel[(n_blocks, triton.cdiv(D, b.down_n))](
-            h, block_expert, w_down, y, E, D, I, *w_down.stride(),
-            BLOCK_M=b.block_m, BLOCK_N=b.down_n, BLOCK_K=b.down_k, UPCAST=_UPCAST,
-            num_warps=b.down_warps, num_stages=b.down_stages)
+        launch_gate_up(x, slot_of_row, block_expert, w_gate, w_up, h, k, b)
+        launch_down(h, block_expert, w_down, y, b)
     return moe_combine_rows(y, row_of_slot, topk_weights, x.dtype)
