@@ -40,6 +40,7 @@ import gc
 import json
 import math
 import os
+import re
 import signal
 import sys
 import time
@@ -130,11 +131,9 @@ def print_compile_phases(label: str, top: int = 15) -> None:
     where a first call's time goes."""
     phases = []
     for line in torch._dynamo.utils.compile_times(repr="str", aggregate=True).splitlines():
-        name, _, value = line.rpartition(",")
-        try:
-            phases.append((float(value), name.strip()))
-        except ValueError:
-            continue
+        m = re.match(r"^\s*(\S.*?)[,\s]+([0-9]+\.[0-9]+)\s*$", line)  # CSV, or a tabulate table where installed
+        if m:
+            phases.append((float(m.group(2)), m.group(1)))
     print(f"## compile phases after {label} (cumulative s): "
           + "; ".join(f"{n} {v:.1f}" for v, n in sorted(phases, reverse=True)[:top]), flush=True)
 

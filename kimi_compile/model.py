@@ -40,6 +40,11 @@ from .ops.short_conv import short_conv as _short_conv_op
 from .state import empty_state, state_specs
 from .training import DEFAULT_LOSS_CHUNK, causal_lm_loss
 
+try:  # the routing kernel (Triton); without triton the router stays tensor code
+    from .ops.moe.route import route_topk as _route_topk_kernel
+except ImportError:
+    _route_topk_kernel = None
+
 __all__ = ["KimiForCausalLM", "KimiModel", "RMSNorm", "FP32_TENSORS", "mark_dynamic_inputs"]
 
 # tensors kept in float32 whatever the model dtype (their names inside their module)
@@ -79,10 +84,10 @@ class GatedRMSNorm(nn.Module):
 
 class SwiGLU(nn.Module):
     # One-row calls (a B=1 decode step) under torch.compile as reductions over the input, which Inductor fuses
-    # (gate and up in one kernel, silu * up into the down projection's loads), instead of three cuBLAS GEMVs: in
-    # the H200 decode profile one GEMM kind, 2 a MoE layer at 13.7 us each, looks like the shared experts' gate and
-    # up (1024 outputs on 16 CTAs, ~0.34 TB/s). Opt-in until a GPU measures it (set on the instances).
-    inline_one_row = False
+    # (gate and up in one kernel, silu * up into the down projection's loads), instead of three cuBLAS GEMVs.
+    # H200, Kimi-Linear-48B decode B=1 in a CUDA graph: 4.68 ms a step against 5.29 ms with the GEMVs (same run).
+    # False on an instance keeps the GEMMs.
+    inline_one_row = True
 
     def __init__(self, hidden: int, inner: int) -> None:
         super().__init__()
@@ -441,6 +446,11 @@ class Router(nn.Module):
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """x [N, D] -> (topk_ids int64 [N, k], topk_weights float32 [N, k])."""
         logits = router_logits(x, self.weight)
+        if (_route_topk_kernel is not None and logits.is_cuda and logits.dtype == torch.float32 and self.n_group == 1
+                and self.activation == "sigmoid" and not (torch.is_grad_enabled() and logits.requires_grad)):
+            # the same selection and weights in one kernel (ops/moe/route.py: torch.topk alone was 57 us a layer)
+            return _route_topk_kernel(logits, self.e_score_correction_bias, self.top_k, renormalize=self.renormalize,
+                                      scaling=self.scaling, weights_with_bias=self.with_bias)
         scores = torch.sigmoid(logits) if self.activation == "sigmoid" else torch.softmax(logits, dim=-1)
         biased = scores + self.e_score_correction_bias.to(scores.dtype)
         choice = biased

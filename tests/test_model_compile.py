@@ -281,7 +281,7 @@ def test_layer_regions_reused_across_layers(attn_res):
 
 
 def test_swiglu_inline_one_row_leaves_no_gemm_and_agrees():
-    """SwiGLU.inline_one_row: a one-row step under torch.compile runs the dense MLP and the shared experts as
+    """SwiGLU.inline_one_row (on by default): a one-row step under torch.compile runs the dense MLP and the shared experts as
     reductions (no aten.mm left for their three projections each), with logits equal to the GEMMs' (float32);
     prompts keep the GEMMs."""
     from functorch.compile import make_boxed_func
@@ -310,16 +310,17 @@ def test_swiglu_inline_one_row_leaves_no_gemm_and_agrees():
         nodes = [n for gm in graphs for n in gm.graph.nodes]
         return out, sum(n.target is torch.ops.aten.mm.default for n in nodes)
 
-    _, base = mm_count(ids[:, 5:], state)
-    _, prompt_base = mm_count(ids[:, :5], None)
+    assert all(m.inline_one_row for m in mlps)  # the default
+    (got, _), inlined = mm_count(ids[:, 5:], state)
+    _, prompt_inlined = mm_count(ids[:, :5], None)
     for m in mlps:
-        m.inline_one_row = True
+        m.inline_one_row = False
     try:
-        (got, _), inlined = mm_count(ids[:, 5:], state)
-        _, prompt_inlined = mm_count(ids[:, :5], None)
+        _, base = mm_count(ids[:, 5:], state)
+        _, prompt_base = mm_count(ids[:, :5], None)
     finally:
         for m in mlps:
-            m.inline_one_row = False
+            del m.inline_one_row  # back to the class default
     assert inlined == base - 3 * len(mlps), (base, inlined)
     assert prompt_inlined == prompt_base
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)

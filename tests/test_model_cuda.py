@@ -120,10 +120,12 @@ def test_cuda_router_logits_16bit_gemm(dtype):
         fast = router_logits(x, w)
         compiled = torch.compile(router_logits, fullgraph=True)(x, w)
         slow = torch.nn.functional.linear(x.float(), w.float())
+    # float32 sums over 2304 products: the H200 measured 2.8e-6 / 3.4e-6 (bf16 / fp16) of the largest logit; a
+    # 16-bit rounding anywhere would be ~4e-3
     for out in (fast, compiled):
         assert out.dtype == torch.float32
-        assert _rel(out, exact) < 1e-6
-    assert _rel(slow, exact) < 1e-6
+        assert _rel(out, exact) < 2e-5
+    assert _rel(slow, exact) < 2e-5
     wl = w.clone().requires_grad_(True)
     out = router_logits(x, wl)
     assert out.dtype == torch.float32 and out.grad_fn is not None

@@ -177,13 +177,16 @@ class PrefillBlocks:
 
 
 def prefill_blocks(D: int, I: int) -> PrefillBlocks:
-    """The one place that picks the tiles: 64 rows a block (an expert's ~128 rows at T=4096 pad to 2-3 blocks),
-    256 output columns, 64 along the reduction, 8 warps, 3 stages (gate/up: 72 KB of bf16 tiles a stage). H200,
-    Kimi widths, T=4096, the whole op (bench_moe.py --prefill --sweep): 1755 us; 128 columns 1862-2057 us, 128
-    rows 1862 us, 32 rows 2427 us, 128 along the reduction 2304 us."""
+    """The one place that picks the tiles: 64 rows a block (an expert's ~128 rows at T=4096 pad to 2-3 blocks);
+    gate/up 256 output columns, 64 along the reduction, 8 warps, 3 stages (72 KB of bf16 tiles a stage); down 128
+    columns, 4 warps, 3 stages. H200, Kimi widths, T=4096 (bench_moe.py --prefill --sweep), the whole op 1755 us
+    with 256 down columns, rows fastest; 128 gate/up columns 1862-2057 us, 128 rows 1862 us (5.8 ms with 256
+    gate/up columns: the two 128 x 256 float32 accumulators spill), 32 rows 2427 us. Each kernel alone: gate/up
+    969 us (128 columns, 4 warps, 4 stages: 1098); down 535 us, against 590 with 256 columns and 700 with 256
+    columns and the row blocks fastest."""
     return PrefillBlocks(block_m=64, gate_up_n=min(256, max(16, triton.next_power_of_2(I))), gate_up_k=64,
-                         gate_up_warps=8, gate_up_stages=3, down_n=min(256, max(16, triton.next_power_of_2(D))),
-                         down_k=64, down_warps=8, down_stages=3)
+                         gate_up_warps=8, gate_up_stages=3, down_n=min(128, max(16, triton.next_power_of_2(D))),
+                         down_k=64, down_warps=4, down_stages=3)
 
 
 # where the default's shared memory does not fit (3 x 72 KB of bf16 tiles for gate/up: an H100 / H200 holds 227 KB
