@@ -294,6 +294,7 @@ def ours(cfg, args, bw, mm) -> None:
         kimi_compile.generate(model, ids, n, backend="compile")
         torch.cuda.synchronize()
         first = time.time() - t
+        print_compile_phases("the first generate")
         t = time.time()
         out = kimi_compile.generate(model, ids, n, backend="compile")
         torch.cuda.synchronize()

@@ -149,20 +149,18 @@ def run(report=None, tokens=TOKENS, sweep=False):
 PREFILL_TOKENS = (1024, 4096)
 PREFILL_SWEEP = [  # PrefillBlocks(block_m, gate_up_n, gate_up_k, gate_up_warps, gate_up_stages, down_n, down_k,
     #                            down_warps, down_stages, down_cols_fastest); the default is timed first
-    (64, 256, 64, 8, 3, 256, 64, 8, 3, False),
-    (64, 128, 64, 4, 3, 128, 64, 4, 3, True),
-    (128, 256, 64, 8, 2, 256, 64, 8, 3, True),
-    (64, 256, 64, 8, 3, 128, 64, 4, 4, True),
+    (64, 256, 64, 8, 3, 256, 64, 8, 3, True),
+    (128, 128, 64, 8, 3, 256, 64, 8, 3, True),
+    (128, 128, 64, 8, 4, 128, 64, 4, 3, True),
 ]
 
 
 # each kernel alone at T=4096 (layout, h and y made once): gate/up (block_m, n, k, warps, stages) and down
 # (block_m, n, k, warps, stages, column tiles fastest)
-GATE_UP_SWEEP = [(64, 256, 64, 8, 3), (64, 256, 64, 8, 4), (64, 128, 64, 4, 4), (128, 256, 64, 8, 2),
-                 (64, 256, 32, 8, 5)]
-DOWN_SWEEP = [(64, 256, 64, 8, 3, False), (64, 256, 64, 8, 3, True), (64, 256, 64, 8, 4, True),
-              (64, 128, 64, 4, 4, True), (64, 128, 64, 4, 3, True), (64, 256, 128, 8, 2, True),
-              (64, 128, 128, 8, 3, True), (128, 256, 64, 8, 3, True), (128, 128, 64, 8, 4, True)]
+GATE_UP_SWEEP = [(64, 256, 64, 8, 3), (64, 128, 64, 4, 4), (128, 128, 64, 8, 3), (128, 128, 64, 8, 4),
+                 (128, 128, 32, 8, 4), (128, 64, 64, 4, 4)]
+DOWN_SWEEP = [(64, 128, 64, 4, 3, True), (64, 256, 64, 8, 3, True), (64, 128, 64, 4, 3, False),
+              (128, 256, 64, 8, 3, True), (128, 128, 64, 4, 3, True), (128, 128, 64, 8, 3, True)]
 
 
 def _kernel_sweep(emit, args, T, distinct):

@@ -104,4 +104,22 @@ fp32_parity() {
         -c "$REPO/pyproject.toml" "$REPO/tests/test_fp32_parity_cuda.py" > "$OUTDIR/fp32.log" 2>&1
     grep -E "rel|passed|failed" "$OUTDIR/fp32.log"
 }
+call3() {
+    # the 2026-12-04 (second) session's call 3: a cold generate(backend="compile") in a fresh process first (its
+    # first call is the cold one), the full-depth rows with the prefill profiled, the CUDA tests of this session's
+    # changes (routing kernel, layout kernels, MoE paths, the CUDA model), then the MoE prefill tiles in what is
+    # left of the call
+    export PYTHONPATH=$PYTHONPATH:$REPO/tests
+    timeout -k 10 150 python3 "$REPO/bench/bench_full_model.py" --skip-hf --prefill --decode-batch \
+        --json "$OUTDIR/cold_generate.json" > "$OUTDIR/cold_generate.log" 2>&1
+    grep -E "^\| ours|^## compile phases" "$OUTDIR/cold_generate.log"
+    timeout -k 10 300 python3 "$REPO/bench/bench_full_model.py" --skip-hf --skip-generate --prefill 4096 32768 \
+        --decode-batch 1 32 --profile --json "$OUTDIR/full.json" > "$OUTDIR/full.log" 2>&1
+    grep -E "^\| ours|^## compile phases" "$OUTDIR/full.log"
+    timeout -k 5 120 python3 -m pytest -q -rfE -m cuda -n 4 -p no:cacheprovider --rootdir "$REPO" \
+        -c "$REPO/pyproject.toml" "$REPO/tests/test_moe_route.py" "$REPO/tests/test_model_cuda.py" \
+        "$REPO/tests/test_moe.py" > "$OUTDIR/call3_tests.log" 2>&1
+    tail -6 "$OUTDIR/call3_tests.log"
+    SWEEP_S=$((580 - SECONDS)) moe_prefill_sweep
+}
 for step in ${ORDER:-bench tests}; do "$step"; done

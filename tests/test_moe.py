@@ -335,6 +335,8 @@ def _decode_interp_main():
         args, blocks = _prefill_case_inputs(name)
         out = grouped.moe_experts_prefill(*args, blocks=None if blocks is None else grouped.PrefillBlocks(*blocks))
         res["prefill " + name] = [str(out.dtype), out.double().tolist()]
+    for case in LAYOUT_CASES:  # the layout kernels (the parent compares with align_rows' torch path)
+        res["layout %s" % (case,)] = [t.tolist() for t in grouped.align_rows(_layout_ids(*case[:3]), *case[2:])]
     print("RESULT " + json.dumps(res))
 
 
@@ -392,13 +394,31 @@ def test_prefill_kernels_interpreter(decode_interp_results, name):
     assert_prefill_close(out, loop_reference(*args), args[0].dtype, bf16_truncated=True)
 
 
-@pytest.mark.parametrize("T,k,E,block_m", [(37, 8, 16, 16), (5, 2, 4, 64), (1, 1, 3, 16), (300, 8, 256, 64)])
+# (T, k, E, block_m): several chunks of LAYOUT_CHUNK slots, an expert count no power of two, one slot
+LAYOUT_CASES = [(37, 8, 16, 16), (5, 2, 4, 64), (1, 1, 3, 16), (300, 8, 256, 64), (97, 6, 40, 32)]
+
+
+def _layout_ids(T, k, E):
+    return torch.randint(0, E, (T, k), generator=torch.Generator().manual_seed(T + E))
+
+
+@pytest.mark.parametrize("case", LAYOUT_CASES, ids=str)
+def test_prefill_layout_kernels_interpreter(decode_interp_results, case):
+    """The three layout kernels give align_rows' torch layout exactly (both keep an expert's slots in slot order)."""
+    from kimi_compile.ops.moe import grouped
+    want = grouped.align_rows(_layout_ids(*case[:3]), *case[2:])
+    got = decode_interp_results["layout %s" % (case,)]
+    for name, g, w in zip(("slot_of_row", "block_expert", "row_of_slot"), got, want):
+        assert g == w.tolist(), name
+
+
+@pytest.mark.parametrize("T,k,E,block_m", LAYOUT_CASES)
 def test_prefill_row_layout(T, k, E, block_m):
     """align_rows: every slot in exactly one row, each expert's slots in its own whole blocks in slot order, the
     padding rows hold P, blocks past the last used one name expert E, and row_of_slot inverts slot_of_row."""
     pytest.importorskip("triton")
     from kimi_compile.ops.moe import grouped
-    ids = torch.randint(0, E, (T, k), generator=torch.Generator().manual_seed(T + E))
+    ids = _layout_ids(T, k, E)
     P = T * k
     slot_of_row, block_expert, row_of_slot = grouped.align_rows(ids, E, block_m)
     R = grouped.rows_bound(P, E, block_m)
@@ -622,6 +642,16 @@ def test_cuda_prefill_kernels_vs_loop(dtype, T, blocks):
     out = grouped.moe_experts_prefill(*args, blocks=None if blocks is None else grouped.PrefillBlocks(*blocks))
     assert out.dtype == dtype and out.shape == (T, 300) and out.is_cuda
     assert_prefill_close(out, loop_reference(*[a.cpu() for a in args]), dtype)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs an NVIDIA GPU")
+@pytest.mark.parametrize("case", LAYOUT_CASES + [(4096, 8, 256, 64), (2000, 8, 256, 128)], ids=str)
+def test_cuda_prefill_layout_kernels(case):
+    from kimi_compile.ops.moe import grouped
+    ids = _layout_ids(*case[:3])
+    for g, w in zip(grouped.align_rows(ids.cuda(), *case[2:]), grouped.align_rows(ids, *case[2:])):
+        assert torch.equal(g.cpu(), w)
 
 
 @pytest.mark.cuda

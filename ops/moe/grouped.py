@@ -16,6 +16,9 @@ Layout (every size a host int, no host sync: capturable in a CUDA graph)::
     block_expert [R / BLOCK_M]   int64, each block's expert; E past the last used block (those programs return)
     row_of_slot  [P]             int64, the inverse: the row of each slot (read by the weighted sum)
 
+0. ``align_rows``: the layout, by three small kernels (per-chunk expert counts; one program for the offsets and
+   each block's expert; each slot placed in its row).
+
 1. ``_gate_up_kernel``, grid (R / BLOCK_M, cdiv(I, BLOCK_N)): ``h[row, n] = silu(x[tok] . w_gate[e, n]) *
    (x[tok] . w_up[e, n])``, tok = slot // k, both products accumulated in float32 from one load of the x tile,
    rounded once to x's dtype (h [R, I]).
@@ -51,7 +54,8 @@ __all__ = ["PrefillBlocks", "prefill_blocks", "fit_blocks", "rows_bound", "align
 PREFILL_DTYPES = (torch.float16, torch.bfloat16)
 # Triton's interpreter multiplies bf16 tl.dot operands as raw bits (3.7: errors ~1e10); there the kernels upcast
 # the operands to float32 first (same products: bf16 x bf16 is exact in float32). Compiled kernels never do.
-_UPCAST = os.environ.get("TRITON_INTERPRET") == "1"
+_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+_UPCAST = _INTERPRET
 
 
 @triton.jit
@@ -216,10 +220,94 @@ def rows_bound(P: int, E: int, block_m: int) -> int:
     return triton.cdiv(P + E * (block_m - 1), block_m) * block_m
 
 
+# the layout in three small kernels (``align_rows`` on CUDA / the interpreter): torch's sort, scatters, cumsums and
+# searchsorted took 134 us a MoE layer at T=4096 (H200), ~13 launches. Slots are taken in chunks of LAYOUT_CHUNK.
+LAYOUT_CHUNK = 128
+
+
+@triton.jit
+def _chunk_counts_kernel(Ids, ChunkCounts, P, E: tl.constexpr, BLOCK_E: tl.constexpr, C: tl.constexpr,
+                         SUB: tl.constexpr):
+    """ChunkCounts[c, e] = slots of chunk c routed to expert e (one-hot sums of SUB slots at a time)."""
+    c = tl.program_id(0)
+    e = tl.arange(0, BLOCK_E)
+    counts = tl.zeros([BLOCK_E], dtype=tl.int32)
+    for i0 in tl.static_range(0, C, SUB):
+        s = c * C + i0 + tl.arange(0, SUB)
+        ids = tl.load(Ids + s, mask=s < P, other=-1)
+        counts += tl.sum((ids[:, None] == e[None, :]).to(tl.int32), axis=0)
+    tl.store(ChunkCounts + c * E + e, counts, mask=e < E)
+
+
+@triton.jit
+def _layout_offsets_kernel(ChunkCounts, ChunkBase, PadStart, BlockExpert, n_chunks, n_blocks, E: tl.constexpr,
+                           BLOCK_E: tl.constexpr, BLOCK_M: tl.constexpr, CHUNKS: tl.constexpr, BLOCKS: tl.constexpr):
+    """One program: ChunkBase[c, e] = expert e's slots in chunks before c; each expert's first padded row
+    (PadStart); each block's expert (E past the last used block)."""
+    e = tl.arange(0, BLOCK_E)
+    e_ok = e < E
+    total = tl.zeros([BLOCK_E], dtype=tl.int32)
+    for c0 in range(0, n_chunks, CHUNKS):
+        c = c0 + tl.arange(0, CHUNKS)
+        ok = (c < n_chunks)[:, None] & e_ok[None, :]
+        counts = tl.load(ChunkCounts + c[:, None] * E + e[None, :], mask=ok, other=0)
+        before = tl.cumsum(counts, axis=0) - counts + total[None, :]
+        tl.store(ChunkBase + c[:, None] * E + e[None, :], before, mask=ok)
+        total += tl.sum(counts, axis=0)
+    padded = (total + BLOCK_M - 1) // BLOCK_M * BLOCK_M
+    pad_end = tl.cumsum(padded, axis=0)
+    tl.store(PadStart + e, pad_end - padded, mask=e_ok)
+    pad_end = tl.where(e_ok, pad_end, 2147483647)  # lanes past E never count
+    for j0 in range(0, n_blocks, BLOCKS):
+        j = j0 + tl.arange(0, BLOCKS)
+        expert = tl.sum((pad_end[None, :] <= (j * BLOCK_M)[:, None]).to(tl.int32), axis=1)
+        tl.store(BlockExpert + j, expert.to(tl.int64), mask=j < n_blocks)
+
+
+@triton.jit
+def _place_slots_kernel(Ids, ChunkBase, PadStart, SlotOfRow, RowOfSlot, P, E: tl.constexpr, C: tl.constexpr):
+    """Row of each slot: its expert's first row + the expert's slots in earlier chunks + earlier ones in this chunk."""
+    c = tl.program_id(0)
+    i = tl.arange(0, C)
+    s = c * C + i
+    ok = s < P
+    ids = tl.load(Ids + s, mask=ok, other=-1)
+    rank = tl.sum(((ids[:, None] == ids[None, :]) & (i[None, :] < i[:, None])).to(tl.int32), axis=1)
+    e = tl.where(ok, ids, 0)
+    row = tl.load(PadStart + e, mask=ok, other=0) + tl.load(ChunkBase + c * E + e, mask=ok, other=0) + rank
+    tl.store(SlotOfRow + row, s.to(tl.int64), mask=ok)
+    tl.store(RowOfSlot + s, row.to(tl.int64), mask=ok)
+
+
+def _align_rows_kernels(flat: Tensor, E: int, block_m: int) -> tuple[Tensor, Tensor, Tensor]:
+    P, dev = flat.numel(), flat.device
+    R = rows_bound(P, E, block_m)
+    n_chunks, n_blocks = triton.cdiv(P, LAYOUT_CHUNK), R // block_m
+    block_e = max(16, triton.next_power_of_2(E))
+    chunk_counts = torch.empty(n_chunks, E, dtype=torch.int32, device=dev)
+    chunk_base = torch.empty_like(chunk_counts)
+    pad_start = torch.empty(E, dtype=torch.int32, device=dev)
+    block_expert = torch.empty(n_blocks, dtype=torch.int64, device=dev)
+    slot_of_row = torch.full((R,), P, dtype=torch.int64, device=dev)
+    row_of_slot = torch.empty(P, dtype=torch.int64, device=dev)
+    with device_guard(flat):
+        _chunk_counts_kernel[(n_chunks,)](flat, chunk_counts, P, E=E, BLOCK_E=block_e, C=LAYOUT_CHUNK, SUB=32,
+                                          num_warps=4)
+        _layout_offsets_kernel[(1,)](chunk_counts, chunk_base, pad_start, block_expert, n_chunks, n_blocks, E=E,
+                                     BLOCK_E=block_e, BLOCK_M=block_m, CHUNKS=max(1, 8192 // block_e),
+                                     BLOCKS=max(1, 8192 // block_e), num_warps=8)
+        _place_slots_kernel[(n_chunks,)](flat, chunk_base, pad_start, slot_of_row, row_of_slot, P, E=E,
+                                         C=LAYOUT_CHUNK, num_warps=8)
+    return slot_of_row, block_expert, row_of_slot
+
+
 def align_rows(topk_ids: Tensor, E: int, block_m: int) -> tuple[Tensor, Tensor, Tensor]:
     """``(slot_of_row, block_expert, row_of_slot)`` of the padded expert-sorted layout (module docstring), on the
-    device, without a host sync."""
+    device, without a host sync: three Triton kernels on CUDA (and under the interpreter), torch ops on the CPU.
+    Both place an expert's slots in slot order, so they give the same layout."""
     flat = topk_ids.reshape(-1)
+    if flat.is_cuda or _INTERPRET:
+        return _align_rows_kernels(flat.contiguous(), E, block_m)
     P = flat.numel()
     dev = flat.device
     R = rows_bound(P, E, block_m)
