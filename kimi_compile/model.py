@@ -36,14 +36,10 @@ from .ops.attn_res.naive import attn_res_reference
 from .ops.kda import kda as _kda_op
 from .ops.kda import kda_decode_ as _kda_decode_op
 from .ops.moe import moe_experts as _moe_experts
+from .ops.moe import moe_route as _moe_route
 from .ops.short_conv import short_conv as _short_conv_op
 from .state import empty_state, state_specs
 from .training import DEFAULT_LOSS_CHUNK, causal_lm_loss
-
-try:  # the routing kernel (Triton); without triton the router stays tensor code
-    from .ops.moe.route import route_topk as _route_topk_kernel
-except ImportError:
-    _route_topk_kernel = None
 
 __all__ = ["KimiForCausalLM", "KimiModel", "RMSNorm", "FP32_TENSORS", "mark_dynamic_inputs"]
 
@@ -446,11 +442,11 @@ class Router(nn.Module):
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """x [N, D] -> (topk_ids int64 [N, k], topk_weights float32 [N, k])."""
         logits = router_logits(x, self.weight)
-        if (_route_topk_kernel is not None and logits.is_cuda and logits.dtype == torch.float32 and self.n_group == 1
-                and self.activation == "sigmoid" and not (torch.is_grad_enabled() and logits.requires_grad)):
+        if (logits.is_cuda and logits.dtype == torch.float32 and self.n_group == 1 and self.activation == "sigmoid"
+                and not (torch.is_grad_enabled() and logits.requires_grad)):
             # the same selection and weights in one kernel (ops/moe/route.py: torch.topk alone was 57 us a layer)
-            return _route_topk_kernel(logits, self.e_score_correction_bias, self.top_k, renormalize=self.renormalize,
-                                      scaling=self.scaling, weights_with_bias=self.with_bias)
+            return _moe_route(logits, self.e_score_correction_bias, self.top_k, renormalize=self.renormalize,
+                              scaling=self.scaling, weights_with_bias=self.with_bias)
         scores = torch.sigmoid(logits) if self.activation == "sigmoid" else torch.softmax(logits, dim=-1)
         biased = scores + self.e_score_correction_bias.to(scores.dtype)
         choice = biased

@@ -78,6 +78,9 @@ OPS: tuple[OpRow, ...] = (
     OpRow("kimi::moe_experts", reference=f"{_MOE}:moe_experts_reference", fake=f"{_MOE}:_moe_experts_fake",
           cuda=f"{_MOE}.decode:moe_experts_decode", onnx=f"{_ONNX}:moe_experts_onnx", onnx_fallback=None,
           tensorrt_plugin=None),
+    # CUDA inference only (no autograd): the router's exported and training paths are tensor code
+    OpRow("kimi::moe_route", reference=f"{_MOE}:moe_route_reference", fake=f"{_MOE}:_moe_route_fake",
+          cuda=f"{_MOE}.route:route_topk", onnx=None, onnx_fallback=None, tensorrt_plugin=None),
     OpRow("kimi::moe_experts_backward", reference=f"{_MOE}:_moe_experts_backward_op",
           fake=f"{_MOE}:_moe_experts_backward_fake", cuda=None, onnx=None, onnx_fallback=None, tensorrt_plugin=None),
 )

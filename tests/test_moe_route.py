@@ -1,6 +1,7 @@
 """The routing kernel (ops/moe/route.py) against a plain float64 loop written here: on CPU through the Triton
-interpreter (TRITON_INTERPRET=1, set in a subprocess before triton is imported), on the GPU eagerly and compiled,
-and the model's Router on CUDA against its own tensor code."""
+interpreter (TRITON_INTERPRET=1, set in a subprocess before triton is imported), on the GPU eagerly and compiled;
+the op kimi::moe_route (CPU: tensor code) with opcheck and bad input; the model's Router on CUDA against its own
+tensor code."""
 import json
 import math
 import os
@@ -115,23 +116,48 @@ BAD = [  # (what is wrong, logits, bias, k, the name the message must hold)
 
 
 @pytest.mark.parametrize("what,logits,bias,k,name", BAD, ids=[b[0] for b in BAD])
-def test_route_kernel_bad_input(what, logits, bias, k, name):
+def test_route_bad_input(what, logits, bias, k, name):
+    """The op (CPU: tensor code) and the kernel's launcher refuse it with ValueError naming the argument."""
+    from kimi_compile.ops.moe import moe_route
+    with pytest.raises(ValueError, match=rf"\b{name}\b"):
+        moe_route(logits, bias, k, renormalize=True, scaling=1.0, weights_with_bias=False)
     pytest.importorskip("triton")
     from kimi_compile.ops.moe.route import route_topk
     with pytest.raises(ValueError, match=rf"\b{name}\b"):
         route_topk(logits, bias, k, renormalize=True, scaling=1.0, weights_with_bias=False)
 
 
+@pytest.mark.parametrize("name", list(CASES))
+def test_route_op_reference(name):
+    """kimi::moe_route on the CPU (its tensor-code reference) against the float64 loop, and opcheck with a
+    non-contiguous logits sample."""
+    from kimi_compile.ops.moe import moe_route
+    logits, bias, kw = case_inputs(name)
+    k = kw.pop("k")
+    ids, w = moe_route(logits, bias, k, **kw)
+    assert_routes(ids, w, logits, bias, dict(kw, k=k))
+    strided = torch.cat([logits, logits], dim=1)[:, ::2]
+    assert not strided.is_contiguous()
+    for sample in (logits, strided):
+        torch.library.opcheck(torch.ops.kimi.moe_route.default,
+                              (sample, bias, k, kw["renormalize"], float(kw["scaling"]), kw["weights_with_bias"]))
+
+
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs an NVIDIA GPU")
 @pytest.mark.parametrize("name", list(CASES))
 def test_cuda_route_kernel_eager_and_compiled(name):
+    """The kernel's launcher, the op eagerly, the op compiled (fullgraph, dynamic N), and opcheck on CUDA."""
+    from kimi_compile.ops.moe import moe_route
     from kimi_compile.ops.moe.route import route_topk
     logits, bias, kw = case_inputs(name)
     k = kw.pop("k")
-    for fn in (route_topk, torch.compile(route_topk, fullgraph=True, dynamic=True)):
+    for fn in (route_topk, moe_route, torch.compile(moe_route, fullgraph=True, dynamic=True)):
         ids, w = fn(logits.cuda(), bias.cuda(), k, **kw)
         assert_routes(ids, w, logits, bias, dict(kw, k=k))
+    torch.library.opcheck(torch.ops.kimi.moe_route.default,
+                          (logits.cuda(), bias.cuda(), k, kw["renormalize"], float(kw["scaling"]),
+                           kw["weights_with_bias"]))
 
 
 @pytest.mark.cuda
@@ -153,17 +179,21 @@ def test_cuda_router_takes_the_kernel_and_matches_its_tensor_code(monkeypatch):
         router.e_score_correction_bias.copy_(torch.randn(cfg.num_experts, generator=g) * 0.1)
     x = torch.randn(33, cfg.hidden_size, generator=g).cuda()
     calls = []
-    real = model_mod._route_topk_kernel
-    monkeypatch.setattr(model_mod, "_route_topk_kernel", lambda *a, **k: calls.append(1) or real(*a, **k))
+    real = model_mod._moe_route
+    monkeypatch.setattr(model_mod, "_moe_route", lambda *a, **k: calls.append(1) or real(*a, **k))
     with torch.no_grad():
         ids, w = router(x)
     assert calls == [1]
-    monkeypatch.setattr(model_mod, "_route_topk_kernel", None)
+    # two groups, both kept: the same selection as one group, through the router's tensor code
+    monkeypatch.setattr(router, "n_group", 2)
+    monkeypatch.setattr(router, "topk_group", 2)
     with torch.no_grad():
         want_ids, want_w = router(x)
+    assert calls == [1]
     assert torch.equal(ids, want_ids)
     torch.testing.assert_close(w, want_w, rtol=1e-6, atol=1e-7)
-    monkeypatch.setattr(model_mod, "_route_topk_kernel", lambda *a, **k: calls.append(2) or real(*a, **k))
+    monkeypatch.setattr(router, "n_group", 1)
+    monkeypatch.setattr(model_mod, "_moe_route", lambda *a, **k: calls.append(2) or real(*a, **k))
     _, w_grad = router(x)
     w_grad.sum().backward()
     assert calls == [1] and router.weight.grad is not None and router.weight.grad.abs().sum() > 0

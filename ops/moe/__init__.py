@@ -50,7 +50,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["moe_experts", "moe_experts_reference"]
+__all__ = ["moe_experts", "moe_experts_reference", "moe_route", "moe_route_reference"]
 
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -420,3 +420,63 @@ def moe_experts(x: Tensor, topk_ids: Tensor, topk_weights: Tensor, w_gate: Tenso
     """Routed SwiGLU experts; see the module docstring. Returns ``[T, D]`` in x's dtype."""
     _check(x, topk_ids, topk_weights, w_gate, w_up, w_down)
     return torch.ops.kimi.moe_experts(x, topk_ids, topk_weights, w_gate, w_up, w_down)
+
+
+# ------------------------------------------------------------------------------------------------ routing
+
+def check_route_inputs(logits: Tensor, bias: Tensor, k: int) -> None:
+    """kimi::moe_route's argument checks (metadata only), naming the argument."""
+    if logits.dim() != 2 or logits.dtype != torch.float32:
+        raise ValueError(f"logits must be a 2-D float32 tensor, got {tuple(logits.shape)} {logits.dtype}")
+    E = logits.shape[1]
+    if tuple(bias.shape) != (E,) or bias.dtype != torch.float32:
+        raise ValueError(f"bias must be float32 of shape ({E},), got {tuple(bias.shape)} {bias.dtype}")
+    if bias.device != logits.device:
+        raise ValueError(f"bias is on {bias.device} but logits is on {logits.device}")
+    if not 1 <= k <= E:
+        raise ValueError(f"k must be in [1, E={E}], got {k}")
+
+
+def moe_route_reference(logits: Tensor, bias: Tensor, k: int, renormalize: bool, scaling: float,
+                        weights_with_bias: bool) -> tuple[Tensor, Tensor]:
+    """kimi::moe_route as tensor code (the contract is in route.py's docstring)."""
+    scores = torch.sigmoid(logits)
+    biased = scores + bias
+    ids = torch.topk(biased, k, dim=-1)[1]
+    weights = (biased if weights_with_bias else scores).gather(1, ids)
+    if renormalize:
+        weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
+    return ids, weights * scaling
+
+
+@functools.lru_cache(maxsize=None)
+def _route_module():
+    """ops/moe/route.py (imports triton), or None where triton is not installed."""
+    if importlib.util.find_spec("triton") is None:
+        return None
+    return importlib.import_module(f"{__name__}.route")
+
+
+@torch.library.custom_op("kimi::moe_route", mutates_args=())
+def _moe_route_op(logits: Tensor, bias: Tensor, k: int, renormalize: bool, scaling: float,
+                  weights_with_bias: bool) -> tuple[Tensor, Tensor]:
+    """Sigmoid top-k routing of one expert group: CUDA by one Triton kernel (route.py), else tensor code. An
+    opaque op, so Inductor neither traces nor re-analyses the kernel at each of the model's MoE layers."""
+    check_route_inputs(logits, bias, k)
+    if logits.is_cuda and _route_module() is not None:
+        return _route_module().route_topk(logits, bias, k, renormalize=renormalize, scaling=scaling,
+                                          weights_with_bias=weights_with_bias)
+    return moe_route_reference(logits, bias, k, renormalize, scaling, weights_with_bias)
+
+
+@_moe_route_op.register_fake
+def _moe_route_fake(logits, bias, k, renormalize, scaling, weights_with_bias):
+    check_route_inputs(logits, bias, k)
+    N = logits.shape[0]
+    return logits.new_empty(N, k, dtype=torch.int64), logits.new_empty(N, k)
+
+
+def moe_route(logits: Tensor, bias: Tensor, k: int, *, renormalize: bool, scaling: float,
+              weights_with_bias: bool) -> tuple[Tensor, Tensor]:
+    """``(ids int64 [N, k], weights float32 [N, k])``: see ops/moe/route.py. No autograd."""
+    return torch.ops.kimi.moe_route(logits, bias, k, renormalize, float(scaling), weights_with_bias)
