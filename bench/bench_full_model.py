@@ -239,7 +239,7 @@ def ours(cfg, args, bw, mm) -> None:
                 from kimi_compile.ops import moe
                 moe.DECODE_MAX_SLOTS = slots
             for m in model.modules():  # read when the step is traced: each value compiles its own graph
-                if isinstance(m, SwiGLU):
+                if isinstance(m, SwiGLU) and inline is not None:
                     m.inline_one_row = bool(inline)
             t = time.time()
             dec = CUDAGraphDecoder(model, B, ctx + 8)
@@ -539,9 +539,9 @@ def main(argv=None) -> None:
     ap.add_argument("--moe-decode-slots", type=int, nargs="+", default=None, metavar="N",
                     help="kimi::moe_experts takes its Triton decode kernels up to N (token, slot) pairs; several "
                          "values: each decode row once per value, re-captured on the same compiled graph")
-    ap.add_argument("--swiglu-inline", type=int, nargs="+", choices=(0, 1), default=[0],
-                    help="SwiGLU.inline_one_row for the decode rows (B=1 only changes anything); several values: "
-                         "each decode row once per value, each compiled apart")
+    ap.add_argument("--swiglu-inline", type=int, nargs="+", choices=(0, 1), default=[None],
+                    help="SwiGLU.inline_one_row for the decode rows (B=1 only changes anything; default: the "
+                         "package's, on); several values: each decode row once per value, each compiled apart")
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
     if args.moe_decode_slots is not None:

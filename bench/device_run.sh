@@ -122,4 +122,18 @@ call3() {
     tail -6 "$OUTDIR/call3_tests.log"
     SWEEP_S=$((580 - SECONDS)) moe_prefill_sweep
 }
+call4() {
+    # the 2026-12-04 (second) session's last call (~5 minutes): the CUDA tests of the routing op, the layout
+    # kernels, the grouped-GEMM backward and the CUDA model, then the full-depth prefill T=4096 (first-call compile
+    # with kimi::moe_route opaque) and decode B=1 (SwiGLU one-row steps inline by default)
+    export PYTHONPATH=$PYTHONPATH:$REPO/tests
+    timeout -k 5 100 python3 -m pytest -q -rfE -m cuda -n 4 -p no:cacheprovider --rootdir "$REPO" \
+        -c "$REPO/pyproject.toml" "$REPO/tests/test_moe_route.py" "$REPO/tests/test_model_cuda.py" \
+        "$REPO/tests/test_moe.py" -k "route or layout or backward_grouped_mm or model or prefill_kernels_vs" \
+        > "$OUTDIR/call4_tests.log" 2>&1
+    tail -6 "$OUTDIR/call4_tests.log"
+    timeout -k 10 $((300 - SECONDS)) python3 "$REPO/bench/bench_full_model.py" --skip-hf --skip-generate \
+        --prefill 4096 --decode-batch 1 --json "$OUTDIR/full4.json" > "$OUTDIR/full4.log" 2>&1
+    grep -E "^\| ours|^## compile phases" "$OUTDIR/full4.log"
+}
 for step in ${ORDER:-bench tests}; do "$step"; done
