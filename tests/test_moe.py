@@ -394,8 +394,8 @@ def test_prefill_kernels_interpreter(decode_interp_results, name):
     assert_prefill_close(out, loop_reference(*args), args[0].dtype, bf16_truncated=True)
 
 
-# (T, k, E, block_m): several chunks of LAYOUT_CHUNK slots, an expert count no power of two, one slot
-LAYOUT_CASES = [(37, 8, 16, 16), (5, 2, 4, 64), (1, 1, 3, 16), (300, 8, 256, 64), (97, 6, 40, 32)]
+# (T, k, E, block_m): several chunks of LAYOUT_CHUNK slots, an expert count no power of two, one slot, none
+LAYOUT_CASES = [(37, 8, 16, 16), (5, 2, 4, 64), (1, 1, 3, 16), (300, 8, 256, 64), (97, 6, 40, 32), (0, 4, 8, 16)]
 
 
 def _layout_ids(T, k, E):

@@ -185,9 +185,9 @@ def prefill_blocks(D: int, I: int) -> PrefillBlocks:
     gate/up 256 output columns, 64 along the reduction, 8 warps, 3 stages (72 KB of bf16 tiles a stage); down 128
     columns, 4 warps, 3 stages. H200, Kimi widths, T=4096 (bench_moe.py --prefill --sweep), the whole op 1755 us
     with 256 down columns, rows fastest; 128 gate/up columns 1862-2057 us, 128 rows 1862 us (5.8 ms with 256
-    gate/up columns: the two 128 x 256 float32 accumulators spill), 32 rows 2427 us. Each kernel alone: gate/up
-    969 us (128 columns, 4 warps, 4 stages: 1098); down 535 us, against 590 with 256 columns and 700 with 256
-    columns and the row blocks fastest."""
+    gate/up columns, where two 128 x 256 float32 accumulators need 256 registers a thread), 32 rows 2427 us. Each
+    kernel alone: gate/up 969 us (128 columns, 4 warps, 4 stages: 1098); down 535 us, against 590 with 256 columns
+    and 700 with 256 columns and the row blocks fastest."""
     return PrefillBlocks(block_m=64, gate_up_n=min(256, max(16, triton.next_power_of_2(I))), gate_up_k=64,
                          gate_up_warps=8, gate_up_stages=3, down_n=min(128, max(16, triton.next_power_of_2(D))),
                          down_k=64, down_warps=4, down_stages=3)
@@ -291,13 +291,15 @@ def _align_rows_kernels(flat: Tensor, E: int, block_m: int) -> tuple[Tensor, Ten
     slot_of_row = torch.full((R,), P, dtype=torch.int64, device=dev)
     row_of_slot = torch.empty(P, dtype=torch.int64, device=dev)
     with device_guard(flat):
-        _chunk_counts_kernel[(n_chunks,)](flat, chunk_counts, P, E=E, BLOCK_E=block_e, C=LAYOUT_CHUNK, SUB=32,
-                                          num_warps=4)
+        if n_chunks:  # no slots: every block is past the last used one (the offsets kernel writes E)
+            _chunk_counts_kernel[(n_chunks,)](flat, chunk_counts, P, E=E, BLOCK_E=block_e, C=LAYOUT_CHUNK, SUB=32,
+                                              num_warps=4)
         _layout_offsets_kernel[(1,)](chunk_counts, chunk_base, pad_start, block_expert, n_chunks, n_blocks, E=E,
                                      BLOCK_E=block_e, BLOCK_M=block_m, CHUNKS=max(1, 8192 // block_e),
                                      BLOCKS=max(1, 8192 // block_e), num_warps=8)
-        _place_slots_kernel[(n_chunks,)](flat, chunk_base, pad_start, slot_of_row, row_of_slot, P, E=E,
-                                         C=LAYOUT_CHUNK, num_warps=8)
+        if n_chunks:
+            _place_slots_kernel[(n_chunks,)](flat, chunk_base, pad_start, slot_of_row, row_of_slot, P, E=E,
+                                             C=LAYOUT_CHUNK, num_warps=8)
     return slot_of_row, block_expert, row_of_slot
 
 
