@@ -495,6 +495,26 @@ def test_prefill_kernels_compile_for_sm90(kernel):
     assert f".entry {kernel}" in ptx and "wgmma.mma_async" in ptx
 
 
+@pytest.mark.parametrize("kernel", ["_chunk_counts_kernel", "_layout_offsets_kernel", "_place_slots_kernel"])
+def test_layout_kernels_compile_for_sm90(kernel):
+    """The layout kernels at Kimi's 256 experts and 64-row blocks, compiled ahead of time for the H200."""
+    triton = pytest.importorskip("triton")
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from kimi_compile.ops.moe import grouped
+
+    fn = getattr(grouped, kernel)
+    pointers = dict(Ids="*i64", ChunkCounts="*i32", ChunkBase="*i32", PadStart="*i32", BlockExpert="*i64",
+                    SlotOfRow="*i64", RowOfSlot="*i64")
+    sig = {p.name: pointers.get(p.name, "constexpr" if p.is_constexpr else "i32") for p in fn.params}
+    consts = {k: v for k, v in dict(E=256, BLOCK_E=256, C=grouped.LAYOUT_CHUNK, SUB=32, BLOCK_M=64, CHUNKS=32,
+                                     BLOCKS=32).items() if k in sig}
+    compiled = triton.compile(ASTSource(fn, sig, consts), target=GPUTarget("cuda", 90, 32),
+                              options={"num_warps": 8})
+    assert f".entry {kernel}" in compiled.asm["ptx"]
+
+
 def test_combine_kernel_compiles_for_sm90():
     triton = pytest.importorskip("triton")
     from triton.backends.compiler import GPUTarget
