@@ -9,9 +9,10 @@
 # compiling on the CPU). On the H200 the bench parts take about 5 minutes (train up to 3 on a cold machine: FLA's
 # backward autotunes) and the CUDA tests about 8 on one worker, so the whole does not fit one 10-minute
 # call: run ORDER=bench and ORDER=tests as two calls. MODEL_LAYERS=0 benchmarks the full 27-layer model.
-# ORDER=next_call runs what the 2026-12-04 session left unmeasured (one call), ORDER=decode_profile the decode
-# B=1 step's kernels by op and shape, ORDER=moe_prefill_sweep the MoE prefill tiles; ORDER=fp32_parity
-# transformers' fp32 error beside ours. The one-off plans of earlier calls are in git (docs/benchmarks.md names their trees).
+# ORDER=next_session runs what the 2026-12-04 sessions left unmeasured (one call), ORDER=decode_profile the decode
+# B=1 step's kernels by op and shape, ORDER=moe_prefill_sweep the MoE prefill tiles (SWEEP_S bounds it);
+# ORDER=fp32_parity transformers' fp32 error beside ours. The one-off plans of earlier calls are in git
+# (docs/benchmarks.md names their trees).
 set -u
 REPO=$(cd "$(dirname "$0")/.." && pwd)
 OUTDIR=${1:-${OUT:-/tmp/kimi_out}}
@@ -51,25 +52,6 @@ ncu_profile() {
     ncu -i "$rep.ncu-rep" --page source --csv --print-source cuda,sass > "$OUTDIR/ncu_src_sass.csv" 2>&1
     tail -3 "$OUTDIR/ncu_run.log"; grep -E "Duration|Registers Per|Achieved Occupancy|Issue Slots Busy|Compute \(SM\) Throughput|Memory Throughput" "$OUTDIR/ncu_details.txt"
 }
-next_call() {
-    # what this session could not run (~8 minutes): the sync-free MoE backward's CUDA test, the training step with
-    # the per-expert loop and with grouped GEMMs (host side profiled: the GPU idled half of the 181 ms step), and
-    # the AttnRes model's kernel counts per variant (its overhead is not in the read op) and its reads inline
-    # (KimiModel.attn_res_inline) against the op
-    export PYTHONPATH=$PYTHONPATH:$REPO/tests
-    timeout -k 5 90 python3 -m pytest -q -rfE -m cuda -p no:cacheprovider --rootdir "$REPO" \
-        -c "$REPO/pyproject.toml" "$REPO/tests/test_moe.py" -k "backward_grouped_mm" > "$OUTDIR/bwd_test.log" 2>&1
-    tail -3 "$OUTDIR/bwd_test.log"
-    for bwd in loop grouped_mm; do
-        timeout -k 5 150 python3 "$REPO/bench/bench_train.py" --rows ours_compiled --in-process --warmup 1 \
-            --iters 3 --moe-backward $bwd --profile 25 > "$OUTDIR/train_$bwd.log" 2>&1
-        grep -E "^## profile|^ours_compiled " "$OUTDIR/train_$bwd.log"
-    done
-    timeout -k 10 170 python3 "$REPO/bench/bench_full_model.py" --skip-hf --attn-res 6 --layers 9 --prefill 4096 \
-        --decode-batch 1 --row-seconds 150 --profile --attn-res-inline all --json "$OUTDIR/attn_res.json" \
-        > "$OUTDIR/attn_res.log" 2>&1
-    grep -E "^\| attn_res" "$OUTDIR/attn_res.log"
-}
 decode_profile() {
     # where the full-depth decode B=1 step's 4.65 ms of kernels go, by op and input shape (which projection each
     # small GEMM is: cuBLAS ran ~300 of them at 5-14 us each, 2.25 ms for ~0.8 ms of bytes), with the MLPs' GEMVs
@@ -78,18 +60,6 @@ decode_profile() {
     timeout -k 10 "${PROFILE_S:-330}" python3 "$REPO/bench/bench_full_model.py" --skip-hf --skip-generate --prefill 4096 --decode-batch 1 \
         --swiglu-inline 0 1 --profile --json "$OUTDIR/decode_profile.json" > "$OUTDIR/decode_profile.log" 2>&1
     grep -E "^\| ours|^## compile phases" "$OUTDIR/decode_profile.log"
-}
-call2() {
-    # the 2026-12-04 (second) session's call 2: the CUDA tests of its changes (grouped-GEMM MoE backward on by
-    # default, the router's 16-bit GEMM, the down kernel's program order), the full-depth prefill T=4096 and decode
-    # B=1 profiled with their compile phases, then each prefill kernel alone per tile set in what time is left
-    export PYTHONPATH=$PYTHONPATH:$REPO/tests
-    timeout -k 5 90 python3 -m pytest -q -rfE -m cuda -p no:cacheprovider --rootdir "$REPO" -c "$REPO/pyproject.toml" \
-        "$REPO/tests/test_moe.py" "$REPO/tests/test_model_cuda.py" -k "backward_grouped_mm or prefill or router" \
-        > "$OUTDIR/call2_tests.log" 2>&1
-    tail -4 "$OUTDIR/call2_tests.log"
-    decode_profile
-    SWEEP_S=$((570 - SECONDS)) moe_prefill_sweep  # what is left of a 10-minute call
 }
 moe_prefill_sweep() {
     # the MoE prefill kernels' tiles at T=4096 against torch._grouped_mm (~2 minutes; the default streams the
@@ -104,36 +74,22 @@ fp32_parity() {
         -c "$REPO/pyproject.toml" "$REPO/tests/test_fp32_parity_cuda.py" > "$OUTDIR/fp32.log" 2>&1
     grep -E "rel|passed|failed" "$OUTDIR/fp32.log"
 }
-call3() {
-    # the 2026-12-04 (second) session's call 3: a cold generate(backend="compile") in a fresh process first (its
-    # first call is the cold one), the full-depth rows with the prefill profiled, the CUDA tests of this session's
-    # changes (routing kernel, layout kernels, MoE paths, the CUDA model), then the MoE prefill tiles in what is
-    # left of the call
+next_session() {
+    # what the second 2026-12-04 session could not finish (~9 minutes): a cold generate(backend="compile") first in
+    # its own process (its compile phases printed), the CUDA tests its last calls cut before their summaries (one
+    # file at a time, each bounded), the T=32768 prefill profiled, then the MoE prefill op and tiles
     export PYTHONPATH=$PYTHONPATH:$REPO/tests
-    timeout -k 10 150 python3 "$REPO/bench/bench_full_model.py" --skip-hf --prefill --decode-batch \
+    timeout -k 10 170 python3 "$REPO/bench/bench_full_model.py" --skip-hf --prefill --decode-batch \
         --json "$OUTDIR/cold_generate.json" > "$OUTDIR/cold_generate.log" 2>&1
     grep -E "^\| ours|^## compile phases" "$OUTDIR/cold_generate.log"
-    timeout -k 10 300 python3 "$REPO/bench/bench_full_model.py" --skip-hf --skip-generate --prefill 4096 32768 \
-        --decode-batch 1 32 --profile --json "$OUTDIR/full.json" > "$OUTDIR/full.log" 2>&1
-    grep -E "^\| ours|^## compile phases" "$OUTDIR/full.log"
-    timeout -k 5 120 python3 -m pytest -q -rfE -m cuda -n 4 -p no:cacheprovider --rootdir "$REPO" \
-        -c "$REPO/pyproject.toml" "$REPO/tests/test_moe_route.py" "$REPO/tests/test_model_cuda.py" \
-        "$REPO/tests/test_moe.py" > "$OUTDIR/call3_tests.log" 2>&1
-    tail -6 "$OUTDIR/call3_tests.log"
-    SWEEP_S=$((580 - SECONDS)) moe_prefill_sweep
-}
-call4() {
-    # the 2026-12-04 (second) session's last call (~5 minutes): the CUDA tests of the routing op, the layout
-    # kernels, the grouped-GEMM backward and the CUDA model, then the full-depth prefill T=4096 (first-call compile
-    # with kimi::moe_route opaque) and decode B=1 (SwiGLU one-row steps inline by default)
-    export PYTHONPATH=$PYTHONPATH:$REPO/tests
-    timeout -k 5 100 python3 -m pytest -q -rfE -m cuda -n 4 -p no:cacheprovider --rootdir "$REPO" \
-        -c "$REPO/pyproject.toml" "$REPO/tests/test_moe_route.py" "$REPO/tests/test_model_cuda.py" \
-        "$REPO/tests/test_moe.py" -k "route or layout or backward_grouped_mm or model or prefill_kernels_vs" \
-        > "$OUTDIR/call4_tests.log" 2>&1
-    tail -6 "$OUTDIR/call4_tests.log"
-    timeout -k 10 $((300 - SECONDS)) python3 "$REPO/bench/bench_full_model.py" --skip-hf --skip-generate \
-        --prefill 4096 --decode-batch 1 --json "$OUTDIR/full4.json" > "$OUTDIR/full4.log" 2>&1
-    grep -E "^\| ours|^## compile phases" "$OUTDIR/full4.log"
+    for f in test_moe_route.py test_model_cuda.py test_moe.py; do
+        timeout -k 5 90 python3 -m pytest -q -rfE -m cuda -n 4 -p no:cacheprovider --rootdir "$REPO" \
+            -c "$REPO/pyproject.toml" "$REPO/tests/$f" > "$OUTDIR/cuda_$f.log" 2>&1
+        tail -3 "$OUTDIR/cuda_$f.log"
+    done
+    timeout -k 10 150 python3 "$REPO/bench/bench_full_model.py" --skip-hf --skip-generate --prefill 32768 \
+        --decode-batch --profile --json "$OUTDIR/prefill_32k.json" > "$OUTDIR/prefill_32k.log" 2>&1
+    grep -E "^\| ours" "$OUTDIR/prefill_32k.log"
+    SWEEP_S=$((585 - SECONDS)) moe_prefill_sweep
 }
 for step in ${ORDER:-bench tests}; do "$step"; done
