@@ -45,6 +45,7 @@ import signal
 import sys
 import time
 import traceback
+from typing import Optional
 
 import torch
 
@@ -153,11 +154,13 @@ def param_split(model: KimiForCausalLM) -> dict[str, int]:
     return out
 
 
-def decode_bytes(cfg, split: dict[str, int], B: int, ctx: int) -> float:
-    """Bytes one decode step must move: every non-expert weight, the expected distinct experts, the lm_head, the
-    KDA state read and written, the MLA cache read."""
+def decode_bytes(cfg, split: dict[str, int], B: int, ctx: int, distinct: Optional[float] = None) -> float:
+    """Bytes one decode step must move: every non-expert weight, the distinct experts (``distinct`` a MoE layer,
+    default the expected number under uniform routing), the lm_head, the KDA state read and written, the MLA cache
+    read."""
     E, k = cfg.num_experts, cfg.num_experts_per_token
-    distinct = E * (1 - (1 - 1 / E) ** (k * B))
+    if distinct is None:
+        distinct = E * (1 - (1 - 1 / E) ** (k * B))
     weights = 2 * (split["other"] + split["lm_head"] + split["experts"] * distinct / E)
     n_kda = sum(t == LINEAR for t in cfg.layer_types)
     n_mla = sum(t == FULL for t in cfg.layer_types)
@@ -165,6 +168,22 @@ def decode_bytes(cfg, split: dict[str, int], B: int, ctx: int) -> float:
     kda_state = n_kda * B * (2 * H * K * K * 4 + 2 * cfg.kda_conv_channels * (cfg.linear_conv_kernel_dim - 1) * 2)
     mla_cache = n_mla * B * (ctx + 1) * cfg.mla_cache_dim * 2
     return weights + kda_state + mla_cache
+
+
+def routed_distinct(model, dec) -> float:
+    """Distinct experts a MoE layer routed to in one eager step on the decoder's buffers (mean over layers):
+    random weights route less evenly than uniform, so this is the step's own floor."""
+    from kimi_compile.model import Router
+    counts = []
+    hooks = [m.register_forward_hook(lambda mod, inp, out: counts.append(int(torch.unique(out[0]).numel())))
+             for m in model.modules() if isinstance(m, Router)]
+    try:
+        with torch.no_grad():
+            model(dec.token, dec.state, logits_to_keep=1, cache_position=dec.position)
+    finally:
+        for h in hooks:
+            h.remove()
+    return sum(counts) / max(1, len(counts))
 
 
 def prefill_flops(cfg, split: dict[str, int], T: int) -> float:
@@ -261,10 +280,14 @@ def ours(cfg, args, bw, mm) -> None:
                 dec.graph.replay()
             ms = cuda_ms(one, warmup=3, iters=20)
             floor = decode_bytes(cfg, split, B, ctx) / bw * 1e3
+            distinct = routed_distinct(model, dec)  # after the timing: it writes the scratch buffers
+            floor_routed = decode_bytes(cfg, split, B, ctx, distinct) / bw * 1e3
             tag = f", MoE decode kernels <= {slots} slots" if len(slot_limits) > 1 else ""
             tag += f", SwiGLU inline {inline}" if len(args.swiglu_inline) > 1 else ""
             add(dict(row=f"ours decode B={B} ctx={ctx} (CUDA graph{tag})", ms=round(ms, 3), tok_s=round(B / ms * 1e3),
-                     floor_ms=round(floor, 3), frac_floor=round(floor / ms, 3), compile_capture_s=round(capture_s, 1)))
+                     floor_ms=round(floor, 3), frac_floor=round(floor / ms, 3), compile_capture_s=round(capture_s, 1),
+                     routed_experts_per_layer=round(distinct, 1), floor_ms_routed=round(floor_routed, 3),
+                     frac_floor_routed=round(floor_routed / ms, 3)))
             if args.profile and B == 1:
                 with torch.no_grad(), torch.profiler.profile(
                         activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
