@@ -7,11 +7,10 @@ in a subprocess before triton is imported), compile ahead of time for sm_90 with
 
 import json
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
+from triton_interpreter import interpreter_results
 
 from kimi_compile.ops import moe
 
@@ -225,7 +224,6 @@ def test_out_of_range_expert_ids_raise_before_any_allocation(bad_id, mode):
 
 # ------------------------------------------------------------------------------------------------ decode kernels
 
-HERE = os.path.dirname(os.path.abspath(__file__))
 
 # name: (T, k, E, D, I, dtype, blocks: None = decode_blocks(D, I), else DecodeBlocks fields)
 # D and I are no multiples of the blocks; small blocks give several partial blocks along every axis.
@@ -343,13 +341,7 @@ def _decode_interp_main():
 @pytest.fixture(scope="module")
 def decode_interp_results():
     pytest.importorskip("triton")
-    env = dict(os.environ)
-    env["TRITON_INTERPRET"] = "1"
-    code = "import sys; sys.path.insert(0, %r); import test_moe as t; t._decode_interp_main()" % HERE
-    p = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
-    line = [ln for ln in p.stdout.splitlines() if ln.startswith("RESULT ")]
-    assert p.returncode == 0 and line, f"interpreter run failed:\n{p.stdout[-3000:]}\n{p.stderr[-5000:]}"
-    return json.loads(line[0][len("RESULT "):])
+    return interpreter_results("test_moe", "_decode_interp_main")
 
 
 def assert_decode_close(out, ref, dtype, bf16_truncated=False):

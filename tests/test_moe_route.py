@@ -5,13 +5,11 @@ tensor code."""
 import json
 import math
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
+from triton_interpreter import interpreter_results
 
-HERE = os.path.dirname(os.path.abspath(__file__))
 
 # (N, E, k, renormalize, scaling, weights_with_bias): Kimi's 256 experts top-8 at 1 and 37 rows, E no power of
 # two, k = 1, k = E
@@ -70,13 +68,7 @@ def _interp_main():
 @pytest.fixture(scope="module")
 def interp_results():
     pytest.importorskip("triton")
-    env = dict(os.environ)
-    env["TRITON_INTERPRET"] = "1"
-    code = "import sys; sys.path.insert(0, %r); import test_moe_route as t; t._interp_main()" % HERE
-    p = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
-    line = [ln for ln in p.stdout.splitlines() if ln.startswith("RESULT ")]
-    assert p.returncode == 0 and line, f"interpreter run failed:\n{p.stdout[-3000:]}\n{p.stderr[-5000:]}"
-    return json.loads(line[0][len("RESULT "):])
+    return interpreter_results("test_moe_route", "_interp_main")
 
 
 def assert_routes(ids, weights, logits, bias, kw):
