@@ -462,10 +462,10 @@ def _moe_route_op(logits: Tensor, bias: Tensor, k: int, renormalize: bool, scali
                   weights_with_bias: bool) -> tuple[Tensor, Tensor]:
     """Sigmoid top-k routing of one expert group: CUDA by one Triton kernel (route.py), else tensor code. An
     opaque op, so Inductor neither traces nor re-analyses the kernel at each of the model's MoE layers."""
-    check_route_inputs(logits, bias, k)
-    if logits.is_cuda and _route_module() is not None:
+    if logits.is_cuda and _route_module() is not None:  # route_topk checks its arguments itself
         return _route_module().route_topk(logits, bias, k, renormalize=renormalize, scaling=scaling,
                                           weights_with_bias=weights_with_bias)
+    check_route_inputs(logits, bias, k)
     return moe_route_reference(logits, bias, k, renormalize, scaling, weights_with_bias)
 
 
