@@ -281,9 +281,9 @@ def test_layer_regions_reused_across_layers(attn_res):
 
 
 def test_swiglu_inline_one_row_leaves_no_gemm_and_agrees():
-    """SwiGLU.inline_one_row (on by default): a one-row step under torch.compile runs the dense MLP and the shared experts as
-    reductions (no aten.mm left for their three projections each), with logits equal to the GEMMs' (float32);
-    prompts keep the GEMMs."""
+    """SwiGLU.inline_one_row (on by default): a one-row step under torch.compile runs the dense MLP and the shared
+    experts as reductions (no aten.mm left for their three projections each), with logits equal to the GEMMs'
+    (float32); prompts keep the GEMMs."""
     from functorch.compile import make_boxed_func
     from torch._dynamo.backends.common import aot_autograd
 
