@@ -247,7 +247,7 @@ def ours(cfg, args, bw, mm) -> None:
             with torch.no_grad(), torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
                 step(ids, state, logits_to_keep=1)
                 torch.cuda.synchronize()
-            print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=25), flush=True)
+            print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=40), flush=True)
         run_row("profile prefill", 120, profile_prefill)
 
     slot_limits = args.moe_decode_slots or [None]
@@ -294,7 +294,7 @@ def ours(cfg, args, bw, mm) -> None:
                     dec.position.fill_(ctx)
                     dec._step_fn()
                     torch.cuda.synchronize()
-                print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=25), flush=True)
+                print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=40), flush=True)
                 # which projection each GEMM is: the host-side ops with their input shapes and their kernels' time
                 acts = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
                 with torch.no_grad(), torch.profiler.profile(activities=acts, record_shapes=True) as prof:

@@ -13,8 +13,9 @@ from ``moe_experts_reference``, relative to its largest value. ``--sweep`` also 
 launcher with a few tile choices (``DecodeBlocks``: gate/up rows x columns / warps, down outputs x columns / warps)
 to choose ``decode_blocks``.
 
-``--prefill`` times prefill sizes instead (T = 1024, 4096): the op through ``torch._grouped_mm`` against the Triton
-prefill kernels (``ops/moe/grouped.py``), with ``--sweep`` their tiles at T=4096.
+``--prefill`` times prefill sizes instead (``--tokens``, default T = 1024, 4096): the op through ``torch._grouped_mm``
+against the Triton prefill kernels (``ops/moe/grouped.py``), with ``--sweep`` their tiles at ``--sweep-tokens``
+(default 4096).
 
     python bench/bench_moe.py [--prefill] [--sweep] [--json out.json]
 """
@@ -198,13 +199,14 @@ def _kernel_sweep(emit, args, T, distinct):
                       metric=f"{us:.0f} us, weights {gbps:.0f} GB/s"))
 
 
-def prefill(report=None, tokens=PREFILL_TOKENS, sweep=False):
+def prefill(report=None, tokens=PREFILL_TOKENS, sweep=False, sweep_tokens=4096):
     """Prefill sizes: the op through ``torch._grouped_mm`` against the Triton prefill kernels (``grouped.py``), in
     CUDA graphs, with TFLOP/s (2 x slots x 3 x D x I) and the weight bytes read (distinct experts x 3 x D x I x 2:
-    at ~128 rows an expert the kernels are bound by these); ``sweep`` also times T=4096 with other tiles."""
+    at ~128 rows an expert the kernels are bound by these); ``sweep`` also times ``sweep_tokens`` with other tiles."""
     from kimi_compile.ops.moe import grouped
     rows, emit, weights, copy = _setup(report, "time, rate")
-    saved = moe.PREFILL_KERNEL
+    saved = moe.PREFILL_KERNEL, moe.PREFILL_TRITON_MAX_ROWS
+    moe.PREFILL_TRITON_MAX_ROWS = 1 << 30  # the Triton kernels at every size, to time them against grouped_mm
 
     def rates(T, distinct, us):
         tflops = 2 * T * K * 3 * D * I / us / 1e6
@@ -229,7 +231,7 @@ def prefill(report=None, tokens=PREFILL_TOKENS, sweep=False):
             emit(dict(workload=f"moe_experts T={T}: grouped_mm time / prefill kernels time", ratio=ratio,
                       metric=f"{ratio:.2f}x"))
         if sweep:
-            T = 4096
+            T = sweep_tokens
             args = _inputs(T, weights, seed=T)
             distinct = int(torch.unique(args[1]).numel())
             ref = moe.moe_experts_reference(*args)
@@ -250,7 +252,7 @@ def prefill(report=None, tokens=PREFILL_TOKENS, sweep=False):
                           ours_ms=us / 1e3, us=us, tflops=tflops, gbps=gbps, metric=metric,
                           check=f"max err {err:.2e}"))
     finally:
-        moe.PREFILL_KERNEL = saved
+        moe.PREFILL_KERNEL, moe.PREFILL_TRITON_MAX_ROWS = saved
     return rows
 
 
@@ -259,13 +261,16 @@ def main(argv=None):
     ap.add_argument("--sweep", action="store_true", help="also time T=1 with a few decode tile choices")
     ap.add_argument("--prefill", action="store_true",
                     help="prefill sizes instead (grouped_mm vs the Triton prefill kernels; --sweep: their tiles)")
+    ap.add_argument("--tokens", type=int, nargs="+", default=list(PREFILL_TOKENS), help="prefill sizes to time")
+    ap.add_argument("--sweep-tokens", type=int, default=4096, help="the prefill size --sweep times its tiles at")
     ap.add_argument("--json", default=None, help="write the rows here too")
     a = ap.parse_args(argv)
     if not torch.cuda.is_available():
         sys.exit("bench_moe.py needs a CUDA GPU (it times CUDA graphs)")
     import triton
     print(f"# {torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}")
-    rows = prefill(sweep=a.sweep) if a.prefill else run(sweep=a.sweep)
+    rows = (prefill(tokens=a.tokens, sweep=a.sweep, sweep_tokens=a.sweep_tokens) if a.prefill
+            else run(sweep=a.sweep))
     if a.json:
         tmp = a.json + ".tmp"
         with open(tmp, "w") as f:

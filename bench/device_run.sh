@@ -11,8 +11,9 @@
 # call: run ORDER=bench and ORDER=tests as two calls. MODEL_LAYERS=0 benchmarks the full 27-layer model.
 # ORDER=next_session runs what the 2026-12-04 sessions left unmeasured (one call), ORDER=decode_profile the decode
 # B=1 step's kernels by op and shape, ORDER=moe_prefill_sweep the MoE prefill tiles (SWEEP_S bounds it);
-# ORDER=fp32_parity transformers' fp32 error beside ours. The one-off plans of earlier calls are in git
-# (docs/benchmarks.md names their trees).
+# ORDER=fp32_parity transformers' fp32 error beside ours, ORDER=prefill_32k the T=32768 prefill profile and MoE
+# tiles; a last "pack" step archives the outputs (the device returns 8 files at most). The one-off plans of
+# earlier calls are in git (docs/benchmarks.md names their trees).
 set -u
 REPO=$(cd "$(dirname "$0")/.." && pwd)
 OUTDIR=${1:-${OUT:-/tmp/kimi_out}}
@@ -91,5 +92,35 @@ next_session() {
         --decode-batch --profile --json "$OUTDIR/prefill_32k.json" > "$OUTDIR/prefill_32k.log" 2>&1
     grep -E "^\| ours" "$OUTDIR/prefill_32k.log"
     SWEEP_S=$((585 - SECONDS)) moe_prefill_sweep
+}
+prefill_32k() {
+    # where the T=32768 prefill's 642 ms go (kernels by name), then the MoE op and its tiles at T=32768 (1024 rows
+    # an expert: compute-bound, where T=4096's tiles were picked for streaming weights); ~6 minutes
+    export PYTHONPATH=$PYTHONPATH:$REPO/tests
+    timeout -k 10 200 python3 "$REPO/bench/bench_full_model.py" --skip-hf --skip-generate --prefill 32768 \
+        --decode-batch --profile --json "$OUTDIR/prefill_32k.json" > "$OUTDIR/prefill_32k.log" 2>&1
+    grep -E "^\| ours" "$OUTDIR/prefill_32k.log"
+    timeout -k 5 "${SWEEP_S:-240}" python3 "$REPO/bench/bench_moe.py" --prefill --tokens 32768 --sweep \
+        --sweep-tokens 32768 --json "$OUTDIR/moe_prefill_32k.json" > "$OUTDIR/moe_prefill_32k.log" 2>&1
+    tail -20 "$OUTDIR/moe_prefill_32k.log"
+}
+moe_crossover() {
+    # both MoE prefill paths at 256-1024 rows an expert (where PREFILL_TRITON_MAX_ROWS hands over to grouped_mm),
+    # then the T=32768 prefill with the package's default path, then the MoE CUDA tests; ~6 minutes
+    export PYTHONPATH=$PYTHONPATH:$REPO/tests
+    timeout -k 5 150 python3 "$REPO/bench/bench_moe.py" --prefill --tokens 8192 16384 \
+        --json "$OUTDIR/moe_crossover.json" > "$OUTDIR/moe_crossover.log" 2>&1
+    grep -E "^\| moe_experts" "$OUTDIR/moe_crossover.log"
+    timeout -k 10 150 python3 "$REPO/bench/bench_full_model.py" --skip-hf --skip-generate --prefill 32768 \
+        --decode-batch --json "$OUTDIR/prefill_32k.json" > "$OUTDIR/prefill_32k.log" 2>&1
+    grep -E "^\| ours" "$OUTDIR/prefill_32k.log"
+    timeout -k 5 100 python3 -m pytest -q -rfE -m cuda -n 4 -p no:cacheprovider --rootdir "$REPO" \
+        -c "$REPO/pyproject.toml" "$REPO/tests/test_moe.py" > "$OUTDIR/cuda_test_moe.log" 2>&1
+    tail -3 "$OUTDIR/cuda_test_moe.log"
+}
+pack() {
+    # the device returns at most 8 files: everything but the driver's log in one archive
+    (cd "$OUTDIR" && tar czf /tmp/outputs.tgz --exclude=driver.log . \
+        && find . -mindepth 1 -maxdepth 1 ! -name driver.log -exec rm -rf {} + && mv /tmp/outputs.tgz .)
 }
 for step in ${ORDER:-bench tests}; do "$step"; done

@@ -613,7 +613,8 @@ def test_cuda_decode_kimi_widths(T):
 def test_cuda_dispatch_decode_up_to_the_threshold_then_grouped_mm(monkeypatch):
     """T * k <= DECODE_MAX_SLOTS runs the decode kernels; above it the Triton prefill kernels (PREFILL_KERNEL
     "triton", the default) or the grouped GEMM ("grouped_mm": bf16, sm90+; before sm90 the sorted loop, E=16 < 72
-    slots); all match moe_experts_reference."""
+    slots); with "triton", from PREFILL_TRITON_MAX_ROWS rows an expert the grouped GEMM where it runs; all match
+    moe_experts_reference."""
     k = 8
     T_decode = moe.DECODE_MAX_SLOTS // k
     calls = []
@@ -627,8 +628,11 @@ def test_cuda_dispatch_decode_up_to_the_threshold_then_grouped_mm(monkeypatch):
     grouped = torch.cuda.get_device_capability() >= (9, 0) and hasattr(torch, "_grouped_mm")
     assert moe.PREFILL_KERNEL == "triton"
     above = "grouped_mm" if grouped else "sorted_loop"
+    monkeypatch.setattr(moe, "PREFILL_TRITON_MAX_ROWS", 8)  # E=16 experts: from T * k = 128 slots, T = 16
     for kernel, T, want in (("triton", 1, "decode"), ("triton", T_decode, "decode"),
-                            ("triton", T_decode + 1, "prefill"), ("grouped_mm", T_decode + 1, above)):
+                            ("triton", T_decode + 1, "prefill"), ("triton", 15, "prefill"),
+                            ("triton", 16, "grouped_mm" if grouped else "prefill"),
+                            ("grouped_mm", T_decode + 1, above)):
         monkeypatch.setattr(moe, "PREFILL_KERNEL", kernel)
         args = [a.cuda() for a in make(T, 64, 32, 16, k, dtype=torch.bfloat16, seed=T, distinct=False)]
         assert moe._forward_path(args[0], args[1], args[3]) == want, T

@@ -23,7 +23,8 @@ whatever runs fastest on the device:
   (``decode.py``): one program per (slot, block of I) forms ``silu(gate) * up`` in float32, one per (token, block
   of D) applies the down projections and the weighted sum. Each slot streams its expert's weights; no sort, no
   host sync, fixed shapes (capturable in a CUDA graph).
-* CUDA, float16 / bfloat16, more slots, ``PREFILL_KERNEL == "triton"``: two Triton grouped-GEMM kernels
+* CUDA, float16 / bfloat16, more slots (below ``PREFILL_TRITON_MAX_ROWS`` an expert where the next path
+  applies), ``PREFILL_KERNEL == "triton"``: two Triton grouped-GEMM kernels
   (``grouped.py``) over the slots sorted by expert and padded to whole row blocks; the tokens and weights are read
   where they lie and ``silu(gate) * up`` is formed in the first kernel's registers; no host sync.
 * CUDA, bfloat16, sm90+, D and I multiples of 8, more slots: ``torch._grouped_mm`` over the token-slots sorted by
@@ -67,6 +68,12 @@ DECODE_MAX_SLOTS = 64
 # widths, E=256, top-8, the whole op in CUDA graphs (bench_moe.py --prefill): T=4096 1755 us vs 1893 us, T=1024
 # 1240 vs 1323 (the default tiles then; both paths read the weights at ~2 TB/s, half the copy rate).
 PREFILL_KERNEL = "triton"
+
+# With "triton", from this many rows an expert on average (T * k / E) torch._grouped_mm runs instead where it can:
+# there the GEMMs are compute-bound and cuBLAS's grouped GEMM outruns the Triton kernels. H200, Kimi widths, the
+# whole op, grouped_mm against Triton: 128 rows an expert (T=4096) 1917 / 1637 us, 256 rows 2689 / 2725 us, 512
+# rows 4543 / 4993 us, 1024 rows 8265 / 9504 us; the 48B prefill at T=32768 608.9 ms against 637.6 ms.
+PREFILL_TRITON_MAX_ROWS = 512
 
 # The backward through torch._grouped_mm without a host sync (``_backward_grouped_mm``; bf16, sm90+). H200,
 # bench_train.py (1.33 B model, T=4096, compiled): a training step 89.3 ms against 181.7 ms through the per-expert
@@ -236,8 +243,8 @@ def _prefill_module():
 
 def _forward_path(x: Tensor, topk_ids: Tensor, w_gate: Tensor) -> str:
     """Which implementation runs the forward: "decode", "prefill", "grouped_mm", "gathered" or "sorted_loop"
-    (metadata only; reads ``DECODE_MAX_SLOTS`` and ``PREFILL_KERNEL`` at call time, so a benchmark may move
-    them)."""
+    (metadata only; reads ``DECODE_MAX_SLOTS``, ``PREFILL_KERNEL`` and ``PREFILL_TRITON_MAX_ROWS`` at call time,
+    so a benchmark may move them)."""
     T, k = topk_ids.shape
     if PREFILL_KERNEL not in ("triton", "grouped_mm"):
         raise ValueError(f"kimi_compile.ops.moe.PREFILL_KERNEL must be 'triton' or 'grouped_mm', got "
@@ -247,9 +254,11 @@ def _forward_path(x: Tensor, topk_ids: Tensor, w_gate: Tensor) -> str:
     if T * k <= DECODE_MAX_SLOTS and x.dtype in (torch.float16, torch.bfloat16, torch.float32) \
             and _decode_module() is not None:
         return "decode"
-    if PREFILL_KERNEL == "triton" and x.dtype in (torch.float16, torch.bfloat16) and _prefill_module() is not None:
+    grouped_mm = _grouped_mm_usable(x, w_gate)
+    if PREFILL_KERNEL == "triton" and x.dtype in (torch.float16, torch.bfloat16) and _prefill_module() is not None \
+            and not (grouped_mm and T * k >= PREFILL_TRITON_MAX_ROWS * w_gate.shape[0]):
         return "prefill"
-    if _grouped_mm_usable(x, w_gate):
+    if grouped_mm:
         return "grouped_mm"
     if T * k <= max(w_gate.shape[0], 64):
         return "gathered"
