@@ -85,7 +85,7 @@ same_run() {
     grep -E "^\| (ours|transformers)" "$OUTDIR/same_run.log"
 }
 prefill_32k() {
-    # where the T=32768 prefill's 642 ms go (kernels by name), then the MoE op and its tiles at T=32768 (1024 rows
+    # where the T=32768 prefill's time goes (kernels by name), then the MoE op and its tiles at T=32768 (1024 rows
     # an expert: compute-bound, where T=4096's tiles were picked for streaming weights); ~6 minutes
     export PYTHONPATH=$PYTHONPATH:$REPO/tests
     timeout -k 10 200 python3 "$REPO/bench/bench_full_model.py" --skip-hf --skip-generate --prefill 32768 \
