@@ -386,8 +386,11 @@ def test_prefill_kernels_interpreter(decode_interp_results, name):
     assert_prefill_close(out, loop_reference(*args), args[0].dtype, bf16_truncated=True)
 
 
-# (T, k, E, block_m): several chunks of LAYOUT_CHUNK slots, an expert count no power of two, one slot, none
-LAYOUT_CASES = [(37, 8, 16, 16), (5, 2, 4, 64), (1, 1, 3, 16), (300, 8, 256, 64), (97, 6, 40, 32), (0, 4, 8, 16)]
+# (T, k, E, block_m): several chunks of LAYOUT_CHUNK slots, an expert count no power of two, one slot, none;
+# several programs of the running sums (E > LAYOUT_EXPERTS) and of the block experts; more chunks than one step
+# of the running sums takes (8800 slots: 69 chunks, 64 a step at 32 experts a program; 40 experts: 2 programs)
+LAYOUT_CASES = [(37, 8, 16, 16), (5, 2, 4, 64), (1, 1, 3, 16), (300, 8, 256, 64), (97, 6, 40, 32), (0, 4, 8, 16),
+                (1100, 8, 40, 16)]
 
 
 def _layout_ids(T, k, E):
@@ -396,7 +399,7 @@ def _layout_ids(T, k, E):
 
 @pytest.mark.parametrize("case", LAYOUT_CASES, ids=str)
 def test_prefill_layout_kernels_interpreter(decode_interp_results, case):
-    """The three layout kernels give align_rows' torch layout exactly (both keep an expert's slots in slot order)."""
+    """The layout kernels give align_rows' torch layout exactly (both keep an expert's slots in slot order)."""
     from kimi_compile.ops.moe import grouped
     want = grouped.align_rows(_layout_ids(*case[:3]), *case[2:])
     got = decode_interp_results["layout %s" % (case,)]
@@ -487,7 +490,8 @@ def test_prefill_kernels_compile_for_sm90(kernel):
     assert f".entry {kernel}" in ptx and "wgmma.mma_async" in ptx
 
 
-@pytest.mark.parametrize("kernel", ["_chunk_counts_kernel", "_layout_offsets_kernel", "_place_slots_kernel"])
+@pytest.mark.parametrize("kernel", ["_chunk_counts_kernel", "_expert_scan_kernel", "_block_experts_kernel",
+                                    "_place_slots_kernel"])
 def test_layout_kernels_compile_for_sm90(kernel):
     """The layout kernels at Kimi's 256 experts and 64-row blocks, compiled ahead of time for the H200."""
     triton = pytest.importorskip("triton")
@@ -497,11 +501,11 @@ def test_layout_kernels_compile_for_sm90(kernel):
     from kimi_compile.ops.moe import grouped
 
     fn = getattr(grouped, kernel)
-    pointers = dict(Ids="*i64", ChunkCounts="*i32", ChunkBase="*i32", PadStart="*i32", BlockExpert="*i64",
-                    SlotOfRow="*i64", RowOfSlot="*i64")
+    pointers = dict(Ids="*i64", ChunkCounts="*i32", ChunkBase="*i32", Totals="*i32", PadStart="*i32",
+                    BlockExpert="*i64", SlotOfRow="*i64", RowOfSlot="*i64")
     sig = {p.name: pointers.get(p.name, "constexpr" if p.is_constexpr else "i32") for p in fn.params}
-    consts = {k: v for k, v in dict(E=256, BLOCK_E=256, C=grouped.LAYOUT_CHUNK, SUB=32, BLOCK_M=64, CHUNKS=32,
-                                     BLOCKS=32).items() if k in sig}
+    consts = {k: v for k, v in dict(E=256, BLOCK_E=256, C=grouped.LAYOUT_CHUNK, SUB=32, BLOCK_M=64,
+                                     EXPERTS=grouped.LAYOUT_EXPERTS, CHUNKS=64, BLOCKS=32).items() if k in sig}
     compiled = triton.compile(ASTSource(fn, sig, consts), target=GPUTarget("cuda", 90, 32),
                               options={"num_warps": 8})
     assert f".entry {kernel}" in compiled.asm["ptx"]

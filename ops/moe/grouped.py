@@ -17,8 +17,8 @@ Layout (every size a host int, no host sync: capturable in a CUDA graph)::
     block_expert [R / BLOCK_M]   int64, each block's expert; E past the last used block (those programs return)
     row_of_slot  [P]             int64, the inverse: the row of each slot (read by the weighted sum)
 
-0. ``align_rows``: the layout, by three small kernels (per-chunk expert counts; one program for the offsets and
-   each block's expert; each slot placed in its row).
+0. ``align_rows``: the layout, by four small kernels (per-chunk expert counts; each expert's running sum down
+   the chunks; each block's expert; each slot placed in its row).
 1. ``_gate_up_kernel``, grid (R / BLOCK_M, cdiv(I, BLOCK_N)): ``h[row, n] = silu(x[tok] . w_gate[e, n]) *
    (x[tok] . w_up[e, n])``, tok = slot // k, both products accumulated in float32 from one load of the x tile,
    rounded once to x's dtype (h [R, I]).
@@ -220,9 +220,13 @@ def rows_bound(P: int, E: int, block_m: int) -> int:
     return triton.cdiv(P + E * (block_m - 1), block_m) * block_m
 
 
-# the layout in three small kernels (``align_rows`` on CUDA / the interpreter): torch's sort, scatters, cumsums and
-# searchsorted took 134 us a MoE layer at T=4096 (H200), ~13 launches. Slots are taken in chunks of LAYOUT_CHUNK.
+# the layout in four small kernels (``align_rows`` on CUDA / the interpreter): torch's sort, scatters, cumsums and
+# searchsorted took 134 us a MoE layer at T=4096 (H200), ~13 launches. Slots are taken in chunks of LAYOUT_CHUNK;
+# the running sums down the chunks run LAYOUT_EXPERTS experts a program. One program for all the offsets and
+# block experts took 44 us a layer at T=4096 and 313 us at T=32768 (H200 profiles); spread over 8 programs for
+# the sums and ~n_blocks / 32 for the block experts, a few us each is the prediction (not measured yet).
 LAYOUT_CHUNK = 128
+LAYOUT_EXPERTS = 32
 
 
 @triton.jit
@@ -240,13 +244,13 @@ def _chunk_counts_kernel(Ids, ChunkCounts, P, E: tl.constexpr, BLOCK_E: tl.const
 
 
 @triton.jit
-def _layout_offsets_kernel(ChunkCounts, ChunkBase, PadStart, BlockExpert, n_chunks, n_blocks, E: tl.constexpr,
-                           BLOCK_E: tl.constexpr, BLOCK_M: tl.constexpr, CHUNKS: tl.constexpr, BLOCKS: tl.constexpr):
-    """One program: ChunkBase[c, e] = expert e's slots in chunks before c; each expert's first padded row
-    (PadStart); each block's expert (E past the last used block)."""
-    e = tl.arange(0, BLOCK_E)
+def _expert_scan_kernel(ChunkCounts, ChunkBase, Totals, n_chunks, E: tl.constexpr, EXPERTS: tl.constexpr,
+                        CHUNKS: tl.constexpr):
+    """Program p, experts [p * EXPERTS, (p + 1) * EXPERTS): ChunkBase[c, e] = expert e's slots in chunks before c
+    (a running sum down the chunks), Totals[e] = all of expert e's slots."""
+    e = tl.program_id(0) * EXPERTS + tl.arange(0, EXPERTS)
     e_ok = e < E
-    total = tl.zeros([BLOCK_E], dtype=tl.int32)
+    total = tl.zeros([EXPERTS], dtype=tl.int32)
     for c0 in range(0, n_chunks, CHUNKS):
         c = c0 + tl.arange(0, CHUNKS)
         ok = (c < n_chunks)[:, None] & e_ok[None, :]
@@ -254,14 +258,26 @@ def _layout_offsets_kernel(ChunkCounts, ChunkBase, PadStart, BlockExpert, n_chun
         before = tl.cumsum(counts, axis=0) - counts + total[None, :]
         tl.store(ChunkBase + c[:, None] * E + e[None, :], before, mask=ok)
         total += tl.sum(counts, axis=0)
+    tl.store(Totals + e, total, mask=e_ok)
+
+
+@triton.jit
+def _block_experts_kernel(Totals, PadStart, BlockExpert, n_blocks, E: tl.constexpr, BLOCK_E: tl.constexpr,
+                          BLOCK_M: tl.constexpr, BLOCKS: tl.constexpr):
+    """Program p, blocks [p * BLOCKS, (p + 1) * BLOCKS): each block's expert (E past the last used block), from the
+    experts' padded row counts (each program sums all E); program 0 also writes each expert's first padded row
+    (PadStart)."""
+    e = tl.arange(0, BLOCK_E)
+    e_ok = e < E
+    total = tl.load(Totals + e, mask=e_ok, other=0)
     padded = (total + BLOCK_M - 1) // BLOCK_M * BLOCK_M
     pad_end = tl.cumsum(padded, axis=0)
-    tl.store(PadStart + e, pad_end - padded, mask=e_ok)
+    if tl.program_id(0) == 0:
+        tl.store(PadStart + e, pad_end - padded, mask=e_ok)
     pad_end = tl.where(e_ok, pad_end, 2147483647)  # lanes past E never count
-    for j0 in range(0, n_blocks, BLOCKS):
-        j = j0 + tl.arange(0, BLOCKS)
-        expert = tl.sum((pad_end[None, :] <= (j * BLOCK_M)[:, None]).to(tl.int32), axis=1)
-        tl.store(BlockExpert + j, expert.to(tl.int64), mask=j < n_blocks)
+    j = tl.program_id(0) * BLOCKS + tl.arange(0, BLOCKS)
+    expert = tl.sum((pad_end[None, :] <= (j * BLOCK_M)[:, None]).to(tl.int32), axis=1)
+    tl.store(BlockExpert + j, expert.to(tl.int64), mask=j < n_blocks)
 
 
 @triton.jit
@@ -284,19 +300,25 @@ def _align_rows_kernels(flat: Tensor, E: int, block_m: int) -> tuple[Tensor, Ten
     R = rows_bound(P, E, block_m)
     n_chunks, n_blocks = triton.cdiv(P, LAYOUT_CHUNK), R // block_m
     block_e = max(16, triton.next_power_of_2(E))
+    experts = min(block_e, LAYOUT_EXPERTS)
+    blocks = max(1, 8192 // block_e)  # a [blocks, block_e] comparison tile a program
     chunk_counts = torch.empty(n_chunks, E, dtype=torch.int32, device=dev)
     chunk_base = torch.empty_like(chunk_counts)
+    totals = torch.empty(E, dtype=torch.int32, device=dev)
     pad_start = torch.empty(E, dtype=torch.int32, device=dev)
     block_expert = torch.empty(n_blocks, dtype=torch.int64, device=dev)
     slot_of_row = torch.full((R,), P, dtype=torch.int64, device=dev)
     row_of_slot = torch.empty(P, dtype=torch.int64, device=dev)
     with device_guard(flat):
-        if n_chunks:  # no slots: every block is past the last used one (the offsets kernel writes E)
+        if n_chunks:  # no slots: the scan writes zero totals, every block is past the last used one
             _chunk_counts_kernel[(n_chunks,)](flat, chunk_counts, P, E=E, BLOCK_E=block_e, C=LAYOUT_CHUNK, SUB=32,
                                               num_warps=4)
-        _layout_offsets_kernel[(1,)](chunk_counts, chunk_base, pad_start, block_expert, n_chunks, n_blocks, E=E,
-                                     BLOCK_E=block_e, BLOCK_M=block_m, CHUNKS=max(1, 8192 // block_e),
-                                     BLOCKS=max(1, 8192 // block_e), num_warps=8)
+        _expert_scan_kernel[(triton.cdiv(E, experts),)](chunk_counts, chunk_base, totals, n_chunks, E=E,
+                                                        EXPERTS=experts, CHUNKS=max(1, 2048 // experts),
+                                                        num_warps=4)
+        _block_experts_kernel[(triton.cdiv(n_blocks, blocks),)](totals, pad_start, block_expert, n_blocks, E=E,
+                                                                BLOCK_E=block_e, BLOCK_M=block_m, BLOCKS=blocks,
+                                                                num_warps=8)
         if n_chunks:
             _place_slots_kernel[(n_chunks,)](flat, chunk_base, pad_start, slot_of_row, row_of_slot, P, E=E,
                                              C=LAYOUT_CHUNK, num_warps=8)
@@ -305,7 +327,7 @@ def _align_rows_kernels(flat: Tensor, E: int, block_m: int) -> tuple[Tensor, Ten
 
 def align_rows(topk_ids: Tensor, E: int, block_m: int) -> tuple[Tensor, Tensor, Tensor]:
     """``(slot_of_row, block_expert, row_of_slot)`` of the padded expert-sorted layout (module docstring), on the
-    device, without a host sync: three Triton kernels on CUDA (and under the interpreter), torch ops on the CPU.
+    device, without a host sync: four Triton kernels on CUDA (and under the interpreter), torch ops on the CPU.
     Both place an expert's slots in slot order, so they give the same layout."""
     flat = topk_ids.reshape(-1)
     if flat.is_cuda or _INTERPRET:
