@@ -9,11 +9,12 @@
 # compiling on the CPU). On the H200 the bench parts take about 5 minutes (train up to 3 on a cold machine: FLA's
 # backward autotunes) and the CUDA tests about 8 on one worker, so the whole does not fit one 10-minute
 # call: run ORDER=bench and ORDER=tests as two calls. MODEL_LAYERS=0 benchmarks the full 27-layer model.
-# ORDER="same_run moe_prefill_sweep pack" times ours and transformers + FLA at T=4096 / 32768 in one process,
-# then the MoE prefill kernels and the layout alone (one call; not yet run); ORDER=decode_profile the decode B=1 step's kernels by op and shape; ORDER=moe_prefill_sweep the MoE
-# prefill tiles (SWEEP_S bounds it); ORDER=fp32_parity transformers' fp32 error beside ours; ORDER=prefill_32k
-# the T=32768 prefill profile and MoE tiles. A last "pack" step archives the outputs (the device returns 8 files
-# at most). The one-off plans of earlier calls are in git (docs/benchmarks.md names their trees).
+# ORDER="same_run pack" times ours and transformers + FLA at T=4096 / 32768 in one process (one call; not yet
+# run); ORDER=decode_profile the decode B=1 step's kernels by op and shape; ORDER=moe_prefill_sweep the MoE
+# prefill tiles and the layout alone (SWEEP_S bounds it); ORDER=fp32_parity transformers' fp32 error beside
+# ours; ORDER=prefill_32k the T=32768 prefill profile and MoE tiles. A last "pack" step archives the outputs
+# (the device returns 8 files at most). The one-off plans of earlier calls are in git (docs/benchmarks.md names
+# their trees).
 set -u
 REPO=$(cd "$(dirname "$0")/.." && pwd)
 OUTDIR=${1:-${OUT:-/tmp/kimi_out}}
