@@ -9,10 +9,12 @@
 # compiling on the CPU). On the H200 the bench parts take about 5 minutes (train up to 3 on a cold machine: FLA's
 # backward autotunes) and the CUDA tests about 8 on one worker, so the whole does not fit one 10-minute
 # call: run ORDER=bench and ORDER=tests as two calls. MODEL_LAYERS=0 benchmarks the full 27-layer model.
-# ORDER="same_run pack" times ours and transformers + FLA at T=4096 / 32768 in one process (one call; not yet
-# run); ORDER=decode_profile the decode B=1 step's kernels by op and shape; ORDER=moe_prefill_sweep the MoE
-# prefill tiles and the layout alone (SWEEP_S bounds it); ORDER=fp32_parity transformers' fp32 error beside
-# ours; ORDER=prefill_32k the T=32768 prefill profile and MoE tiles. A last "pack" step archives the outputs
+# ORDER="full_table pack" runs every row of issue 19 in one process, ours and transformers + FLA (~4 minutes
+# with a warm Inductor cache, more cold; FULL_S bounds it); "same_run" the prefill rows alone; "model_tests
+# short_conv_sweep ours_profile" the CUDA model tests, the short conv's tiles and our rows with the decode step's
+# kernels by op and shape; decode_profile that profile with and without the SwiGLU inline; moe_prefill_sweep the
+# MoE prefill tiles and the layout alone (SWEEP_S bounds it); fp32_parity transformers' fp32 error beside ours
+# (~3 minutes); prefill_32k the T=32768 prefill profile and MoE tiles. A last "pack" step archives the outputs
 # (the device returns 8 files at most). The one-off plans of earlier calls are in git (docs/benchmarks.md names
 # their trees).
 set -u
@@ -95,6 +97,32 @@ prefill_32k() {
     timeout -k 5 "${SWEEP_S:-240}" python3 "$REPO/bench/bench_moe.py" --prefill --tokens 32768 --sweep \
         --sweep-tokens 32768 --json "$OUTDIR/moe_prefill_32k.json" > "$OUTDIR/moe_prefill_32k.log" 2>&1
     tail -20 "$OUTDIR/moe_prefill_32k.log"
+}
+short_conv_sweep() {
+    # the q|k|v conv at T=4096 / 32768 against its bytes floor, and its tiles (~1 minute)
+    timeout -k 5 "${SWEEP_S:-120}" python3 "$REPO/bench/bench_short_conv.py" --sweep --json "$OUTDIR/short_conv.json" \
+        > "$OUTDIR/short_conv.log" 2>&1; cat "$OUTDIR/short_conv.log" | grep "^|"
+}
+model_tests() {
+    # the CUDA model (static decode step through the layer regions) and the short conv kernel (~2 minutes)
+    TESTS="tests/test_model_cuda.py tests/test_short_conv_triton.py" TEST_S=${MODEL_TEST_S:-170} tests \
+        | grep -E "passed|failed|error" | tail -5
+}
+ours_profile() {
+    # our rows alone (prefill T=4096 / 32768, decode B=1), the T=4096 prefill's and the decode step's kernels (~4 min)
+    export PYTHONPATH=$PYTHONPATH:$REPO/tests
+    timeout -k 10 "${PROFILE_S:-300}" python3 "$REPO/bench/bench_full_model.py" --skip-hf --skip-generate \
+        --prefill 4096 32768 --decode-batch 1 --profile --json "$OUTDIR/ours_profile.json" \
+        > "$OUTDIR/ours_profile.log" 2>&1
+    grep -E "^\| ours" "$OUTDIR/ours_profile.log"
+}
+full_table() {
+    # every row of issue 19 in one process: ours, then transformers + FLA (prefill T=4096 / 32768, decode B=1 / 32
+    # / 256 in CUDA graphs, a cold generate, transformers' rows); FULL_S bounds it
+    export PYTHONPATH=$PYTHONPATH:$REPO/tests
+    timeout -k 10 "${FULL_S:-560}" python3 "$REPO/bench/bench_full_model.py" --json "$OUTDIR/full_table.json" \
+        > "$OUTDIR/full_table.log" 2>&1
+    grep -E "^\| (ours|transformers)" "$OUTDIR/full_table.log"
 }
 pack() {
     # the device returns at most 8 files: everything but the driver's log in one archive

@@ -51,7 +51,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--batch", type=int, default=16, help="sequences per step")
     p.add_argument("--length", type=int, default=8, help="tokens per copy (sequence = 2 * length + 2)")
     p.add_argument("--symbols", type=int, default=8, help="alphabet size of the copied tokens")
-    p.add_argument("--lr", type=float, default=1e-2, help="AdamW learning rate")
+    p.add_argument("--lr", type=float, default=3e-3, help="AdamW learning rate")
     p.add_argument("--attn-res", type=int, default=1, help="AttnRes block size in sublayers (1 = full AttnRes)")
     p.add_argument("--layers", type=int, default=None, help="keep only the first N layers of the tiny model")
     p.add_argument("--backend", default="inductor", help="torch.compile backend, or 'none' for eager")

@@ -6,8 +6,9 @@ weights, single-file (``model.safetensors``) or sharded (``model.safetensors.ind
 Streaming: the model is built on the meta device, every parameter is allocated once on the target device, and
 tensors are read one at a time with ``safe_open`` (memory-mapped) and copied into place; routed experts
 (``experts.{j}.w1/w2/w3`` or ``gate_proj/up_proj/down_proj``) go straight into their row of the stacked
-``[E, I, D]`` / ``[E, D, I]`` parameters and the hub's separate ``q_conv1d / k_conv1d / v_conv1d`` into their rows
-of the fused conv weight. No second full copy of the model is ever held.
+``[E, I, D]`` / ``[E, D, I]`` parameters, the hub's separate ``q_conv1d / k_conv1d / v_conv1d`` into their rows
+of the fused conv weight, and KDA's ``q/k/v_proj`` and ``f_a/g_a/b_proj`` into their rows of ``qkv_proj`` and
+``gate_in_proj``. No second full copy of the model is ever held.
 
 Accepted names (prefix ``model.`` except ``lm_head.weight``):
 
@@ -20,7 +21,8 @@ Accepted names (prefix ``model.`` except ``lm_head.weight``):
 * DeepSeek-V3 / K2: ``mlp.{gate, experts.{j}.{gate,up,down}_proj, shared_experts}``, q-LoRA names; FP8 block
   quantised weights (``weight_scale_inv``, ``quantization_config.weight_block_size``) are dequantised on the fly;
   multi-token-prediction layers (index >= num_hidden_layers, < + num_nextn_predict_layers) are skipped;
-* kimi-compile's own parameter names (``experts.w_gate``, ``conv1d.weight [3C,W]``, AttnRes parameters).
+* kimi-compile's own parameter names (``experts.w_gate``, ``conv1d.weight [3C,W]``, ``qkv_proj.weight``,
+  ``gate_in_proj.weight``, AttnRes parameters).
 
 Validation before allocation: ``config.json`` is checked first (types, finiteness and the documented
 :data:`kimi_compile.config.INT_BOUNDS`), then every safetensors header (size, JSON, dtype, shape and byte span of
@@ -262,6 +264,14 @@ class _Mapper:
                     return [_Piece(conv, slice(j * C, (j + 1) * C), ((C, 1, W), (C, W)))]
             if rest == "conv1d.weight":
                 return [_Piece(conv, slice(None), ((3 * C, 1, W), (3 * C, W)))]
+            # the separate input projections fill rows of the two fused ones (KDAAttention's docstring)
+            qkv, gates = p + "self_attn.qkv_proj.weight", p + "self_attn.gate_in_proj.weight"
+            rows = {"q_proj": (qkv, 0, C), "k_proj": (qkv, C, C), "v_proj": (qkv, 2 * C, C),
+                    "f_a_proj": (gates, 0, K), "g_a_proj": (gates, K, K), "b_proj": (gates, 2 * K, H)}
+            m = re.fullmatch(r"(\w+)\.weight", rest)
+            if m is not None and m.group(1) in rows:
+                param, start, n = rows[m.group(1)]
+                return [_Piece(param, slice(start, start + n), ((n, cfg.hidden_size),))]
             if rest == "A_log":
                 return self._direct(p + "self_attn.A_log", ((1, 1, H, 1),))
         return self._direct(p + "self_attn." + rest)
@@ -299,9 +309,13 @@ class _Mapper:
             suffix = {"w_gate": ("w1", "gate_proj"), "w_up": ("w3", "up_proj"), "w_down": ("w2", "down_proj")}
             mod, leaf = ("block_sparse_moe", suffix[m.group(2)][0]) if kimi else ("mlp", suffix[m.group(2)][1])
             return f"model.layers.{m.group(1)}.{mod}.experts.{row}.{leaf}.weight"
+        C, K = cfg.linear_num_heads * cfg.linear_head_dim, cfg.linear_head_dim
         if param.endswith("self_attn.conv1d.weight"):
-            C = cfg.linear_num_heads * cfg.linear_head_dim
             return param.replace("conv1d.weight", "qkv"[min(row // C, 2)] + "_conv1d.weight")
+        if param.endswith("self_attn.qkv_proj.weight"):
+            return param.replace("qkv_proj", "qkv"[min(row // C, 2)] + "_proj")
+        if param.endswith("self_attn.gate_in_proj.weight"):
+            return param.replace("gate_in_proj", ("f_a", "g_a", "b")[min(row // K, 2)] + "_proj")
         if kimi and ".mlp." in param and cfg.mlp_layer_types[int(param.split(".")[2])] == SPARSE:
             return param.replace(".mlp.", ".block_sparse_moe.")
         return param

@@ -136,6 +136,11 @@ class KDAAttention(nn.Module):
     q, k, v projections -> one short conv (SiLU) over the concatenated channels -> q, k L2-normalised over K;
     g = -exp(A_log) * softplus(f_b(f_a(x)) + dt_bias) and beta = sigmoid(b_proj(x)) in float32;
     o = kda(q, k, v, g, beta); out = o_proj(RMSNorm(o) * w * sigmoid(g_b(g_a(x)))).
+
+    The projections that read ``x`` are two GEMMs over concatenated weights (the loader fills their rows from the
+    checkpoint's separate tensors): ``qkv_proj`` rows ``[q | k | v]`` (``[3 H K, D]``; its output is the conv's
+    input, so no concatenation runs) and ``gate_in_proj`` rows ``[f_a | g_a | b]`` (``[2 K + H, D]``). In a decode
+    step that is 2 GEMVs instead of 6 plus the q|k|v concatenation.
     """
 
     def __init__(self, config: KimiConfig, layer_idx: int) -> None:
@@ -144,51 +149,52 @@ class KDAAttention(nn.Module):
         H, K = config.linear_num_heads, config.linear_head_dim
         self.layer_idx = layer_idx
         self.num_heads, self.head_dim = H, K
-        self.q_proj = nn.Linear(D, H * K, bias=False)
-        self.k_proj = nn.Linear(D, H * K, bias=False)
-        self.v_proj = nn.Linear(D, H * K, bias=False)
+        self.qkv_proj = nn.Linear(D, 3 * H * K, bias=False)
         self.conv1d = ShortConv(3 * H * K, config.linear_conv_kernel_dim)
         self.A_log = nn.Parameter(torch.empty(H, dtype=torch.float32))
         self.dt_bias = nn.Parameter(torch.empty(H * K, dtype=torch.float32))
-        self.f_a_proj = nn.Linear(D, K, bias=False)
+        self.gate_in_proj = nn.Linear(D, 2 * K + H, bias=False)
         self.f_b_proj = nn.Linear(K, H * K, bias=False)
-        self.b_proj = nn.Linear(D, H, bias=False)
-        self.g_a_proj = nn.Linear(D, K, bias=False)
         self.g_b_proj = nn.Linear(K, H * K, bias=False)
         self.o_norm = GatedRMSNorm(K, config.rms_norm_eps)
         self.o_proj = nn.Linear(H * K, D, bias=False)
 
     def forward(self, x: Tensor, conv_state: Optional[Tensor], recurrent_state: Optional[Tensor]
                 ) -> tuple[Tensor, Tensor, Tensor]:
-        q, k, v, g, beta, new_conv_state = self.project(x, conv_state)
+        gate, q, k, v, g, beta, new_conv_state = self.project(x, conv_state)
         o, new_recurrent_state = _kda_op(q, k, v, g, beta, initial_state=recurrent_state, scale=self.scale)
-        return self.finish(x, o), new_conv_state, new_recurrent_state
+        return self.finish(gate, o), new_conv_state, new_recurrent_state
 
     @property
     def scale(self) -> float:
         return self.head_dim ** -0.5
 
     def project(self, x: Tensor, conv_state: Optional[Tensor]) -> tuple[Tensor, ...]:
-        """Up to the recurrence: ``(q, k, v, g, beta, new_conv_state)`` in kimi::kda's layouts."""
+        """Up to the recurrence: ``(gate, q, k, v, g, beta, new_conv_state)``, q..beta in kimi::kda's layouts,
+        ``gate = g_b(g_a(x))`` ``[B, T, H, K]`` the output gate's logits (for :meth:`finish`).
+
+        The output gate is projected here, not in :meth:`finish`: handed from the ``kda_project`` region to the
+        next, a slice of ``gate_in_proj``'s output read wrong values under torch 2.13's CPU Inductor, so the
+        regions pass fresh tensors."""
         B, T, _ = x.shape
-        H, K = self.num_heads, self.head_dim
-        qkv = torch.cat([self.q_proj(x), self.k_proj(x), self.v_proj(x)], dim=-1)
-        qkv, new_conv_state = self.conv1d(qkv, conv_state)
+        H, K = self.num_heads, self.head_dim  # local heads under tensor parallelism
+        qkv, new_conv_state = self.conv1d(self.qkv_proj(x), conv_state)
         q, k, v = qkv.split(H * K, dim=-1)
         q = _l2norm(q.reshape(B, T, H, K)).to(v.dtype)
         k = _l2norm(k.reshape(B, T, H, K)).to(v.dtype)
         v = v.reshape(B, T, H, K)
 
-        raw = _acc(self.f_b_proj(self.f_a_proj(x)))
+        forget_low, gate_low, beta_raw = self.gate_in_proj(x).split([K, K, H], dim=-1)
+        gate = self.g_b_proj(gate_low).view(B, T, H, K)
+        raw = _acc(self.f_b_proj(forget_low))
         raw = raw + self.dt_bias.to(raw.dtype)
         g = -torch.exp(self.A_log.to(raw.dtype)).view(H, 1) * F.softplus(raw.view(B, T, H, K))
-        beta = torch.sigmoid(_acc(self.b_proj(x)))
-        return q, k, v, g, beta, new_conv_state
+        beta = torch.sigmoid(_acc(beta_raw))
+        return gate, q, k, v, g, beta, new_conv_state
 
-    def finish(self, x: Tensor, o: Tensor) -> Tensor:
+    def finish(self, gate: Tensor, o: Tensor) -> Tensor:
         """After the recurrence: the gated output norm and the output projection of ``o [B, T, H, K]``."""
         B, T, H, K = o.shape
-        gate = self.g_b_proj(self.g_a_proj(x)).view(B, T, H, K)
         return self.o_proj(self.o_norm(o, gate).reshape(B, T, H * K))
 
 
@@ -560,20 +566,19 @@ def kda_layer(layer: DecoderLayer, h: Tensor, conv: Optional[Tensor], rec: Optio
 
 
 def kda_project(layer: DecoderLayer, h: Tensor, conv: Optional[Tensor]) -> tuple[Tensor, ...]:
-    """The KDA sublayer up to its recurrence: ``(x, q, k, v, g, beta, new conv state)``, ``x`` the pre-normed
-    input (the output gate reads it)."""
-    x = layer.input_layernorm(h)
-    return (x, *layer.self_attn.project(x, conv))
+    """The KDA sublayer up to its recurrence: ``(gate, q, k, v, g, beta, new conv state)``, ``gate`` the output
+    gate's logits (see KDAAttention.project)."""
+    return layer.self_attn.project(layer.input_layernorm(h), conv)
 
 
-def kda_finish(layer: DecoderLayer, x: Tensor, o: Tensor) -> Tensor:
+def kda_finish(layer: DecoderLayer, gate: Tensor, o: Tensor) -> Tensor:
     """The KDA sublayer's raw output from the recurrence's ``o``."""
-    return layer.self_attn.finish(x, o)
+    return layer.self_attn.finish(gate, o)
 
 
-def kda_finish_ffn(layer: DecoderLayer, h: Tensor, x: Tensor, o: Tensor) -> Tensor:
+def kda_finish_ffn(layer: DecoderLayer, h: Tensor, gate: Tensor, o: Tensor) -> Tensor:
     """The rest of a whole KDA layer after its recurrence: attention residual, then the FFN residual."""
-    h = h + kda_finish(layer, x, o)
+    h = h + kda_finish(layer, gate, o)
     return h + layer.ffn(h)
 
 
@@ -693,9 +698,10 @@ class KimiModel(nn.Module):
             if cache_position is None or rec is None or torch.is_grad_enabled() or not rec.is_contiguous():
                 return self._region(kda_layer if whole else kda_mixer)(layer, x, conv, rec)
             # static buffers: the recurrence updates the state buffer in place (no copy of the new state into it)
-            xn, q, k, v, g, beta, conv = self._region(kda_project)(layer, x, conv)
+            gate, q, k, v, g, beta, conv = self._region(kda_project)(layer, x, conv)
             o = _kda_decode_op(q, k, v, g, beta, rec, scale=layer.self_attn.scale)
-            out = self._region(kda_finish_ffn)(layer, x, xn, o) if whole else self._region(kda_finish)(layer, xn, o)
+            out = (self._region(kda_finish_ffn)(layer, x, gate, o) if whole
+                   else self._region(kda_finish)(layer, gate, o))
             return out, conv, rec
         cos, sin = rope if rope is not None else (None, None)
         q, new = self._region(mla_project)(layer, x, cos, sin)

@@ -7,10 +7,11 @@ slices of each checkpoint tensor (safetensors ``get_slice``), so no rank ever ho
 
 Layout (vLLM's, ``heads % tp == 0``):
 
-* KDA: ``q/k/v_proj``, ``b_proj``, ``f_b_proj``, ``g_b_proj`` column-parallel by head (``ColwiseParallel``,
-  DTensor ``Shard(0)`` weights, local outputs); the fused q|k|v conv weight keeps the rank's q, k and v channels
-  (in that order, so it matches the local projections); ``A_log`` and ``dt_bias`` the rank's heads; ``f_a_proj``,
-  ``g_a_proj`` and the output norm replicated; ``o_proj`` row-parallel (``RowwiseParallel``: all-reduce).
+* KDA: ``f_b_proj``, ``g_b_proj`` column-parallel by head (``ColwiseParallel``, DTensor ``Shard(0)`` weights,
+  local outputs); the fused ``qkv_proj`` and q|k|v conv weights keep the rank's q, k and v rows (in that order);
+  the fused ``gate_in_proj`` ``[f_a | g_a | b]`` keeps f_a and g_a whole (replicated) and the rank's rows of b;
+  ``A_log`` and ``dt_bias`` the rank's heads; the output norm replicated; ``o_proj`` row-parallel
+  (``RowwiseParallel``: all-reduce). The fused weights are plain local tensors (inference: no gradient reduction).
   ``kimi::kda`` and ``kimi::short_conv`` then run on the local heads.
 * MLA: ``q_proj`` / ``q_b_proj`` column-parallel and ``kv_b_proj`` split by head (it is used as a per-head
   ``[H, nope + v, r]`` tensor in the absorbed form, so its rows are kept as a local tensor); ``o_proj``
@@ -203,12 +204,16 @@ def parallelize(model: KimiForCausalLM, mesh: DeviceMesh) -> "ParallelKimiForCau
         attn = layer.self_attn
         if isinstance(attn, KDAAttention):
             H, K = attn.num_heads, attn.head_dim
-            plan = {n: colwise for n in ("q_proj", "k_proj", "v_proj", "b_proj", "f_b_proj", "g_b_proj")}
+            plan = {n: colwise for n in ("f_b_proj", "g_b_proj")}
             plan["o_proj"] = RowwiseParallel(use_local_output=True)
             parallelize_module(attn, mesh, plan, src_data_rank=None)
-            C = H * K  # the conv's channels are [q | k | v], each head-major: keep this rank's heads of each
-            _keep_local(attn.conv1d, "weight", (0, tuple(_head_ranges(H, rank, tp, K, j * C) for j in range(3))),
-                        specs, p + "self_attn.conv1d.weight")
+            C = H * K  # q|k|v rows and conv channels are [q | k | v], each head-major: this rank's heads of each
+            qkv_rows = (0, tuple(_head_ranges(H, rank, tp, K, j * C) for j in range(3)))
+            _keep_local(attn.qkv_proj, "weight", qkv_rows, specs, p + "self_attn.qkv_proj.weight")
+            _keep_local(attn.conv1d, "weight", qkv_rows, specs, p + "self_attn.conv1d.weight")
+            # [f_a | g_a | b]: both low-rank inputs whole (replicated), the rank's heads of b
+            _keep_local(attn.gate_in_proj, "weight", (0, ((0, 2 * K), _head_ranges(H, rank, tp, 1, 2 * K))),
+                        specs, p + "self_attn.gate_in_proj.weight")
             _keep_local(attn, "A_log", (0, (_head_ranges(H, rank, tp),)), specs, p + "self_attn.A_log")
             _keep_local(attn, "dt_bias", (0, (_head_ranges(H, rank, tp, K),)), specs, p + "self_attn.dt_bias")
             attn.num_heads = H // tp

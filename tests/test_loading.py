@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import shutil
 
 import pytest
@@ -166,6 +167,32 @@ def test_missing_expert_tensor(hf_kimi, tmp_path):
     name = "model.layers.3.block_sparse_moe.experts.6.w3.weight"
     ckpt = rewrite_single(hf_kimi, tmp_path, lambda t: t.pop(name))
     with pytest.raises(ValueError, match="missing tensor.*" + name.replace(".", r"\.")):
+        load_model(ckpt, progress=False)
+
+
+@pytest.mark.parametrize("piece,fused", [("q_proj", "qkv_proj"), ("v_proj", "qkv_proj"), ("f_a_proj", "gate_in_proj"),
+                                          ("g_a_proj", "gate_in_proj"), ("b_proj", "gate_in_proj")])
+def test_missing_piece_of_a_fused_projection(hf_kimi, tmp_path, piece, fused):
+    """KDA's separate projections fill rows of qkv_proj / gate_in_proj: a missing one is named, with its parameter."""
+    name = f"model.layers.2.self_attn.{piece}.weight"
+    ckpt = rewrite_single(hf_kimi, tmp_path, lambda t: t.pop(name))
+    want = re.escape(f"{name} (parameter model.layers.2.self_attn.{fused}.weight)")
+    with pytest.raises(ValueError, match="missing tensor.*" + want):
+        load_model(ckpt, progress=False)
+
+
+def test_fused_projection_and_its_pieces_are_duplicates(hf_kimi, tmp_path):
+    """Our own fused name next to the hub's pieces fills the same rows twice: refused."""
+    name = "model.layers.0.self_attn.gate_in_proj.weight"
+    ckpt = rewrite_single(hf_kimi, tmp_path, lambda t: t.__setitem__(name, torch.randn(34, 64)))
+    with pytest.raises(ValueError, match="gate_in_proj.*duplicate"):
+        load_model(ckpt, progress=False)
+
+
+def test_fused_projection_piece_wrong_shape(hf_kimi, tmp_path):
+    name = "model.layers.0.self_attn.k_proj.weight"
+    ckpt = rewrite_single(hf_kimi, tmp_path, lambda t: t.__setitem__(name, torch.randn(32, 63)))
+    with pytest.raises(ValueError, match=r"k_proj\.weight.*shape \[32, 63\].*expected \[32, 64\].*qkv_proj"):
         load_model(ckpt, progress=False)
 
 

@@ -75,7 +75,8 @@ def test_from_config_is_deterministic():
     a, b, c = make_model("kimi_linear", 3), make_model("kimi_linear", 3), make_model("kimi_linear", 4)
     sa, sb, sc = a.state_dict(), b.state_dict(), c.state_dict()
     assert all(torch.equal(sa[k], sb[k]) for k in sa)
-    assert not torch.equal(sa["model.layers.0.self_attn.q_proj.weight"], sc["model.layers.0.self_attn.q_proj.weight"])
+    name = "model.layers.0.self_attn.qkv_proj.weight"
+    assert not torch.equal(sa[name], sc[name])
 
 
 # ------------------------------------------------------------------------------------------------ state continuity

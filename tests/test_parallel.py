@@ -74,17 +74,24 @@ def run_model(model) -> dict:
 
 
 def to_hub_checkpoint(model: KimiForCausalLM, path) -> None:
-    """model's weights under the hub Kimi Linear names: per-expert w1/w2/w3, q/k/v convs [C, 1, W], A_log
-    [1, 1, H, 1], block_sparse_moe for MoE layers."""
+    """model's weights under the hub Kimi Linear names: per-expert w1/w2/w3, q/k/v convs [C, 1, W], separate
+    q/k/v and f_a/g_a/b projections, A_log [1, 1, H, 1], block_sparse_moe for MoE layers."""
     from safetensors.torch import save_file
     cfg = model.config
-    C = cfg.linear_num_heads * cfg.linear_head_dim
+    C, K = cfg.linear_num_heads * cfg.linear_head_dim, cfg.linear_head_dim
     out = {}
     for name, t in model.state_dict().items():
         t = t.detach().contiguous()
         if name.endswith("conv1d.weight"):
             for j, part in enumerate("qkv"):
                 out[name.replace("conv1d", f"{part}_conv1d")] = t[j * C:(j + 1) * C].unsqueeze(1).contiguous()
+        elif name.endswith("qkv_proj.weight"):
+            for j, part in enumerate("qkv"):
+                out[name.replace("qkv_proj", f"{part}_proj")] = t[j * C:(j + 1) * C].contiguous()
+        elif name.endswith("gate_in_proj.weight"):
+            parts = t.split([K, K, t.shape[0] - 2 * K])
+            for part, piece in zip(("f_a", "g_a", "b"), parts):
+                out[name.replace("gate_in_proj", f"{part}_proj")] = piece.contiguous()
         elif name.endswith("A_log"):
             out[name] = t.view(1, 1, -1, 1)
         elif ".mlp." in name and cfg.mlp_layer_types[int(name.split(".")[2])] == SPARSE:

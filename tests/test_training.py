@@ -318,13 +318,14 @@ def test_k2_gradients_match_transformers(tmp_path):
 @pytest.mark.slow
 def test_train_tiny_example_learns_to_copy(tmp_path):
     """A short compiled run (aot_eager, 2 layers, full AttnRes) of the example: the loss on the copied half falls
-    below 0.75 x the unigram entropy log(8) (a model that cannot copy stays at the entropy)."""
+    below 0.75 x the unigram entropy log(8) (a model that cannot copy stays at the entropy). At lr 3e-3 and 150
+    steps seeds 0-3 reached 0.49-0.79 nats; at the old lr 1e-2 and 110 steps one seed in four learned."""
     sys.path.insert(0, os.path.join(ROOT, "examples"))
     try:
         import train_tiny
     finally:
         sys.path.remove(os.path.join(ROOT, "examples"))
-    result = train_tiny.main(["--steps", "110", "--layers", "2", "--backend", "aot_eager", "--no-progress",
+    result = train_tiny.main(["--steps", "150", "--layers", "2", "--backend", "aot_eager", "--no-progress",
                               "--json", str(tmp_path / "run.json")])
     assert result["unigram_entropy"] == pytest.approx(math.log(8))
     assert result["first_loss"] > result["unigram_entropy"]
