@@ -28,8 +28,9 @@ cut row prints its error and the rest go on. The table is printed last and writt
 (KimiModel.compile_regions, on by default: one subgraph per layer kind, shorter first compiles);
 ``--moe-decode-slots N`` moves the threshold below which ``kimi::moe_experts`` takes its Triton decode kernels
 (ops/moe: DECODE_MAX_SLOTS; 0 turns them off). Without the flags the package defaults hold; the ``ceilings`` row
-records the settings. The prefill row also gives the compiled last-position logits' distance from an eager
-forward of the same prompt (``rel_err_vs_eager``).
+records the settings. ``--save-compile-cache FILE`` / ``--load-compile-cache FILE`` save the process's compiled
+graphs after our rows / load them before anything compiles (``kimi_compile.compiled``). The prefill row also
+gives the compiled last-position logits' distance from an eager forward of the same prompt (``rel_err_vs_eager``).
 """
 
 from __future__ import annotations
@@ -565,8 +566,17 @@ def main(argv=None) -> None:
     ap.add_argument("--swiglu-inline", type=int, nargs="+", choices=(0, 1), default=[None],
                     help="SwiGLU.inline_one_row for the decode rows (B=1 only changes anything; default: the "
                          "package's, on); several values: each decode row once per value, each compiled apart")
+    ap.add_argument("--load-compile-cache", metavar="FILE", default=None,
+                    help="kimi_compile.compiled.load_compile_cache(FILE) before anything compiles")
+    ap.add_argument("--save-compile-cache", metavar="FILE", default=None,
+                    help="kimi_compile.compiled.save_compile_cache(FILE) after our rows")
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
+    if args.load_compile_cache:
+        from kimi_compile.compiled import load_compile_cache
+        t = time.time()
+        n = load_compile_cache(args.load_compile_cache)
+        add(dict(row="compile cache loaded", pieces=n, s=round(time.time() - t, 1)))
     if args.moe_decode_slots is not None:
         from kimi_compile.ops import moe
         moe.DECODE_MAX_SLOTS = args.moe_decode_slots[0]
@@ -582,6 +592,9 @@ def main(argv=None) -> None:
         attn_res_rows(cfg.replace(attn_res_block_size=args.attn_res), args)
     elif not args.skip_ours:
         ours(cfg, args, bw, mm)
+    if args.save_compile_cache:
+        from kimi_compile.compiled import save_compile_cache
+        add(dict(row="compile cache saved", bytes=save_compile_cache(args.save_compile_cache)))
     if not args.skip_hf and args.attn_res is None:
         run_row("transformers", 3 * args.row_seconds, lambda: theirs(cfg, args, bw, mm))
     print("\n| row | ms | tok/s | floor ms | of floor | notes |\n|---|---|---|---|---|---|")

@@ -14,7 +14,8 @@
 # short_conv_sweep ours_profile" the CUDA model tests, the short conv's tiles and our rows with the decode step's
 # kernels by op and shape; decode_profile that profile with and without the SwiGLU inline; moe_prefill_sweep the
 # MoE prefill tiles and the layout alone (SWEEP_S bounds it); fp32_parity transformers' fp32 error beside ours
-# (~3 minutes); prefill_32k the T=32768 prefill profile and MoE tiles. A last "pack" step archives the outputs
+# (~3 minutes); prefill_32k the T=32768 prefill profile and MoE tiles; compile_cache a cold generate that saves
+# its compiled graphs and a fresh process that loads them. A last "pack" step archives the outputs
 # (the device returns 8 files at most). The one-off plans of earlier calls are in git (docs/benchmarks.md names
 # their trees).
 set -u
@@ -123,6 +124,19 @@ full_table() {
     timeout -k 10 "${FULL_S:-560}" python3 "$REPO/bench/bench_full_model.py" --json "$OUTDIR/full_table.json" \
         > "$OUTDIR/full_table.log" 2>&1
     grep -E "^\| (ours|transformers)" "$OUTDIR/full_table.log"
+}
+compile_cache() {
+    # a cold generate(backend="compile") that saves its compiled graphs (save_compile_cache), then a fresh process
+    # with empty Inductor and Triton caches that loads them before its first call: a second machine of a
+    # deployment (~3 minutes)
+    export PYTHONPATH=$PYTHONPATH:$REPO/tests
+    TORCHINDUCTOR_CACHE_DIR=/tmp/inductor_a TRITON_CACHE_DIR=/tmp/triton_a timeout -k 5 "${CACHE_SAVE_S:-150}" \
+        python3 "$REPO/bench/bench_full_model.py" --skip-hf --prefill --decode-batch \
+        --save-compile-cache /tmp/graphs.bin --json "$OUTDIR/cache_save.json" > "$OUTDIR/cache_save.log" 2>&1
+    TORCHINDUCTOR_CACHE_DIR=/tmp/inductor_b TRITON_CACHE_DIR=/tmp/triton_b timeout -k 5 "${CACHE_LOAD_S:-110}" \
+        python3 "$REPO/bench/bench_full_model.py" --skip-hf --prefill --decode-batch \
+        --load-compile-cache /tmp/graphs.bin --json "$OUTDIR/cache_load.json" > "$OUTDIR/cache_load.log" 2>&1
+    grep -hE "^\| (ours gen|compile)" "$OUTDIR/cache_save.log" "$OUTDIR/cache_load.log"
 }
 pack() {
     # the device returns at most 8 files: everything but the driver's log in one archive

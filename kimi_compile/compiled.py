@@ -4,19 +4,22 @@
 would also make every hidden / head / cache width symbolic and every float attribute a SymFloat, which costs
 compile time and kernel quality for nothing): per batch class (B = 1, B >= 2) one graph for fresh prompts, one for
 decode steps (T == 1) and one for prompt pieces on top of a state. :class:`CUDAGraphDecoder` replays static-shape
-decode steps from a CUDA graph.
+decode steps from a CUDA graph. :func:`save_compile_cache` / :func:`load_compile_cache` carry the compiled graphs
+to a fresh process or machine.
 """
 
 from __future__ import annotations
 
-from typing import Optional
+import os
+from typing import Optional, Union
 
 import torch
 from torch import Tensor
 
 from .model import KimiForCausalLM, mark_dynamic_inputs
 
-__all__ = ["compiled_step", "CompiledStep", "CUDAGraphDecoder", "cuda_graph_decoder", "mark_dynamic_inputs"]
+__all__ = ["compiled_step", "CompiledStep", "CUDAGraphDecoder", "cuda_graph_decoder", "load_compile_cache",
+           "mark_dynamic_inputs", "save_compile_cache"]
 
 
 class CompiledStep:
@@ -164,3 +167,43 @@ def cuda_graph_decoder(model: KimiForCausalLM, batch_size: int, max_len: int,
         cached = (key, CUDAGraphDecoder(model, batch_size, max_len, eos_token_id=eos_token_id))
         object.__setattr__(model, "_kimi_cuda_graph_decoder", cached)
     return cached[1]
+
+
+def save_compile_cache(path: Union[str, os.PathLike]) -> int:
+    """Write what this process compiled to ``path`` (``torch.compiler.save_cache_artifacts``: the AOTAutograd and
+    Inductor caches of every graph, Inductor's Triton kernels included); returns the bytes written. The file is
+    written under a temporary name and renamed when complete.
+
+    A fresh process -- on this machine or another with the same GPU, torch and kimi-compile versions -- that
+    calls :func:`load_compile_cache` before its first compiled call skips AOTAutograd and Inductor for the same
+    graphs (Dynamo still traces, and the ops' own Triton kernels still compile on first use). Raises RuntimeError
+    when this process has compiled nothing."""
+    saved = torch.compiler.save_cache_artifacts()
+    if saved is None:
+        raise RuntimeError("save_compile_cache: this process has compiled nothing yet (run the compiled model, "
+                           "e.g. generate(..., backend='compile'), first)")
+    data = saved[0]
+    path = os.fspath(path)
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "wb") as f:
+        f.write(data)
+    os.replace(tmp, path)
+    return len(data)
+
+
+def load_compile_cache(path: Union[str, os.PathLike]) -> int:
+    """Load a file written by :func:`save_compile_cache` into this process's compile caches; call it before the
+    first compiled call. Returns the number of cached graph pieces loaded. FileNotFoundError when ``path`` is
+    missing, ValueError naming ``path`` when it is not such a file."""
+    path = os.fspath(path)
+    with open(path, "rb") as f:
+        data = f.read()
+    try:
+        info = torch.compiler.load_cache_artifacts(data)
+    except Exception as e:  # torch raises several types for a foreign or damaged file
+        raise ValueError(f"path {path!r} is not a compile cache written by save_compile_cache: "
+                         f"{type(e).__name__}: {e}") from e
+    if info is None:  # torch logs why (a damaged or foreign file) and loads nothing
+        raise ValueError(f"path {path!r} is not a compile cache written by save_compile_cache: torch read no "
+                         "compiled graphs from it")
+    return sum(len(v) for v in info.artifacts.values())
