@@ -156,10 +156,26 @@ def rewrite_single(hf_kimi, tmp_path, edit):
     return ckpt
 
 
-def test_wrong_shape(hf_kimi, tmp_path):
-    name = "model.layers.1.self_attn.kv_b_proj.weight"
-    ckpt = rewrite_single(hf_kimi, tmp_path, lambda t: t.__setitem__(name, torch.zeros(128, 30)))
-    with pytest.raises(ValueError, match=r"kv_b_proj.weight.*shape \[128, 30\].*expected \[128, 32\]"):
+# one tensor added or replaced in a hub checkpoint -> the ValueError that names it
+BAD_TENSORS = {
+    "wrong shape": ("model.layers.1.self_attn.kv_b_proj.weight", (128, 30),
+                    r"kv_b_proj.weight.*shape \[128, 30\].*expected \[128, 32\]"),
+    # a piece of KDA's fused qkv_proj: named, with the fused parameter
+    "wrong shape of a fused piece": ("model.layers.0.self_attn.k_proj.weight", (32, 63),
+                                     r"k_proj\.weight.*shape \[32, 63\].*expected \[32, 64\].*qkv_proj"),
+    "unexpected": ("model.layers.0.self_attn.rogue_proj.weight", (2, 2), "unexpected tensor.*rogue_proj"),
+    # the hub's q_conv1d and transformers' fused conv1d both fill the same rows: refuse, do not pick one
+    "duplicate": ("model.layers.0.self_attn.conv1d.weight", (96, 1, 4), "duplicate"),
+    # our own fused name next to the hub's f_a / g_a / b pieces
+    "fused duplicate": ("model.layers.0.self_attn.gate_in_proj.weight", (34, 64), "gate_in_proj.*duplicate"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_TENSORS))
+def test_bad_tensor_is_named(hf_kimi, tmp_path, case):
+    name, shape, pattern = BAD_TENSORS[case]
+    ckpt = rewrite_single(hf_kimi, tmp_path, lambda t: t.__setitem__(name, torch.randn(shape)))
+    with pytest.raises(ValueError, match=pattern):
         load_model(ckpt, progress=False)
 
 
@@ -178,36 +194,6 @@ def test_missing_piece_of_a_fused_projection(hf_kimi, tmp_path, piece, fused):
     ckpt = rewrite_single(hf_kimi, tmp_path, lambda t: t.pop(name))
     want = re.escape(f"{name} (parameter model.layers.2.self_attn.{fused}.weight)")
     with pytest.raises(ValueError, match="missing tensor.*" + want):
-        load_model(ckpt, progress=False)
-
-
-def test_fused_projection_and_its_pieces_are_duplicates(hf_kimi, tmp_path):
-    """Our own fused name next to the hub's pieces fills the same rows twice: refused."""
-    name = "model.layers.0.self_attn.gate_in_proj.weight"
-    ckpt = rewrite_single(hf_kimi, tmp_path, lambda t: t.__setitem__(name, torch.randn(34, 64)))
-    with pytest.raises(ValueError, match="gate_in_proj.*duplicate"):
-        load_model(ckpt, progress=False)
-
-
-def test_fused_projection_piece_wrong_shape(hf_kimi, tmp_path):
-    name = "model.layers.0.self_attn.k_proj.weight"
-    ckpt = rewrite_single(hf_kimi, tmp_path, lambda t: t.__setitem__(name, torch.randn(32, 63)))
-    with pytest.raises(ValueError, match=r"k_proj\.weight.*shape \[32, 63\].*expected \[32, 64\].*qkv_proj"):
-        load_model(ckpt, progress=False)
-
-
-def test_unexpected_tensor(hf_kimi, tmp_path):
-    name = "model.layers.0.self_attn.rogue_proj.weight"
-    ckpt = rewrite_single(hf_kimi, tmp_path, lambda t: t.__setitem__(name, torch.zeros(2, 2)))
-    with pytest.raises(ValueError, match="unexpected tensor.*rogue_proj"):
-        load_model(ckpt, progress=False)
-
-
-def test_duplicate_tensor(hf_kimi, tmp_path):
-    """The hub's q_conv1d and transformers' fused conv1d both fill the same rows: refuse, do not pick one."""
-    name = "model.layers.0.self_attn.conv1d.weight"
-    ckpt = rewrite_single(hf_kimi, tmp_path, lambda t: t.__setitem__(name, torch.zeros(96, 1, 4)))
-    with pytest.raises(ValueError, match="duplicate"):
         load_model(ckpt, progress=False)
 
 
