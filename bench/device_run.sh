@@ -102,7 +102,7 @@ prefill_32k() {
 short_conv_sweep() {
     # the q|k|v conv at T=4096 / 32768 against its bytes floor, and its tiles (~1 minute)
     timeout -k 5 "${SWEEP_S:-120}" python3 "$REPO/bench/bench_short_conv.py" --sweep --json "$OUTDIR/short_conv.json" \
-        > "$OUTDIR/short_conv.log" 2>&1; cat "$OUTDIR/short_conv.log" | grep "^|"
+        > "$OUTDIR/short_conv.log" 2>&1; grep "^|" "$OUTDIR/short_conv.log"
 }
 model_tests() {
     # the CUDA model (static decode step through the layer regions) and the short conv kernel (~2 minutes)
