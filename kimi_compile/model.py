@@ -173,9 +173,8 @@ class KDAAttention(nn.Module):
         """Up to the recurrence: ``(gate, q, k, v, g, beta, new_conv_state)``, q..beta in kimi::kda's layouts,
         ``gate = g_b(g_a(x))`` ``[B, T, H, K]`` the output gate's logits (for :meth:`finish`).
 
-        The output gate is projected here, not in :meth:`finish`: handed from the ``kda_project`` region to the
-        next, a slice of ``gate_in_proj``'s output read wrong values under torch 2.13's CPU Inductor, so the
-        regions pass fresh tensors."""
+        The output gate is projected here, not in :meth:`finish`: a slice of ``gate_in_proj``'s output handed from
+        the ``kda_project`` region to the next reads wrong memory (docs/upstream_issues.md)."""
         B, T, _ = x.shape
         H, K = self.num_heads, self.head_dim  # local heads under tensor parallelism
         qkv, new_conv_state = self.conv1d(self.qkv_proj(x), conv_state)
@@ -549,7 +548,8 @@ class DecoderLayer(nn.Module):
 # per distinct layer kind (KDA + dense, KDA + MoE, MLA + MoE, ...) instead of one inlined copy per layer. The MLA
 # cache update runs between two regions, outside both: the static cache is written in place, and a region does not
 # mutate its inputs. So does the KDA recurrence on static buffers (kimi::kda_decode_, between kda_project and
-# kda_finish / kda_finish_ffn).
+# kda_finish / kda_finish_ffn). A region must not hand another region a slice at an offset of a tensor it computed:
+# torch 2.13's Inductor then reads wrong memory (docs/upstream_issues.md).
 
 def kda_mixer(layer: DecoderLayer, x: Tensor, conv: Optional[Tensor], rec: Optional[Tensor]
               ) -> tuple[Tensor, Tensor, Tensor]:
